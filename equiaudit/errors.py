@@ -1,0 +1,42 @@
+"""User-facing exceptions. Each carries a one-line, actionable message.
+
+The CLI maps :class:`ConfigError` to exit code 2 and per-checkpoint failures
+(:class:`CheckpointError`, :class:`ModelOutputError`) to a ``status`` in the CSV.
+"""
+
+from __future__ import annotations
+
+
+class EquiauditError(Exception):
+    """Base class; ``status`` is the short code written to ``summary.csv``."""
+
+    status = "error"
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class ConfigError(EquiauditError):
+    """A bad config key/value or command-line option (exit code 2)."""
+
+    status = "bad_config"
+
+
+class DataError(EquiauditError):
+    """A dataset that cannot be read or lacks a mapped key (exit code 2: nothing to audit)."""
+
+    status = "bad_data"
+
+
+class CheckpointError(EquiauditError):
+    """A checkpoint that cannot be read safely or does not fit the model (that checkpoint fails)."""
+
+    status = "bad_checkpoint"
+
+
+class ModelOutputError(EquiauditError):
+    """The model returned NaN/inf or a wrongly shaped output (that checkpoint fails)."""
+
+    status = "bad_output"
