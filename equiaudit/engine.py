@@ -1,0 +1,222 @@
+"""Batched orbit evaluation of one model over an in-memory dataset.
+
+For a batch of B samples and rotations ``(B, K, 3, 3)`` the engine builds the B·K rotated
+inputs (one tensor per field, no loop over rotations or samples), runs the model on them
+in as few forward passes as ``chunk_size`` allows, maps every output back to its sample's
+frame (``P = R⁻¹·f(R·x)``, in float64) and reduces the orbit to per-sample statistics
+with :func:`equiaudit.metrics.orbit_terms`.
+
+The module touches no files: datasets, rotations and models come in as objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from equiaudit import actions
+from equiaudit.errors import ModelOutputError
+from equiaudit.metrics import OrbitAccumulator, OrbitTerms, orbit_terms, reduce_per_sample
+
+__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "audit_model"]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One supervised output: compare model output ``output`` (default ``name``) to ``target``."""
+
+    name: str
+    rep: str
+    target: str
+    loss: str = "mse"
+    weight: float = 1.0
+    output: str | None = None
+    huber_delta: float = 1.0
+
+    @property
+    def output_name(self) -> str:
+        return self.output or self.name
+
+
+@dataclass(frozen=True)
+class OrbitSpec:
+    """What to rotate and how to call the model.
+
+    Attributes:
+        fields: representation of each dataset field (``pos: point``...); fields not
+            listed are invariant (``scalar``).
+        heads: the supervised outputs.
+        inputs: dataset fields passed positionally, in order; or a mapping
+            ``{argument_name: field}`` passed as keywords.
+        outputs: names for a tuple (or single tensor) return; a dict return is used by key.
+        mask: name of the ``(B, N)`` valid-atom mask field, if any: it centres ``point``
+            fields and restricts per-atom losses to valid atoms.
+        grad: the model differentiates through its inputs (forces by autograd):
+            evaluate with gradients enabled and floating inputs requiring grad.
+        chunk_size: the most rotated samples per forward pass.
+    """
+
+    fields: Mapping[str, str]
+    heads: tuple[HeadSpec, ...]
+    inputs: Sequence[str] | Mapping[str, str]
+    outputs: Sequence[str] | None = None
+    mask: str | None = "mask"
+    grad: bool = False
+    chunk_size: int = 8192
+    head_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def input_fields(self) -> list[str]:
+        return list(self.inputs.values()) if isinstance(self.inputs, Mapping) else list(self.inputs)
+
+
+@dataclass(frozen=True)
+class HeadBatch:
+    """One head on one batch: per-element terms ``(B, *E)`` and per-sample values ``(B,)``."""
+
+    terms: OrbitTerms
+    loss_aug: torch.Tensor
+    equiv_error: torch.Tensor
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _call_model(model: Callable, spec: OrbitSpec, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Call the model as the spec says and name its outputs."""
+    if isinstance(spec.inputs, Mapping):
+        out = model(**{arg: inputs[f] for arg, f in spec.inputs.items()})
+    else:
+        out = model(*(inputs[f] for f in spec.inputs))
+    if isinstance(out, Mapping):
+        return dict(out)
+    if isinstance(out, torch.Tensor):
+        out = (out,)
+    names = list(spec.outputs or [h.output_name for h in spec.heads])
+    if len(names) != len(out):
+        raise ModelOutputError(
+            f"the model returned {len(out)} output(s) but model.outputs names {len(names)}: {names}"
+        )
+    return dict(zip(names, out))
+
+
+def _forward_orbit(model, spec: OrbitSpec, rotated: dict[str, torch.Tensor], needed: set[str]) -> dict[str, torch.Tensor]:
+    """Run the model on ``(B·K, ...)`` inputs in chunks; returns the needed outputs, detached."""
+    total = next(iter(rotated.values())).shape[0]
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in needed}
+    for start in range(0, total, spec.chunk_size):
+        piece = {f: v[start : start + spec.chunk_size] for f, v in rotated.items()}
+        if spec.grad:
+            piece = {f: v.detach().requires_grad_(True) if v.is_floating_point() else v for f, v in piece.items()}
+        outputs = _call_model(model, spec, piece)
+        for name in needed:
+            if name not in outputs:
+                raise ModelOutputError(f"the model has no output {name!r}; it returned {sorted(outputs)}")
+            chunks[name].append(outputs[name].detach())
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+def evaluate_orbits(
+    model: Callable,
+    batch: Mapping[str, torch.Tensor],
+    rotations: torch.Tensor,
+    spec: OrbitSpec,
+    *,
+    exact: bool = False,
+) -> dict[str, HeadBatch]:
+    """Evaluate every head on the rotation orbits of one batch.
+
+    Args:
+        model: the network, already on the batch's device and in eval mode.
+        batch: fields ``(B, ...)`` on the model's device; floats in float64.
+        rotations: ``(B, K, 3, 3)`` float64, same device.
+        exact: the K rotations enumerate a finite group (no bias correction).
+
+    Returns:
+        ``{head: HeadBatch}``, per-sample values ``(B,)`` in float64.
+    """
+    b, k = rotations.shape[:2]
+    mask = batch.get(spec.mask) if spec.mask else None
+    dtype = _model_dtype(model) if isinstance(model, torch.nn.Module) else torch.get_default_dtype()
+    rotated = {}
+    for name in spec.input_fields:
+        value = batch[name]
+        orbit = actions.rotate(spec.fields.get(name, "scalar"), value, rotations, mask=mask)
+        orbit = orbit.reshape(b * k, *orbit.shape[2:])
+        rotated[name] = orbit.to(dtype) if orbit.is_floating_point() else orbit
+    needed = {h.output_name for h in spec.heads}
+    context = torch.enable_grad() if spec.grad else torch.inference_mode()
+    with context:
+        outputs = _forward_orbit(model, spec, rotated, needed)
+
+    results = {}
+    for head in spec.heads:
+        out = outputs[head.output_name]
+        if not torch.isfinite(out).all():
+            raise ModelOutputError(f"the model returned NaN or inf in output {head.output_name!r}", status="nan_output")
+        target = batch[head.target]
+        if head.rep == "point":
+            target = actions.centre(target, mask)
+        expected = (b * k, *target.shape[1:]) if head.loss != "cross_entropy" else None
+        if expected is not None and out.numel() == b * k * target[0].numel() and out.shape != expected:
+            out = out.reshape(expected)  # e.g. energies returned as (B·K, 1) for a target (B,)
+        if expected is not None and out.shape != expected:
+            raise ModelOutputError(
+                f"output {head.output_name!r} has shape {tuple(out.shape[1:])} per sample; "
+                f"target {head.target!r} has {tuple(target.shape[1:])}",
+                status="bad_output_shape",
+            )
+        pred = actions.unrotate(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations)
+        target = target.double() if target.is_floating_point() else target
+        terms = orbit_terms(pred, target, head.loss, exact=exact, huber_delta=head.huber_delta)
+        weight = spec.head_weights.get(head.name)
+        if weight is None and mask is not None and terms.loss_aug.dim() >= 2 and terms.loss_aug.shape[1] == mask.shape[1]:
+            weight = mask  # per-atom head: padded atoms do not count
+        results[head.name] = HeadBatch(
+            terms=terms,
+            loss_aug=reduce_per_sample(terms.loss_aug, weight),
+            equiv_error=reduce_per_sample(terms.equiv_error, weight),
+        )
+    return results
+
+
+def audit_model(
+    model: Callable,
+    dataset: Mapping[str, torch.Tensor],
+    rotations: torch.Tensor,
+    spec: OrbitSpec,
+    *,
+    batch_size: int = 64,
+    exact: bool = False,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+    on_result: Callable[[slice, Mapping[str, torch.Tensor], dict[str, HeadBatch]], None] | None = None,
+) -> OrbitAccumulator:
+    """Audit one model over a whole dataset.
+
+    Args:
+        dataset: fields ``(N, ...)`` (any device; batches are moved to ``device``).
+        rotations: ``(N, K, 3, 3)``, drawn once per audit so every checkpoint sees the same.
+        on_batch: progress callback ``(done, total)`` in samples.
+        on_result: receives each batch's slice, fields and results (for breakdowns).
+    """
+    n = rotations.shape[0]
+    accumulator = OrbitAccumulator({h.name: h.weight for h in spec.heads})
+    for start in range(0, n, batch_size):
+        index = slice(start, min(start + batch_size, n))
+        batch = {name: value[index].to(device) for name, value in dataset.items()}
+        results = evaluate_orbits(model, batch, rotations[index].to(device), spec, exact=exact)
+        for head, result in results.items():
+            accumulator.update(head, result.loss_aug, result.equiv_error)
+        if on_result is not None:
+            on_result(index, batch, results)
+        if on_batch is not None:
+            on_batch(index.stop, n)
+    return accumulator
+

@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from equiaudit import rotations as rot
+from equiaudit.groups import make_rotation_set
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_haar_rotations_are_proper_orthonormal(dtype, tol):
+    r = rot.haar_rotations(1000, torch.Generator().manual_seed(0), dtype=dtype)
+    eye = torch.eye(3, dtype=dtype)
+    assert r.dtype == dtype
+    assert (r @ r.transpose(-1, -2) - eye).abs().max() < tol
+    assert (torch.linalg.det(r) - 1).abs().max() < tol
+
+
+def test_haar_moments():
+    r = rot.haar_rotations(200_000, torch.Generator().manual_seed(1))
+    # Haar: E[R] = 0, E[R_ij^2] = 1/3, angle density (1 - cos θ)/π  ->  E[θ] = π/2 + 2/π.
+    assert r.mean(0).abs().max() < 0.01
+    assert (r.square().mean(0) - 1 / 3).abs().max() < 0.01
+    assert abs(rot.rotation_angle(r).mean().item() - (math.pi / 2 + 2 / math.pi)) < 0.01
+
+
+def test_same_seed_same_rotations():
+    a = rot.haar_rotations(10, torch.Generator().manual_seed(3))
+    b = rot.haar_rotations(10, torch.Generator().manual_seed(3))
+    c = rot.haar_rotations(10, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("elements,order", [(rot.cube_rotations, 24), (rot.icosahedral_rotations, 60)])
+def test_finite_groups_are_closed(elements, order):
+    g = elements()
+    assert g.shape == (order, 3, 3)
+    assert torch.allclose(g[0], torch.eye(3, dtype=g.dtype))
+    assert (torch.linalg.det(g) - 1).abs().max() < 1e-12
+    products = torch.einsum("aij,bjk->abik", g, g).reshape(-1, 1, 9)
+    distance = (products - g.reshape(1, -1, 9)).abs().amax(-1)
+    assert (distance.min(1).values < 1e-9).all()  # every product is in the group
+    assert (torch.cdist(g.reshape(-1, 9), g.reshape(-1, 9)) + torch.eye(order) * 9).min() > 0.1
+
+
+def test_cube_rotations_are_signed_permutations():
+    assert rot.is_signed_permutation(rot.cube_rotations())
+    assert not rot.is_signed_permutation(rot.haar_rotations(1, torch.Generator().manual_seed(0)))
+
+
+def test_generators_and_axis_angle():
+    L = rot.so3_generators()
+    assert L[0, 2, 1] == 1 and L[0, 1, 2] == -1
+    e = torch.eye(3, dtype=torch.float64)
+    for j in range(3):  # L_j v = e_j × v
+        v = torch.tensor([0.3, -1.2, 0.5], dtype=torch.float64)
+        assert torch.allclose(L[j] @ v, torch.linalg.cross(e[j], v))
+    r = rot.axis_angle_to_matrix(e[2], torch.tensor(math.pi / 2, dtype=torch.float64))
+    assert torch.allclose(r @ e[0], e[1], atol=1e-12)  # counter-clockwise about z
+    assert abs(rot.rotation_angle(r).item() - math.pi / 2) < 1e-12
+
+
+def test_rotation_sets():
+    g = torch.Generator().manual_seed(0)
+    octa = make_rotation_set("octahedral", None)
+    assert octa.exact and octa.n_rotations == 24
+    assert octa.sample(5, g).shape == (5, 24, 3, 3)
+    partial = make_rotation_set("octahedral", 8)
+    assert not partial.exact and rot.is_signed_permutation(partial.sample(5, g))
+    haar = make_rotation_set("so3", 16)
+    assert not haar.exact and haar.sample(4, g).shape == (4, 16, 3, 3)
+    with pytest.raises(ValueError, match="allowed"):
+        make_rotation_set("so4", 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        make_rotation_set("so3", 1)
