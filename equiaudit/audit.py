@@ -1,0 +1,180 @@
+"""Audit checkpoints: resolve a config into one plan, then evaluate each checkpoint with it.
+
+The plan (model, dataset, orbit spec, rotations) is built once, so every checkpoint of
+a run sees the same samples under the same rotations (common random numbers). A
+checkpoint that fails is reported with a status and the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from equiaudit.engine import HeadSpec, OrbitSpec, audit_model
+from equiaudit.errors import ConfigError, EquiauditError
+from equiaudit.groups import RotationSet, make_rotation_set
+from equiaudit.io.checkpoints import CheckpointRef, load_into_model, read_checkpoint
+from equiaudit.io.config import AuditConfig
+from equiaudit.io.data import load_dataset
+from equiaudit.io.models import build_model
+from equiaudit.metrics import Summary
+from equiaudit.tasks import TaskPreset, get_task
+
+__all__ = ["AuditPlan", "CheckpointResult", "prepare_audit", "audit_checkpoint", "resolve_device", "build_orbit_spec"]
+
+# Separate, fixed streams so that changing one draw never shifts the other.
+PREPARE_STREAM = 1_000_003
+
+
+@dataclass
+class CheckpointResult:
+    ref: CheckpointRef
+    status: str
+    message: str | None = None
+    step: int | None = None
+    summaries: dict[str, Summary] = field(default_factory=dict)
+    extras: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class AuditPlan:
+    config: AuditConfig
+    preset: TaskPreset
+    model: torch.nn.Module
+    dataset: dict[str, torch.Tensor]
+    spec: OrbitSpec
+    rotation_set: RotationSet
+    rotations: torch.Tensor
+    device: torch.device
+
+    @property
+    def n_samples(self) -> int:
+        return self.rotations.shape[0]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"--device={name!r} is not allowed; allowed: auto, cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def build_orbit_spec(config: AuditConfig, preset: TaskPreset, dataset: dict[str, torch.Tensor]) -> OrbitSpec:
+    """Merge the preset's defaults with the config and check them against the data."""
+    fields = {**preset.fields, **config.fields}
+    if config.heads is None:
+        heads_raw = {n: dict(h) for n, h in preset.heads.items() if h["target"] in dataset}
+    else:
+        heads_raw = {}
+        for name, head in config.heads.items():
+            merged = dict(preset.heads.get(name, {}))
+            merged.update({k: v for k, v in vars(head).items() if v is not None})
+            merged.setdefault("target", name)
+            if "rep" not in merged:
+                raise ConfigError(f"config: heads.{name}.rep is required (no preset default for this head)")
+            heads_raw[name] = merged
+    if not heads_raw:
+        raise ConfigError(f"config: no heads to audit: the data has none of the preset's targets; fields: {', '.join(dataset)}")
+    for name, head in heads_raw.items():
+        if head["target"] not in dataset:
+            raise ConfigError(
+                f"config: heads.{name}.target={head['target']!r} is not a field of the data; fields: {', '.join(dataset)}"
+            )
+    heads = tuple(HeadSpec(name=name, **head) for name, head in heads_raw.items())
+    inputs = config.model.inputs if config.model.inputs is not None else list(preset.inputs)
+    for field_name in inputs.values() if isinstance(inputs, dict) else inputs:
+        if field_name not in dataset:
+            raise ConfigError(f"config: model.inputs names {field_name!r}, not a field of the data; fields: {', '.join(dataset)}")
+    return OrbitSpec(
+        fields=fields,
+        heads=heads,
+        inputs=inputs,
+        outputs=config.model.outputs,
+        mask=config.mask if config.mask in dataset else None,
+        grad=config.model.grad,
+        chunk_size=config.chunk_size,
+    )
+
+
+def task_options(config: AuditConfig, preset: TaskPreset) -> dict[str, Any]:
+    """The task's options section (``voxel:`` or ``flow:``) over the preset's defaults."""
+    sections = {"voxel_denoising": "voxel", "flow_matching": "flow"}
+    for task, section in sections.items():
+        if getattr(config, section) and config.task != task:
+            raise ConfigError(f"config: '{section}' applies to task {task} only (task is {config.task})")
+    given = getattr(config, sections[config.task]) if config.task in sections else {}
+    unknown = sorted(set(given) - set(preset.options))
+    if unknown:
+        section = sections[config.task]
+        raise ConfigError(f"config: unknown key '{section}.{unknown[0]}'; allowed: {', '.join(preset.options)}")
+    return {**preset.options, **given}
+
+
+def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -> AuditPlan:
+    """Build everything that stays fixed across the checkpoints of an audit."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    preset = get_task(config.task)
+    options = task_options(config, preset)
+    dataset = load_dataset(config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed)
+    dataset = preset.prepare(dataset, options, torch.Generator().manual_seed(config.seed + PREPARE_STREAM))
+    spec = build_orbit_spec(config, preset, dataset)
+    try:
+        rotation_set = make_rotation_set(config.group or preset.group, config.rotations)
+    except ValueError as exc:
+        raise ConfigError(f"config: group: {exc}") from exc
+    n_samples = len(next(iter(dataset.values())))
+    rotations = rotation_set.sample(n_samples, torch.Generator().manual_seed(config.seed))
+    model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
+    model = model.to(device=device, dtype=getattr(torch, config.model.dtype)).eval()
+    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device)
+
+
+def audit_checkpoint(
+    plan: AuditPlan,
+    ref: CheckpointRef,
+    *,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> CheckpointResult:
+    """Load one checkpoint into the plan's model and audit it; never raises for a bad checkpoint."""
+    start = time.perf_counter()
+    step = ref.step
+    try:
+        loaded = read_checkpoint(ref.path, map_location=plan.device)
+        step = loaded.step if loaded.step is not None else step
+        load_into_model(plan.model, loaded)
+        plan.model.to(dtype=getattr(torch, plan.config.model.dtype)).eval()
+        accumulator = audit_model(
+            plan.model,
+            plan.dataset,
+            plan.rotations,
+            plan.spec,
+            batch_size=plan.config.batch_size,
+            exact=plan.rotation_set.exact,
+            device=plan.device,
+            on_batch=on_batch,
+        )
+        summaries = accumulator.compute(n_bootstrap=plan.config.bootstrap, seed=plan.config.seed)
+    except EquiauditError as exc:
+        return CheckpointResult(ref, exc.status, str(exc), step, seconds=time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        message = "out of memory; lower batch_size or chunk_size in the config"
+        return CheckpointResult(ref, "out_of_memory", message, step, seconds=time.perf_counter() - start)
+    except RuntimeError as exc:
+        # A model that crashes on these inputs fails this checkpoint, not the run.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return CheckpointResult(ref, "model_error", f"the model failed: {first_line}", step, seconds=time.perf_counter() - start)
+    return CheckpointResult(ref, "ok", None, step, summaries, seconds=time.perf_counter() - start)
+

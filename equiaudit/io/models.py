@@ -1,0 +1,62 @@
+"""Build the user's model from ``model.factory`` (``pkg.module:callable`` or ``path/file.py:callable``).
+
+Importing the factory runs the user's own code, by their explicit choice in the config;
+checkpoints, by contrast, are never executed (see :mod:`equiaudit.io.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from equiaudit.errors import ConfigError
+from equiaudit.io.config import resolve_path
+
+__all__ = ["build_model", "load_factory"]
+
+
+def load_factory(spec: str, base: Path | None = None):
+    """The callable named by ``spec``; a ``.py`` path is imported under a private module name."""
+    target, _, attribute = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = resolve_path(target, base)
+        if not path.is_file():
+            raise ConfigError(f"config: model.factory file not found: {path}")
+        name = "equiaudit_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        module = sys.modules.get(name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception:
+                del sys.modules[name]
+                raise
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"config: model.factory module {target!r} cannot be imported ({exc})") from exc
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ConfigError(f"config: model.factory: {target!r} has no callable {attribute!r}")
+    return factory
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None, base: Path | None = None) -> torch.nn.Module:
+    """Call the factory with ``kwargs``; it must return an ``nn.Module``."""
+    factory = load_factory(spec, base)
+    try:
+        model = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise ConfigError(f"config: model.factory {spec!r} rejected model.kwargs: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"config: model.factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,80 @@
+"""Rich tables of audit rows (the same dict rows that go to ``summary.csv``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["summary_table", "format_percent", "format_interval", "format_number"]
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def format_number(value) -> str:
+    x = _float(value)
+    return "—" if math.isnan(x) else f"{x:.4g}"
+
+
+def format_percent(value) -> str:
+    """``1.23 %`` from a fraction; ``—`` when missing."""
+    x = _float(value)
+    return "—" if math.isnan(x) else f"{100 * x:.3g} %"
+
+
+def format_interval(low, high) -> str:
+    """``[1.01, 1.47] %`` from fractions; empty when missing."""
+    lo, hi = _float(low), _float(high)
+    return "" if math.isnan(lo) or math.isnan(hi) else f"[{100 * lo:.3g}, {100 * hi:.3g}]"
+
+
+def _ree_style(value, threshold: float) -> str:
+    x = _float(value)
+    if math.isnan(x):
+        return "dim"
+    return "green" if x <= threshold else ("yellow" if x <= 5 * threshold else "red")
+
+
+def summary_table(rows: Sequence[dict], *, title: str | None = None, threshold: float = 0.02) -> Table:
+    """One row per checkpoint × head; REE in percent with its 95 % CI, coloured against ``threshold``."""
+    extra = [c for c in ("interp_floor", "float_floor", "local_equiv_error") if any(r.get(c) not in (None, "") for r in rows)]
+    table = Table(title=title, show_lines=False, header_style="bold", caption="REE = equivariance error / augmented loss; CI: 95 % bootstrap over samples")
+    table.add_column("step", justify="right", no_wrap=True, min_width=4)
+    table.add_column("checkpoint", no_wrap=True, overflow="ellipsis", max_width=28)
+    table.add_column("head", no_wrap=True, min_width=6)
+    table.add_column("L_aug", justify="right", no_wrap=True, min_width=6)
+    table.add_column("L_sym", justify="right", no_wrap=True, min_width=6)
+    table.add_column("REE", justify="right", no_wrap=True)
+    table.add_column("95 % CI", justify="right", no_wrap=True)
+    for column in extra:
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    previous = None
+    for row in rows:
+        key = (row.get("run"), row.get("checkpoint"))
+        first = key != previous
+        if first and previous is not None:
+            table.add_section()
+        previous = key
+        ok = row.get("status") == "ok"
+        status = Text("ok", style="green") if ok else Text(str(row.get("status")), style="red")
+        cells = [
+            "" if row.get("step") in (None, "") or not first else str(row.get("step")),
+            str(row.get("checkpoint")) if first else "",
+            str(row.get("head")),
+            format_number(row.get("loss_aug")),
+            format_number(row.get("loss_sym")),
+            Text(format_percent(row.get("rel_equiv_error")), style=_ree_style(row.get("rel_equiv_error"), threshold)),
+            format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high")),
+            *[format_percent(row.get(c)) if c != "local_equiv_error" else format_number(row.get(c)) for c in extra],
+            status if row.get("head") == "total" else Text(""),
+        ]
+        table.add_row(*cells)
+    return table
