@@ -45,6 +45,11 @@ class CheckpointResult:
         return self.status == "ok"
 
 
+# An extra per-head figure computed after the main audit of a checkpoint, with the
+# checkpoint's weights loaded: ``(plan, summaries) -> {head: {column: value}}``.
+ExtraMetric = Callable[["AuditPlan", dict[str, Summary]], dict[str, dict[str, float]]]
+
+
 @dataclass
 class AuditPlan:
     config: AuditConfig
@@ -55,6 +60,7 @@ class AuditPlan:
     rotation_set: RotationSet
     rotations: torch.Tensor
     device: torch.device
+    extra_metrics: list[ExtraMetric] = field(default_factory=list)
 
     @property
     def n_samples(self) -> int:
@@ -167,6 +173,10 @@ def audit_checkpoint(
             on_batch=on_batch,
         )
         summaries = accumulator.compute(n_bootstrap=plan.config.bootstrap, seed=plan.config.seed)
+        extras: dict[str, dict[str, float]] = {}
+        for metric in plan.extra_metrics:
+            for head, columns in metric(plan, summaries).items():
+                extras.setdefault(head, {}).update(columns)
     except EquiauditError as exc:
         return CheckpointResult(ref, exc.status, str(exc), step, seconds=time.perf_counter() - start)
     except torch.OutOfMemoryError:
@@ -176,5 +186,5 @@ def audit_checkpoint(
         # A model that crashes on these inputs fails this checkpoint, not the run.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return CheckpointResult(ref, "model_error", f"the model failed: {first_line}", step, seconds=time.perf_counter() - start)
-    return CheckpointResult(ref, "ok", None, step, summaries, seconds=time.perf_counter() - start)
+    return CheckpointResult(ref, "ok", None, step, summaries, extras, seconds=time.perf_counter() - start)
 
