@@ -188,7 +188,9 @@ def _make_ref(path: Path) -> CheckpointRef:
 
 def _run_dir(path: Path) -> Path:
     # abspath, not resolve: a symlinked checkpoint still belongs to the run it was found in.
-    return Path(os.path.abspath(path)).parent
+    parent = Path(os.path.abspath(path)).parent
+    # Lightning writes <run>/checkpoints/*.ckpt: the run is the folder above.
+    return parent.parent if parent.name == "checkpoints" and parent.parent.name else parent
 
 
 def _order_key(ref: CheckpointRef) -> tuple:
