@@ -55,13 +55,7 @@ def register_task(preset: TaskPreset) -> TaskPreset:
 def get_task(name: str) -> TaskPreset:
     """The preset for ``name`` (``custom`` has no defaults)."""
     # Importing the modules registers their presets.
-    from equiaudit.tasks import force_field  # noqa: F401
-
-    for optional in ("flow_matching", "voxel_denoising"):
-        try:
-            __import__(f"equiaudit.tasks.{optional}")
-        except ModuleNotFoundError:
-            pass
+    from equiaudit.tasks import flow_matching, force_field  # noqa: F401
     if name == "custom":
         return TaskPreset("custom")
     if name not in _REGISTRY:
