@@ -20,7 +20,7 @@ from equiaudit import actions
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import OrbitAccumulator, OrbitTerms, orbit_terms, reduce_per_sample
 
-__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "audit_model"]
+__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "audit_model"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,11 @@ class OrbitSpec:
         grad: the model differentiates through its inputs (forces by autograd):
             evaluate with gradients enabled and floating inputs requiring grad.
         chunk_size: the most rotated samples per forward pass.
+        head_weights: per-head element weights (e.g. a spherical voxel mask
+            ``(1, 1, D, H, W)``) that replace the default valid-atom mask.
+        orbit_inputs: optional ``(batch, rotations) -> {field: (B, K, ...)}`` that builds
+            some fields' orbits itself (e.g. voxelizing rotated atoms, exact where
+            resampling a grid is not); other fields are rotated by their representation.
     """
 
     fields: Mapping[str, str]
@@ -66,6 +71,7 @@ class OrbitSpec:
     grad: bool = False
     chunk_size: int = 8192
     head_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    orbit_inputs: Callable[[Mapping[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     @property
     def input_fields(self) -> list[str]:
@@ -122,6 +128,71 @@ def _forward_orbit(model, spec: OrbitSpec, rotated: dict[str, torch.Tensor], nee
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
+def _orbit_inputs(batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, spec: OrbitSpec, dtype: torch.dtype):
+    """The model's inputs on every orbit element, flattened to ``(B·K, ...)``."""
+    b, k = rotations.shape[:2]
+    mask = batch.get(spec.mask) if spec.mask else None
+    custom = spec.orbit_inputs(batch, rotations) if spec.orbit_inputs is not None else {}
+    rotated = {}
+    for name in spec.input_fields:
+        if name in custom:
+            orbit = custom[name]
+        else:
+            orbit = actions.rotate(spec.fields.get(name, "scalar"), batch[name], rotations, mask=mask)
+        orbit = orbit.reshape(b * k, *orbit.shape[2:])
+        rotated[name] = orbit.to(dtype) if orbit.is_floating_point() else orbit
+    return rotated
+
+
+def _run_model(model, batch, rotations, spec: OrbitSpec) -> dict[str, torch.Tensor]:
+    """Forward the ``(B·K, ...)`` orbit inputs; returns the heads' outputs ``(B·K, ...)``, detached."""
+    dtype = _model_dtype(model) if isinstance(model, torch.nn.Module) else torch.get_default_dtype()
+    rotated = _orbit_inputs(batch, rotations, spec, dtype)
+    needed = {h.output_name for h in spec.heads}
+    with torch.enable_grad() if spec.grad else torch.inference_mode():
+        outputs = _forward_orbit(model, spec, rotated, needed)
+    for name, out in outputs.items():
+        if not torch.isfinite(out).all():
+            raise ModelOutputError(f"the model returned NaN or inf in output {name!r}", status="nan_output")
+    return outputs
+
+
+def _head_output(head: HeadSpec, out: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """``out`` ``(n, ...)`` checked against a per-sample ``target`` ``(B, ...)`` shape."""
+    if head.loss == "cross_entropy":
+        return out
+    expected = (n, *target.shape[1:])
+    if out.shape != expected and out.numel() == n * target[0].numel():
+        out = out.reshape(expected)  # e.g. energies returned as (B·K, 1) for a target (B,)
+    if out.shape != expected:
+        raise ModelOutputError(
+            f"output {head.output_name!r} has shape {tuple(out.shape[1:])} per sample; "
+            f"target {head.target!r} has {tuple(target.shape[1:])}",
+            status="bad_output_shape",
+        )
+    return out
+
+
+def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec, exact: bool) -> HeadBatch:
+    """Reduce orbit predictions ``(B, K, ...)`` (in the sample's frame) against the target."""
+    mask = batch.get(spec.mask) if spec.mask else None
+    target = batch[head.target]
+    if head.rep == "point":
+        target = actions.centre(target, mask)
+    target = target.double() if target.is_floating_point() else target
+    terms = orbit_terms(pred, target, head.loss, exact=exact, huber_delta=head.huber_delta)
+    weight = spec.head_weights.get(head.name)
+    if weight is not None:
+        weight = weight.to(terms.loss_aug.device)
+    elif mask is not None and terms.loss_aug.dim() >= 2 and terms.loss_aug.shape[1] == mask.shape[1]:
+        weight = mask  # per-atom head: padded atoms do not count
+    return HeadBatch(
+        terms=terms,
+        loss_aug=reduce_per_sample(terms.loss_aug, weight),
+        equiv_error=reduce_per_sample(terms.equiv_error, weight),
+    )
+
+
 def evaluate_orbits(
     model: Callable,
     batch: Mapping[str, torch.Tensor],
@@ -130,7 +201,7 @@ def evaluate_orbits(
     *,
     exact: bool = False,
 ) -> dict[str, HeadBatch]:
-    """Evaluate every head on the rotation orbits of one batch.
+    """Evaluate every head on the rotation orbits of one batch: ``P[b, k] = R⁻¹·f(R·x[b])``.
 
     Args:
         model: the network, already on the batch's device and in eval mode.
@@ -142,47 +213,41 @@ def evaluate_orbits(
         ``{head: HeadBatch}``, per-sample values ``(B,)`` in float64.
     """
     b, k = rotations.shape[:2]
-    mask = batch.get(spec.mask) if spec.mask else None
-    dtype = _model_dtype(model) if isinstance(model, torch.nn.Module) else torch.get_default_dtype()
-    rotated = {}
-    for name in spec.input_fields:
-        value = batch[name]
-        orbit = actions.rotate(spec.fields.get(name, "scalar"), value, rotations, mask=mask)
-        orbit = orbit.reshape(b * k, *orbit.shape[2:])
-        rotated[name] = orbit.to(dtype) if orbit.is_floating_point() else orbit
-    needed = {h.output_name for h in spec.heads}
-    context = torch.enable_grad() if spec.grad else torch.inference_mode()
-    with context:
-        outputs = _forward_orbit(model, spec, rotated, needed)
-
+    outputs = _run_model(model, batch, rotations, spec)
     results = {}
     for head in spec.heads:
-        out = outputs[head.output_name]
-        if not torch.isfinite(out).all():
-            raise ModelOutputError(f"the model returned NaN or inf in output {head.output_name!r}", status="nan_output")
-        target = batch[head.target]
-        if head.rep == "point":
-            target = actions.centre(target, mask)
-        expected = (b * k, *target.shape[1:]) if head.loss != "cross_entropy" else None
-        if expected is not None and out.numel() == b * k * target[0].numel() and out.shape != expected:
-            out = out.reshape(expected)  # e.g. energies returned as (B·K, 1) for a target (B,)
-        if expected is not None and out.shape != expected:
-            raise ModelOutputError(
-                f"output {head.output_name!r} has shape {tuple(out.shape[1:])} per sample; "
-                f"target {head.target!r} has {tuple(target.shape[1:])}",
-                status="bad_output_shape",
-            )
+        out = _head_output(head, outputs[head.output_name], batch[head.target], b * k)
         pred = actions.unrotate(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations)
-        target = target.double() if target.is_floating_point() else target
-        terms = orbit_terms(pred, target, head.loss, exact=exact, huber_delta=head.huber_delta)
-        weight = spec.head_weights.get(head.name)
-        if weight is None and mask is not None and terms.loss_aug.dim() >= 2 and terms.loss_aug.shape[1] == mask.shape[1]:
-            weight = mask  # per-atom head: padded atoms do not count
-        results[head.name] = HeadBatch(
-            terms=terms,
-            loss_aug=reduce_per_sample(terms.loss_aug, weight),
-            equiv_error=reduce_per_sample(terms.equiv_error, weight),
-        )
+        results[head.name] = _head_statistics(head, pred, batch, spec, exact)
+    return results
+
+
+def evaluate_round_trip(
+    model: Callable,
+    batch: Mapping[str, torch.Tensor],
+    rotations: torch.Tensor,
+    spec: OrbitSpec,
+    *,
+    exact: bool = False,
+    through_dtype: torch.dtype | None = None,
+) -> dict[str, HeadBatch]:
+    """The same statistics for ``P[b, k] = R⁻¹·(R·f(x[b]))``: the model runs once, unrotated.
+
+    Whatever equivariance error this shows is the actions' own (trilinear resampling on
+    grids; with ``through_dtype``, rounding the rotated output to that dtype): the floor
+    below which the model's figure cannot be told from the tool's.
+    """
+    b = rotations.shape[0]
+    identity = torch.eye(3, dtype=rotations.dtype, device=rotations.device).expand(b, 1, 3, 3)
+    outputs = _run_model(model, batch, identity, spec)
+    results = {}
+    for head in spec.heads:
+        out = _head_output(head, outputs[head.output_name], batch[head.target], b).double()
+        orbit = actions.rotate(head.rep, out, rotations)
+        if through_dtype is not None:
+            orbit = orbit.to(through_dtype).double()
+        pred = actions.unrotate(head.rep, orbit, rotations)
+        results[head.name] = _head_statistics(head, pred, batch, spec, exact)
     return results
 
 
@@ -197,6 +262,7 @@ def audit_model(
     device: torch.device | str = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
     on_result: Callable[[slice, Mapping[str, torch.Tensor], dict[str, HeadBatch]], None] | None = None,
+    evaluate: Callable[..., dict[str, HeadBatch]] = evaluate_orbits,
 ) -> OrbitAccumulator:
     """Audit one model over a whole dataset.
 
@@ -205,13 +271,14 @@ def audit_model(
         rotations: ``(N, K, 3, 3)``, drawn once per audit so every checkpoint sees the same.
         on_batch: progress callback ``(done, total)`` in samples.
         on_result: receives each batch's slice, fields and results (for breakdowns).
+        evaluate: :func:`evaluate_orbits`, or :func:`evaluate_round_trip` for a floor.
     """
     n = rotations.shape[0]
     accumulator = OrbitAccumulator({h.name: h.weight for h in spec.heads})
     for start in range(0, n, batch_size):
         index = slice(start, min(start + batch_size, n))
         batch = {name: value[index].to(device) for name, value in dataset.items()}
-        results = evaluate_orbits(model, batch, rotations[index].to(device), spec, exact=exact)
+        results = evaluate(model, batch, rotations[index].to(device), spec, exact=exact)
         for head, result in results.items():
             accumulator.update(head, result.loss_aug, result.equiv_error)
         if on_result is not None:
