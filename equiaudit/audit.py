@@ -7,6 +7,9 @@ checkpoint that fails is reported with a status and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,14 +17,16 @@ from typing import Any
 
 import torch
 
-from equiaudit.engine import HeadSpec, OrbitSpec, audit_model
-from equiaudit.errors import ConfigError, EquiauditError
+from equiaudit.actions.voxels import spherical_mask
+from equiaudit.engine import HeadSpec, OrbitSpec, audit_model, evaluate_round_trip
+from equiaudit.errors import ConfigError, DataError, EquiauditError
 from equiaudit.groups import RotationSet, make_rotation_set
 from equiaudit.io.checkpoints import CheckpointRef, load_into_model, read_checkpoint
 from equiaudit.io.config import AuditConfig
 from equiaudit.io.data import load_dataset
 from equiaudit.io.models import build_model
 from equiaudit.metrics import Summary
+from equiaudit.rotations import is_signed_permutation
 from equiaudit.tasks import TaskPreset, get_task
 
 __all__ = ["AuditPlan", "CheckpointResult", "prepare_audit", "audit_checkpoint", "resolve_device", "build_orbit_spec"]
@@ -129,6 +134,59 @@ def task_options(config: AuditConfig, preset: TaskPreset) -> dict[str, Any]:
     return {**preset.options, **given}
 
 
+def round_trip_floor(column: str, through_dtype: torch.dtype | None = None) -> ExtraMetric:
+    """A floor metric: the EE of ``R⁻¹·(R·f(x))`` (the model run once, unrotated), over the
+    model's own ``loss_aug``, for every head; written as ``column``."""
+
+    def metric(plan: AuditPlan, summaries: dict[str, Summary]) -> dict[str, dict[str, float]]:
+        accumulator = audit_model(
+            plan.model,
+            plan.dataset,
+            plan.rotations,
+            plan.spec,
+            batch_size=plan.config.batch_size,
+            exact=plan.rotation_set.exact,
+            device=plan.device,
+            evaluate=functools.partial(evaluate_round_trip, through_dtype=through_dtype),
+        )
+        floors = {}
+        for head, (_, equiv_error) in accumulator.per_sample().items():
+            loss_aug = summaries[head].loss_aug
+            floors[head] = {column: equiv_error.mean().item() / loss_aug if loss_aug > 0 else math.nan}
+        return floors
+
+    return metric
+
+
+def grid_settings(
+    spec: OrbitSpec, preset: TaskPreset, options: dict[str, Any], dataset: dict[str, torch.Tensor], rotations: torch.Tensor
+) -> tuple[OrbitSpec, list[ExtraMetric]]:
+    """Voxel grids: cubic-grid check for the exact group; under continuous rotations the
+    preset's exact orbit inputs, the spherical mask and the ``interp_floor`` metric."""
+    voxel_heads = [h for h in spec.heads if h.rep == "voxel"]
+    voxel_fields = [f for f in spec.input_fields if spec.fields.get(f) == "voxel"]
+    if not voxel_heads and not voxel_fields:
+        return spec, []
+    continuous = not is_signed_permutation(rotations)
+    for name in voxel_fields + [h.target for h in voxel_heads]:
+        shape = tuple(dataset[name].shape[2:])
+        if len(shape) != 3:
+            raise DataError(f"voxel field {name!r} must be (N, C, D, H, W); got {tuple(dataset[name].shape)}")
+        if not continuous and len(set(shape)) != 1:
+            raise ConfigError(
+                f"cube rotations permute voxels and need cubic grids; {name!r} is (D, H, W) = {shape}: use group so3"
+            )
+    use_mask = options.get("spherical_mask", "auto")
+    if use_mask not in ("auto", True, False):
+        raise ConfigError(f"config: voxel.spherical_mask={use_mask!r} is not allowed; allowed: auto, true, false")
+    weights = {}
+    if use_mask is True or (use_mask == "auto" and continuous):
+        weights = {h.name: spherical_mask(tuple(dataset[h.target].shape[2:]))[None, None] for h in voxel_heads}
+    builder = preset.orbit_inputs(options, dataset) if preset.orbit_inputs is not None and continuous else None
+    spec = dataclasses.replace(spec, orbit_inputs=builder, head_weights={**spec.head_weights, **weights})
+    return spec, [round_trip_floor("interp_floor")] if continuous else []
+
+
 def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -> AuditPlan:
     """Build everything that stays fixed across the checkpoints of an audit."""
     device = resolve_device(device) if isinstance(device, str) else device
@@ -143,9 +201,10 @@ def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -
         raise ConfigError(f"config: group: {exc}") from exc
     n_samples = len(next(iter(dataset.values())))
     rotations = rotation_set.sample(n_samples, torch.Generator().manual_seed(config.seed))
+    spec, extra_metrics = grid_settings(spec, preset, options, dataset, rotations)
     model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
     model = model.to(device=device, dtype=getattr(torch, config.model.dtype)).eval()
-    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device)
+    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics)
 
 
 def audit_checkpoint(

@@ -56,3 +56,33 @@ def vector_spec(rep: str = "vector", loss: str = "mse") -> OrbitSpec:
 def random_matrix(seed: int = 1, scale: float = 0.3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.eye(3, dtype=torch.float64) * 0.8 + scale * torch.randn(3, 3, generator=g, dtype=torch.float64)
+
+
+class Identity(torch.nn.Module):
+    """Returns its input: exactly equivariant under any exact action."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.unused
+
+
+def identity() -> Identity:
+    return Identity()
+
+
+def conv3d(channels: int = 2, symmetrize: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A random 3×3×3 Conv3d; with ``symmetrize`` its kernel is averaged over the 24 cube rotations."""
+    from equiaudit.actions.voxels import rotate_grid
+    from equiaudit.rotations import cube_rotations
+
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1)
+    if symmetrize:
+        with torch.no_grad():
+            kernel = conv.weight.reshape(1, -1, 3, 3, 3).double()  # every (out, in) pair is a scalar field
+            orbit = rotate_grid(kernel, cube_rotations().unsqueeze(0))  # (1, 24, out·in, 3, 3, 3)
+            conv.weight.copy_(orbit.mean(1).reshape(conv.weight.shape))
+    return conv

@@ -33,6 +33,8 @@ class TaskPreset:
         group: default rotation group.
         prepare: ``(dataset, options, generator) -> dataset`` adding derived fields.
         options: allowed keys of the task's config section and their defaults.
+        orbit_inputs: ``(options, prepared dataset) -> builder | None``; the builder makes
+            some fields' orbits itself (see :class:`equiaudit.engine.OrbitSpec`).
     """
 
     name: str
@@ -42,6 +44,7 @@ class TaskPreset:
     group: str = "so3"
     prepare: Callable[[Dataset, Mapping[str, Any], torch.Generator], Dataset] = _unchanged
     options: Mapping[str, Any] = field(default_factory=dict)
+    orbit_inputs: Callable[[Mapping[str, Any], Dataset], Callable | None] | None = None
 
 
 _REGISTRY: dict[str, TaskPreset] = {}
@@ -55,7 +58,7 @@ def register_task(preset: TaskPreset) -> TaskPreset:
 def get_task(name: str) -> TaskPreset:
     """The preset for ``name`` (``custom`` has no defaults)."""
     # Importing the modules registers their presets.
-    from equiaudit.tasks import flow_matching, force_field  # noqa: F401
+    from equiaudit.tasks import flow_matching, force_field, voxel_denoising  # noqa: F401
     if name == "custom":
         return TaskPreset("custom")
     if name not in _REGISTRY:
