@@ -65,10 +65,18 @@ class OrbitTerms:
 
     ``E`` is the prediction's element shape (less the class axis for cross-entropy).
     ``equiv_error`` is already bias-corrected.
+
+    The per-rotation fields ``(B, K, *E)`` split each term over the K rotations so that
+    their mean over K is the term: ``loss_per_rotation[:, k] = ℓ(P_k, y)`` and
+    ``equiv_error_per_rotation[:, k]`` is rotation k's jackknife pseudo-value (for MSE
+    ``K/(K−1)·‖P_k − P̄‖²``; the plug-in ``ℓ(P_k, y) − ℓ(P̄, y)`` for an exact group).
+    They let a breakdown attribute the error to rotations (e.g. by angle).
     """
 
     loss_aug: torch.Tensor
     equiv_error: torch.Tensor
+    loss_per_rotation: torch.Tensor | None = None
+    equiv_error_per_rotation: torch.Tensor | None = None
 
 
 def orbit_terms(
@@ -99,17 +107,20 @@ def orbit_terms(
     loss_aug = per_rotation.mean(1)
     mean_pred = pred.mean(1, keepdim=True)
     if loss == "mse":
-        plug_in = (pred - mean_pred).square().mean(1)
-        equiv_error = plug_in if exact else plug_in * (k / (k - 1))
-        return OrbitTerms(loss_aug, equiv_error)
-    plug_in = loss_aug - elementwise_loss(loss, mean_pred, target, huber_delta).squeeze(1)
-    if exact:
-        return OrbitTerms(loss_aug, plug_in)
-    # Leave-one-out means over rotations, all K at once: (B, K, *E).
-    loo_pred = (k * mean_pred - pred) / (k - 1)
-    loo_aug = (k * loss_aug.unsqueeze(1) - per_rotation) / (k - 1)
-    loo_error = loo_aug - elementwise_loss(loss, loo_pred, target, huber_delta)
-    return OrbitTerms(loss_aug, k * plug_in - (k - 1) * loo_error.mean(1))
+        # K/(K−1)·‖P_k − P̄‖² is also rotation k's jackknife pseudo-value.
+        contribution = (pred - mean_pred).square()
+        if not exact:
+            contribution = contribution * (k / (k - 1))
+    else:
+        contribution = per_rotation - elementwise_loss(loss, mean_pred, target, huber_delta)  # plug-in
+        if not exact:
+            # Leave-one-out means over rotations, all K at once: (B, K, *E); the pseudo-values
+            # K·EE − (K−1)·EE₍₋ₖ₎ average to the jackknife estimate.
+            loo_pred = (k * mean_pred - pred) / (k - 1)
+            loo_aug = (k * loss_aug.unsqueeze(1) - per_rotation) / (k - 1)
+            loo_error = loo_aug - elementwise_loss(loss, loo_pred, target, huber_delta)
+            contribution = k * contribution.mean(1, keepdim=True) - (k - 1) * loo_error
+    return OrbitTerms(loss_aug, contribution.mean(1), per_rotation, contribution)
 
 
 def reduce_per_sample(terms: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
