@@ -11,12 +11,15 @@ The module touches no files: datasets, rotations and models come in as objects.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from equiaudit import actions
+from equiaudit.actions.group_actions import ROTATION, GroupAction
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import OrbitAccumulator, OrbitTerms, orbit_terms, reduce_per_sample
 
@@ -61,6 +64,9 @@ class OrbitSpec:
         orbit_inputs: optional ``(batch, rotations) -> {field: (B, K, ...)}`` that builds
             some fields' orbits itself (e.g. voxelizing rotated atoms, exact where
             resampling a grid is not); other fields are rotated by their representation.
+        group: how the group elements act (default: rotation matrices ``(B, K, 3, 3)``;
+            see :mod:`equiaudit.actions.group_actions` for translations, permutations).
+        autocast: run the model under ``torch.autocast`` at this dtype (e.g. bfloat16).
     """
 
     fields: Mapping[str, str]
@@ -72,6 +78,8 @@ class OrbitSpec:
     chunk_size: int = 8192
     head_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     orbit_inputs: Callable[[Mapping[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]] | None = None
+    group: GroupAction = ROTATION
+    autocast: torch.dtype | None = None
 
     @property
     def input_fields(self) -> list[str]:
@@ -80,11 +88,19 @@ class OrbitSpec:
 
 @dataclass(frozen=True)
 class HeadBatch:
-    """One head on one batch: per-element terms ``(B, *E)`` and per-sample values ``(B,)``."""
+    """One head on one batch: per-element terms ``(B, *E)`` and per-sample values ``(B,)``.
+
+    ``weight`` is the element weight of the per-sample reduction (valid-atom mask, voxel
+    mask or None); ``*_per_rotation`` ``(B, K)`` are the per-sample values split over the
+    K group elements (their mean over K is the per-sample value).
+    """
 
     terms: OrbitTerms
     loss_aug: torch.Tensor
     equiv_error: torch.Tensor
+    weight: torch.Tensor | None = None
+    loss_per_rotation: torch.Tensor | None = None
+    equiv_error_per_rotation: torch.Tensor | None = None
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -138,7 +154,7 @@ def _orbit_inputs(batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, sp
         if name in custom:
             orbit = custom[name]
         else:
-            orbit = actions.rotate(spec.fields.get(name, "scalar"), batch[name], rotations, mask=mask)
+            orbit = spec.group.act(spec.fields.get(name, "scalar"), batch[name], rotations, mask)
         orbit = orbit.reshape(b * k, *orbit.shape[2:])
         rotated[name] = orbit.to(dtype) if orbit.is_floating_point() else orbit
     return rotated
@@ -149,7 +165,9 @@ def _run_model(model, batch, rotations, spec: OrbitSpec) -> dict[str, torch.Tens
     dtype = _model_dtype(model) if isinstance(model, torch.nn.Module) else torch.get_default_dtype()
     rotated = _orbit_inputs(batch, rotations, spec, dtype)
     needed = {h.output_name for h in spec.heads}
-    with torch.enable_grad() if spec.grad else torch.inference_mode():
+    device_type = rotations.device.type
+    autocast = torch.autocast(device_type, dtype=spec.autocast) if spec.autocast else contextlib.nullcontext()
+    with torch.enable_grad() if spec.grad else torch.inference_mode(), autocast:
         outputs = _forward_orbit(model, spec, rotated, needed)
     for name, out in outputs.items():
         if not torch.isfinite(out).all():
@@ -177,7 +195,7 @@ def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec,
     """Reduce orbit predictions ``(B, K, ...)`` (in the sample's frame) against the target."""
     mask = batch.get(spec.mask) if spec.mask else None
     target = batch[head.target]
-    if head.rep == "point":
+    if head.rep == "point" and spec.group.centres_points:
         target = actions.centre(target, mask)
     target = target.double() if target.is_floating_point() else target
     terms = orbit_terms(pred, target, head.loss, exact=exact, huber_delta=head.huber_delta)
@@ -186,10 +204,21 @@ def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec,
         weight = weight.to(terms.loss_aug.device)
     elif mask is not None and terms.loss_aug.dim() >= 2 and terms.loss_aug.shape[1] == mask.shape[1]:
         weight = mask  # per-atom head: padded atoms do not count
+    b, k = pred.shape[:2]
+    # The same reduction per (sample, rotation): the weight repeated along K.
+    weight_bk = None if weight is None else weight.unsqueeze(1).expand(b, k, *weight.shape[1:]).flatten(0, 1)
+
+    def per_rotation(values: torch.Tensor) -> torch.Tensor:
+        return reduce_per_sample(values.flatten(0, 1), weight_bk).view(b, k)
+
     return HeadBatch(
-        terms=terms,
+        # The (B, K, *E) arrays are as large as the orbit: keep only their reductions.
+        terms=dataclasses.replace(terms, loss_per_rotation=None, equiv_error_per_rotation=None),
         loss_aug=reduce_per_sample(terms.loss_aug, weight),
         equiv_error=reduce_per_sample(terms.equiv_error, weight),
+        weight=weight,
+        loss_per_rotation=per_rotation(terms.loss_per_rotation),
+        equiv_error_per_rotation=per_rotation(terms.equiv_error_per_rotation),
     )
 
 
@@ -217,7 +246,8 @@ def evaluate_orbits(
     results = {}
     for head in spec.heads:
         out = _head_output(head, outputs[head.output_name], batch[head.target], b * k)
-        pred = actions.unrotate(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations)
+        mask = batch.get(spec.mask) if spec.mask else None
+        pred = spec.group.act_inverse(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations, mask)
         results[head.name] = _head_statistics(head, pred, batch, spec, exact)
     return results
 
