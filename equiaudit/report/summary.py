@@ -28,7 +28,8 @@ SUMMARY_COLUMNS = (
     "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "n_samples", "n_rotations", "group", "status",
 )
 # Always written after the contract's columns, in this order (empty where not measured).
-EXTRA_COLUMNS = ("median_rel_equiv_error", "message", "config_hash", "seconds")
+# `epoch` and `checkpoint_time` (the checkpoint's mtime, Unix seconds) let plots use other x axes.
+EXTRA_COLUMNS = ("median_rel_equiv_error", "message", "config_hash", "seconds", "epoch", "checkpoint_time")
 
 
 def _fmt(value) -> str:
