@@ -1,0 +1,182 @@
+"""Incremental auditing: which checkpoints are already audited, and which have settled.
+
+Results live in ``OUT/cache.sqlite`` (SQLite, from the standard library), one row per
+audited checkpoint, keyed by a hash of the checkpoint's identity (absolute path, size,
+modification time) and of everything else that changes the numbers (config hash, which
+covers seed, K, samples and group; the data and model-factory files; the tool version).
+
+Why SQLite rather than one file per result: each checkpoint's result is one committed
+transaction, so an audit killed at any instant (Ctrl-C, SIGKILL, power loss) leaves the
+store as it was before or after that checkpoint, never torn; readers running beside a
+``--watch`` audit see a consistent state; and it is a single file with no dependency.
+``summary.csv`` stays the user-facing record and is rebuilt from these rows, so the two
+cannot drift apart. Only successful results are stored: a failure is retried next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from equiaudit import __version__
+from equiaudit.io.checkpoints import CheckpointRef, _read_step, _step_from_name
+from equiaudit.io.config import AuditConfig, resolve_path
+
+__all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "ResultCache", "SettleTracker", "checkpoint_epoch"]
+
+CACHE_FILE = "cache.sqlite"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,      -- hash of checkpoint identity + settings
+    path TEXT NOT NULL,
+    run TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    version TEXT NOT NULL,
+    rows TEXT NOT NULL,        -- JSON list of summary.csv rows
+    created REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Size and newest modification time of a checkpoint file, or of all files of a folder."""
+
+    size: int
+    mtime_ns: int
+
+    @property
+    def mtime(self) -> float:
+        return self.mtime_ns / 1e9
+
+
+def stamp(path: Path) -> Stamp | None:
+    """The :class:`Stamp` of ``path``; ``None`` when it does not exist (any more)."""
+    try:
+        if not path.is_dir():
+            st = path.stat()
+            return Stamp(st.st_size, st.st_mtime_ns)
+        stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+        return Stamp(sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+    except OSError:  # removed while we looked
+        return None
+
+
+def settings_identity(config: AuditConfig) -> dict[str, Any]:
+    """Everything besides the checkpoint that changes the numbers."""
+
+    def file_identity(path: Path) -> list | str:
+        found = stamp(path)
+        return [str(path.resolve()), found.size, found.mtime_ns] if found else str(path)
+
+    target = config.model.factory.rpartition(":")[0]
+    factory = (
+        file_identity(resolve_path(target, config.source.parent if config.source else None))
+        if target.endswith(".py") else target
+    )
+    return {
+        "config_hash": config.settings_hash(),
+        "version": __version__,
+        "data": file_identity(config.data.path),
+        "factory": factory,
+    }
+
+
+def checkpoint_epoch(ref: CheckpointRef) -> int | None:
+    """The epoch stored in a checkpoint (read cheaply) or named in its file name, if any."""
+    try:
+        epoch = _read_step(ref.path)[1]
+    except Exception:  # noqa: BLE001 - an unreadable file simply has no known epoch
+        epoch = None
+    return epoch if epoch is not None else _step_from_name(ref.name)[1]
+
+
+class ResultCache:
+    """Audited rows keyed by checkpoint identity and settings (see the module docstring)."""
+
+    def __init__(self, path: str | Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.settings = settings
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError:
+            # Not a database (e.g. overwritten by hand): it only saves time, so start afresh.
+            self.path.unlink(missing_ok=True)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            with db:
+                if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    db.execute("DROP TABLE IF EXISTS results")
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute(_SCHEMA)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def key(self, ref: CheckpointRef, found: Stamp) -> str:
+        identity = [os.path.abspath(ref.path), found.size, found.mtime_ns, self.settings]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> list[dict] | None:
+        """The rows stored under ``key``, exactly as they were written, or ``None``."""
+        hit = self._db.execute("SELECT rows FROM results WHERE key = ?", (key,)).fetchone()
+        return json.loads(hit[0]) if hit else None
+
+    def put(self, key: str, ref: CheckpointRef, rows: Sequence[dict]) -> None:
+        """Store one checkpoint's rows in a single transaction."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, os.path.abspath(ref.path), ref.run, ref.name, self.settings["config_hash"], __version__,
+                 json.dumps(list(rows)), time.time()),
+            )
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SettleTracker:
+    """Tells when a checkpoint that training may still be writing is ready to audit.
+
+    Ready once its stamp is unchanged between two polls, or its newest file is at least
+    ``settle_s`` old. A failure counts only when it repeats on an unchanged stamp: a file
+    caught half-written fails once, then is retried rather than reported as corrupt.
+    """
+
+    def __init__(self, settle_s: float):
+        self.settle_s = settle_s
+        self._seen: dict[Path, Stamp] = {}
+        self._failed: dict[Path, Stamp] = {}
+
+    def ready(self, path: Path, found: Stamp, now: float | None = None) -> bool:
+        previous, self._seen[path] = self._seen.get(path), found
+        now = time.time() if now is None else now
+        return previous == found or now - found.mtime >= self.settle_s
+
+    def confirm_failure(self, path: Path, found: Stamp) -> bool:
+        """Record a failure; ``True`` when the same, unchanged checkpoint failed before."""
+        previous, self._failed[path] = self._failed.get(path), found
+        return previous == found

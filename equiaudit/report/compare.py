@@ -1,0 +1,190 @@
+"""Trajectories of REE over training, and the ``compare.csv`` rows drawn from them (pure).
+
+Input rows are ``summary.csv`` rows (strings as read back, or the values just computed);
+only ``ok`` rows with a known step take part. ``first_step_below`` is the first step
+whose REE is at or below the threshold: the paper's "≤ 2 % within N steps".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from equiaudit.report.table import format_interval, format_percent
+
+__all__ = [
+    "X_AXES", "X_LABELS", "COMPARE_COLUMNS", "Trajectory", "trajectories", "compare_rows",
+    "unique_names", "sparkline", "compare_table",
+]
+
+X_AXES = ("step", "epoch", "time")
+X_LABELS = {"step": "training step", "epoch": "epoch", "time": "time since first checkpoint (h)"}
+# Extra column naming the first point below the threshold on a non-step axis.
+_FIRST_X_COLUMN = {"epoch": "first_epoch_below", "time": "first_hours_below"}
+COMPARE_COLUMNS = (
+    "run", "head", "threshold", "first_step_below", "final_step", "final_rel_equiv_error", "min_rel_equiv_error",
+    "first_step_stays_below", "final_ci_low", "final_ci_high", "n_checkpoints",
+)
+_SERIES = ("rel_equiv_error", "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "loss_aug", "loss_sym", "equiv_error")
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass
+class Trajectory:
+    """One run's head over training, ordered by step; ``x`` is the chosen axis (NaN if unknown)."""
+
+    run: str
+    head: str
+    steps: list[int] = field(default_factory=list)
+    x: list[float] = field(default_factory=list)
+    series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in _SERIES})
+
+    @property
+    def ree(self) -> list[float]:
+        return self.series["rel_equiv_error"]
+
+
+def trajectories(rows: Sequence[dict], *, x: str = "step", run: str | None = None) -> list[Trajectory]:
+    """Group the ``ok`` rows with a step into one trajectory per run and head.
+
+    ``run`` renames every run of ``rows`` (a source holding one run, shown under a unique name).
+    For the same checkpoint and head seen twice (audited under two settings) the last row wins.
+    ``x="time"`` is hours since the run's earliest checkpoint.
+    """
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
+    latest: dict[tuple, dict] = {}
+    for row in rows:
+        step = _number(row.get("step"))
+        if row.get("status") == "ok" and not math.isnan(step):
+            latest[(row["run"], row["checkpoint"], row["head"])] = row
+    starts: dict[str, float] = {}
+    for (name, _, _), row in latest.items():
+        starts[name] = min(starts.get(name, math.inf), _number(row.get("checkpoint_time")))
+    found: dict[tuple[str, str], Trajectory] = {}
+    for (name, _, head), row in sorted(latest.items(), key=lambda kv: (kv[0][0], int(_number(kv[1]["step"])))):
+        traj = found.setdefault((name, head), Trajectory(run if run is not None else name, head))
+        traj.steps.append(int(_number(row["step"])))
+        if x == "step":
+            traj.x.append(float(traj.steps[-1]))
+        elif x == "epoch":
+            traj.x.append(_number(row.get("epoch")))
+        else:
+            traj.x.append((_number(row.get("checkpoint_time")) - starts[name]) / 3600)
+        for key in _SERIES:
+            traj.series[key].append(_number(row.get(key)))
+    # `total` first in each run, then the heads in the order they appear.
+    return sorted(found.values(), key=lambda t: (t.run, t.head != "total"))
+
+
+def compare_rows(trajs: Sequence[Trajectory], *, threshold: float, x: str = "step") -> list[dict]:
+    """One ``compare.csv`` row per trajectory (columns :data:`COMPARE_COLUMNS`, plus the first
+    ``epoch``/``hours`` below the threshold when ``x`` is not ``step``)."""
+    out = []
+    for t in trajs:
+        below = [i for i, r in enumerate(t.ree) if r <= threshold]
+        above = [i for i, r in enumerate(t.ree) if not r <= threshold]  # NaN counts as not below
+        stays = (above[-1] + 1) if above else 0
+        row = {
+            "run": t.run,
+            "head": t.head,
+            "threshold": threshold,
+            "first_step_below": t.steps[below[0]] if below else None,
+            "final_step": t.steps[-1],
+            "final_rel_equiv_error": t.ree[-1],
+            "min_rel_equiv_error": min((r for r in t.ree if not math.isnan(r)), default=math.nan),
+            "first_step_stays_below": t.steps[stays] if stays < len(t.steps) else None,
+            "final_ci_low": t.series["rel_equiv_error_ci_low"][-1],
+            "final_ci_high": t.series["rel_equiv_error_ci_high"][-1],
+            "n_checkpoints": len(t.steps),
+        }
+        if x != "step":
+            first_x = next((t.x[i] for i in below if not math.isnan(t.x[i])), None)
+            row[_FIRST_X_COLUMN[x]] = int(first_x) if x == "epoch" and first_x is not None else first_x
+        out.append(row)
+    return out
+
+
+def unique_names(runs: Sequence[tuple[str, Path]]) -> list[str]:
+    """Run names made unique by prefixing just enough of each run's location.
+
+    ``runs`` holds ``(name, origin)``: origin is the run directory itself (named ``name``) or
+    the audit output that holds the run. ``exp_a/ckpts`` and ``exp_b/ckpts`` become
+    ``exp_a/ckpts`` and ``exp_b/ckpts``; the same location given twice gets ``#2``.
+    """
+    names = [name for name, _ in runs]
+    for depth in range(1, 6):
+        clashes = {n for n, count in Counter(names).items() if count > 1}
+        if not clashes:
+            return names
+        for i, (name, origin) in enumerate(runs):
+            if names[i] in clashes:
+                base = Path(origin).parent if Path(origin).name == name else Path(origin)
+                prefix = "/".join(base.parts[-depth:]).lstrip("/")
+                names[i] = f"{prefix}/{name}" if prefix else name
+    seen: Counter = Counter()
+    for i, name in enumerate(names):
+        seen[name] += 1
+        if seen[name] > 1:
+            names[i] = f"{name}#{seen[name]}"
+    return names
+
+
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float], low: float, high: float) -> str:
+    """One block character per value on a log scale from ``low`` to ``high`` (``·`` if missing)."""
+    span = math.log10(high) - math.log10(low) if high > low > 0 else 0.0
+    chars = []
+    for v in values:
+        if not v > 0:
+            chars.append("·" if math.isnan(v) else _BLOCKS[0])
+            continue
+        level = (math.log10(v) - math.log10(low)) / span if span else 0.5
+        chars.append(_BLOCKS[min(len(_BLOCKS) - 1, max(0, round(level * (len(_BLOCKS) - 1))))])
+    return "".join(chars)
+
+
+def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: str | None = None) -> Table:
+    """The compare rows as a rich table, each with its REE curve as a sparkline (log scale)."""
+    positive = [r for t in trajs for r in t.ree if r > 0]
+    low, high = (min(positive), max(positive)) if positive else (1.0, 1.0)
+    curves = {(t.run, t.head): t.ree for t in trajs}
+    table = Table(title=title, header_style="bold",
+                  caption=f"REE curve per checkpoint, log scale {format_percent(low)} ▁ … █ {format_percent(high)}")
+    for name, justify in (("run", "left"), ("head", "left"), ("≤ threshold at step", "right"), ("final step", "right"),
+                          ("final REE", "right"), ("95 % CI", "right"), ("min REE", "right"), ("REE curve", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    previous = None
+    for row in rows:
+        if previous is not None and row["run"] != previous:
+            table.add_section()
+        first = row["run"] != previous
+        previous = row["run"]
+        threshold = _number(row["threshold"])
+        reached = row["first_step_below"] not in (None, "")
+        final = _number(row["final_rel_equiv_error"])
+        table.add_row(
+            str(row["run"]) if first else "",
+            str(row["head"]),
+            Text(str(row["first_step_below"]), style="green") if reached else Text(f"never (≤ {format_percent(threshold)})", style="red"),
+            str(row["final_step"]),
+            Text(format_percent(final), style="green" if final <= threshold else "red"),
+            format_interval(row.get("final_ci_low"), row.get("final_ci_high")),
+            format_percent(row["min_rel_equiv_error"]),
+            sparkline(curves.get((row["run"], row["head"]), []), low, high),
+        )
+    return table

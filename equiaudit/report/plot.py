@@ -1,0 +1,99 @@
+"""PNG figures of REE trajectories (matplotlib, headless).
+
+Left panel: REE (%) against step (or epoch / hours) on log–log axes, one line per run with
+its 95 % CI band and the threshold marked. Right panel: ``loss_aug`` (solid), ``loss_sym``
+(dashed) and ``equiv_error`` (dotted) per run, so one sees the equivariance share fall
+faster than the loss. Log axes cannot show x ≤ 0 (step 0, the first checkpoint's time):
+those points are left out and the axis label says so.
+
+matplotlib is imported inside the functions (keeps ``equiaudit --help`` fast) and only
+through ``matplotlib.figure.Figure`` — no pyplot, so no GUI backend and no global state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from equiaudit.report.compare import X_LABELS, Trajectory
+
+__all__ = ["trajectory_figure", "save_figure"]
+
+
+def _positive(xs: Sequence[float], *columns: Sequence[float]) -> tuple[list, ...]:
+    """Keep the points with a positive, finite x (log axis)."""
+    keep = [i for i, v in enumerate(xs) if v > 0 and math.isfinite(v)]
+    return tuple([col[i] for i in keep] for col in (xs, *columns))
+
+
+def trajectory_figure(
+    trajs: Sequence[Trajectory],
+    *,
+    threshold: float = 0.02,
+    x: str = "step",
+    head: str = "total",
+    title: str | None = None,
+):
+    """A two-panel :class:`~matplotlib.figure.Figure` of the ``head`` trajectories.
+
+    Lines carry the run name as label (REE panel: y = REE in %), so tests and callers can
+    read the plotted data back from ``fig.axes``.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    shown = [t for t in trajs if t.head == head]
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ree_ax, loss_ax = fig.subplots(1, 2)
+    dropped = False
+    for i, t in enumerate(shown):
+        color = f"C{i % 10}"
+        s = t.series
+        xs, ree, low, high, aug, sym, ee = _positive(
+            t.x, s["rel_equiv_error"], s["rel_equiv_error_ci_low"], s["rel_equiv_error_ci_high"],
+            s["loss_aug"], s["loss_sym"], s["equiv_error"],
+        )
+        dropped = dropped or len(xs) < len(t.x)
+        ree_ax.plot(xs, [100 * r for r in ree], "o-", color=color, label=t.run, markersize=4)
+        # A CI bound of 0 has no place on a log axis: the band then stops at the estimate.
+        band_low = [100 * lo if lo > 0 else 100 * r for lo, r in zip(low, ree)]
+        ree_ax.fill_between(xs, band_low, [100 * hi for hi in high], color=color, alpha=0.2, linewidth=0)
+        loss_ax.plot(xs, aug, "-", color=color, label=f"{t.run}: L_aug")
+        loss_ax.plot(xs, sym, "--", color=color, label=f"{t.run}: L_sym")
+        loss_ax.plot(xs, ee, ":", color=color, label=f"{t.run}: EE = L_aug − L_sym")
+    ree_ax.axhline(100 * threshold, color="0.3", linestyle="--", linewidth=1, label=f"threshold {100 * threshold:g} %")
+    xlabel = X_LABELS[x] + (" (0 not shown on a log axis)" if dropped else "")
+    for ax in (ree_ax, loss_ax):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="major", alpha=0.3)
+    ree_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # "2", not "2×10⁰": it is a percentage
+    ree_ax.set_ylabel("REE = equivariance error / L_aug (%)")
+    ree_ax.set_title(f"relative equivariance error ({head}), 95 % CI")
+    ree_ax.legend(fontsize="small")
+    loss_ax.set_ylabel("loss (per sample)")
+    loss_ax.set_title("augmented loss, symmetrized loss, equivariance error")
+    if shown:
+        loss_ax.legend(fontsize="x-small", ncol=1 + len(shown) // 4)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save ``fig`` as PNG atomically (a viewer refreshing during ``--watch`` never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
