@@ -105,8 +105,16 @@ def audit(
     device: Annotated[Device, typer.Option(help="Where to run the model.")] = Device.auto,
     seed: Annotated[Optional[int], typer.Option(help="Seed for rotations and task noise.")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
+    force: Annotated[bool, typer.Option("--force", help="Recompute checkpoints already audited with these settings (OUT/cache.sqlite).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep auditing new checkpoints as training writes them, until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between polls with --watch.")] = 30.0,
+    threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
 ):
-    """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv."""
+    """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
+
+    Checkpoints already audited into OUT with the same settings are reused, not recomputed.
+    """
     from equiaudit.cli.audit_command import run_audit_command
 
     code = run_audit_command(
@@ -115,6 +123,49 @@ def audit(
         out=out,
         overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed},
         device=device.value,
+        output_format=output_format.value,
+        stdout=stdout,
+        stderr=stderr,
+        force=force,
+        watch=watch,
+        interval=interval,
+        plot=plot,
+        threshold=threshold,
+    )
+    raise typer.Exit(code)
+
+
+class XAxis(str, Enum):
+    step = "step"
+    epoch = "epoch"
+    time = "time"
+
+
+@app.command()
+@friendly_errors
+def compare(
+    sources: Annotated[list[str], typer.Argument(help="Audit output directories (with summary.csv) or checkpoint run directories.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for compare.csv and compare.png.")] = Path("equiaudit_compare"),
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML audit config, to audit run directories first.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="REE target as a fraction (0.02 = 2 %).")] = 0.02,
+    x: Annotated[XAxis, typer.Option("--x", help="x axis: training step, epoch, or hours since the first checkpoint.")] = XAxis.step,
+    device: Annotated[Device, typer.Option(help="Where to run the model (run directories only).")] = Device.auto,
+    force: Annotated[bool, typer.Option("--force", help="Recompute checkpoints of run directories already audited.")] = False,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/compare.png.")] = True,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
+):
+    """Compare REE trajectories of runs: first step at or below the threshold, final and minimum REE."""
+    from equiaudit.cli.compare_command import run_compare_command
+
+    code = run_compare_command(
+        sources=sources,
+        config_path=config,
+        threshold=threshold,
+        x=x.value,
+        out=out,
+        device=device.value,
+        force=force,
+        plot=plot,
         output_format=output_format.value,
         stdout=stdout,
         stderr=stderr,
