@@ -23,7 +23,7 @@ from equiaudit.actions.group_actions import ROTATION, GroupAction
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import OrbitAccumulator, OrbitTerms, orbit_terms, reduce_per_sample
 
-__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "audit_model"]
+__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "audit_model", "head_weight"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,17 @@ def _head_output(head: HeadSpec, out: torch.Tensor, target: torch.Tensor, n: int
     return out
 
 
+def head_weight(head: HeadSpec, spec: OrbitSpec, mask: torch.Tensor | None, terms: torch.Tensor) -> torch.Tensor | None:
+    """Element weight of a head's per-sample reduction over ``terms`` ``(B, *E)``: the head's
+    own weight (e.g. a voxel mask), else the valid-atom mask for a per-atom head, else None."""
+    weight = spec.head_weights.get(head.name)
+    if weight is not None:
+        return weight.to(terms.device)
+    if mask is not None and terms.dim() >= 2 and terms.shape[1] == mask.shape[1]:
+        return mask  # per-atom head: padded atoms do not count
+    return None
+
+
 def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec, exact: bool) -> HeadBatch:
     """Reduce orbit predictions ``(B, K, ...)`` (in the sample's frame) against the target."""
     mask = batch.get(spec.mask) if spec.mask else None
@@ -199,11 +210,7 @@ def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec,
         target = actions.centre(target, mask)
     target = target.double() if target.is_floating_point() else target
     terms = orbit_terms(pred, target, head.loss, exact=exact, huber_delta=head.huber_delta)
-    weight = spec.head_weights.get(head.name)
-    if weight is not None:
-        weight = weight.to(terms.loss_aug.device)
-    elif mask is not None and terms.loss_aug.dim() >= 2 and terms.loss_aug.shape[1] == mask.shape[1]:
-        weight = mask  # per-atom head: padded atoms do not count
+    weight = head_weight(head, spec, mask, terms.loss_aug)
     b, k = pred.shape[:2]
     # The same reduction per (sample, rotation): the weight repeated along K.
     weight_bk = None if weight is None else weight.unsqueeze(1).expand(b, k, *weight.shape[1:]).flatten(0, 1)
