@@ -197,40 +197,36 @@ def watch_into(
     handled: set[str] = set()  # cache keys audited, reused or reported in this session
     stop = stop or threading.Event()
     try:
-        _watch_loop(auditor, tracker, handled, paths, interval, stop, on_rows)
+        while not stop.is_set():
+            ready, cached_refs, cached_rows = [], [], []
+            for ref in _discover_quietly(paths):
+                found, key, rows = auditor.lookup(ref)
+                if key is None or key in handled:
+                    continue
+                if rows is not None:
+                    handled.add(key)
+                    cached_refs.append(ref)
+                    cached_rows.extend(rows)
+                elif tracker.ready(ref.path, found):
+                    ready.append((ref, found, key))
+            if cached_refs:
+                auditor.record(cached_rows, cached=cached_refs)
+                if on_rows:
+                    on_rows(cached_rows)
+            for ref, found, key in ready:
+                if stop.is_set():
+                    break
+                result, rows = auditor.evaluate(ref, found, key)
+                if not result.ok and not tracker.confirm_failure(ref.path, found):
+                    continue  # maybe still being written: retried at the next poll
+                handled.add(key)
+                auditor.record(rows, result)
+                if on_rows:
+                    on_rows(rows)
+            stop.wait(interval)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends: everything finished is already written
     return auditor.results
-
-
-def _watch_loop(auditor, tracker, handled, paths, interval, stop, on_rows) -> None:
-    while not stop.is_set():
-        ready, cached_refs, cached_rows = [], [], []
-        for ref in _discover_quietly(paths):
-            found, key, rows = auditor.lookup(ref)
-            if key is None or key in handled:
-                continue
-            if rows is not None:
-                handled.add(key)
-                cached_refs.append(ref)
-                cached_rows.extend(rows)
-            elif tracker.ready(ref.path, found):
-                ready.append((ref, found, key))
-        if cached_refs:
-            auditor.record(cached_rows, cached=cached_refs)
-            if on_rows:
-                on_rows(cached_rows)
-        for ref, found, key in ready:
-            if stop.is_set():
-                break
-            result, rows = auditor.evaluate(ref, found, key)
-            if not result.ok and not tracker.confirm_failure(ref.path, found):
-                continue  # maybe still being written: retried at the next poll
-            handled.add(key)
-            auditor.record(rows, result)
-            if on_rows:
-                on_rows(rows)
-        stop.wait(interval)
 
 
 def save_trajectory_plot(out: Path, *, title: str, threshold: float) -> Path:
@@ -298,7 +294,7 @@ def run_audit_command(
         stdout.print(f"wrote {', '.join(map(str, written))}", highlight=False)
     failed = sum(not r.ok for r in results)
     if failed:
-        stderr.print(f"{failed} of {len(results)} checkpoint(s) failed; the others were audited and written", highlight=False)
+        stderr.print(f"{failed} checkpoint(s) failed; the others were audited and written", highlight=False)
     return 1 if failed else 0
 
 
