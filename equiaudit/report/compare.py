@@ -2,7 +2,9 @@
 
 Input rows are ``summary.csv`` rows (strings as read back, or the values just computed);
 only ``ok`` rows with a known step take part. ``first_step_below`` is the first step
-whose REE is at or below the threshold: the paper's "≤ 2 % within N steps".
+whose REE is at or below the threshold: the paper's "≤ 2 % within N steps";
+``first_step_stays_below`` the step from which every later checkpoint is below it too
+(robust to a noisy dip).
 """
 
 from __future__ import annotations
@@ -158,6 +160,14 @@ def sparkline(values: Sequence[float], low: float, high: float) -> str:
     return "".join(chars)
 
 
+def _coloured_curve(values: Sequence[float], low: float, high: float, threshold: float) -> Text:
+    """The sparkline, green where REE is at or below the threshold."""
+    curve = Text()
+    for char, value in zip(sparkline(values, low, high), values):
+        curve.append(char, style="green" if value <= threshold else "red")
+    return curve
+
+
 def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: str | None = None) -> Table:
     """The compare rows as a rich table, each with its REE curve as a sparkline (log scale)."""
     positive = [r for t in trajs for r in t.ree if r > 0]
@@ -185,6 +195,6 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
             Text(format_percent(final), style="green" if final <= threshold else "red"),
             format_interval(row.get("final_ci_low"), row.get("final_ci_high")),
             format_percent(row["min_rel_equiv_error"]),
-            sparkline(curves.get((row["run"], row["head"]), []), low, high),
+            _coloured_curve(curves.get((row["run"], row["head"]), []), low, high, threshold),
         )
     return table
