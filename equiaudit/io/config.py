@@ -19,6 +19,7 @@ import yaml
 from equiaudit.actions import REPRESENTATIONS
 from equiaudit.errors import ConfigError
 from equiaudit.groups import GROUP_NAMES
+from equiaudit.groups_extra import EXTRA_GROUP_NAMES, GROUP_OPTIONS
 from equiaudit.metrics import LOSS_NAMES
 
 __all__ = ["AuditConfig", "ModelConfig", "DataConfig", "HeadConfig", "load_config", "parse_config", "TASK_NAMES"]
@@ -27,12 +28,15 @@ TASK_NAMES = ("force_field", "flow_matching", "voxel_denoising", "custom")
 TOP_LEVEL_KEYS = (
     "task", "model", "checkpoints", "data", "fields", "heads", "group", "seed",
     "batch_size", "chunk_size", "bootstrap", "mask", "voxel", "flow", "name",
+    "local", "breakdown",
 )
-MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype")
+MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
 DATA_KEYS = ("path", "keys", "samples", "subset_seed")
 HEAD_KEYS = ("rep", "target", "loss", "weight", "output", "huber_delta")
-GROUP_KEYS = ("name", "rotations")
+GROUP_KEYS = ("name", "rotations") + GROUP_OPTIONS
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+BREAKDOWN_KEYS = ("by", "elements", "worst", "bins")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class ModelConfig:
     outputs: list[str] | None = None
     grad: bool = False
     dtype: str = "float32"
+    autocast: str | None = None  # run the model under torch.autocast at this dtype
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ class AuditConfig:
     voxel: dict[str, Any] = field(default_factory=dict)
     flow: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    group_options: dict[str, Any] = field(default_factory=dict)  # e.g. translation radius
+    local: bool = False
+    breakdown: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -156,7 +164,26 @@ def _parse_model(raw: Any) -> ModelConfig:
         outputs=outputs,
         grad=grad,
         dtype=_choice("model.dtype", model.get("dtype", "float32"), MODEL_DTYPES),
+        autocast=None if model.get("autocast") is None else _choice("model.autocast", _AUTOCAST_ALIASES.get(model["autocast"], model["autocast"]), AUTOCAST_DTYPES),
     )
+
+
+_AUTOCAST_ALIASES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _parse_breakdown(raw: Any) -> dict[str, Any]:
+    section = _check_keys("breakdown", raw, BREAKDOWN_KEYS)
+    by = section.get("by", [])
+    if isinstance(by, str):
+        by = [b.strip() for b in by.split(",") if b.strip()]
+    if not isinstance(by, list) or not all(isinstance(b, str) for b in by):
+        raise ConfigError(f"config: breakdown.by={by!r} must be a list of split or field names")
+    if "elements" in section and not isinstance(section["elements"], str):
+        raise ConfigError(f"config: breakdown.elements={section['elements']!r} must be a field name")
+    for key in ("worst", "bins"):
+        if key in section:
+            _positive_int(f"breakdown.{key}", section[key])
+    return {**section, "by": by}
 
 
 def _parse_heads(raw: Any) -> dict[str, HeadConfig] | None:
@@ -199,7 +226,7 @@ def parse_config(raw: Any, source: Path | None = None) -> AuditConfig:
         _choice(f"fields.{name}", rep, REPRESENTATIONS)
     group = _check_keys("group", top.get("group"), GROUP_KEYS)
     if "name" in group:
-        _choice("group.name", group["name"], GROUP_NAMES)
+        _choice("group.name", group["name"], GROUP_NAMES + EXTRA_GROUP_NAMES)
     rotations = group.get("rotations")
     if rotations is not None:
         _positive_int("group.rotations", rotations, minimum=2)
@@ -212,6 +239,9 @@ def parse_config(raw: Any, source: Path | None = None) -> AuditConfig:
     seed = top.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"config: seed={seed!r} must be an integer")
+    local = top.get("local", False)
+    if not isinstance(local, bool):
+        raise ConfigError(f"config: local={local!r} must be true or false")
     return AuditConfig(
         task=task,
         model=_parse_model(top["model"]),
@@ -234,6 +264,9 @@ def parse_config(raw: Any, source: Path | None = None) -> AuditConfig:
         voxel=dict(top.get("voxel") or {}),
         flow=dict(top.get("flow") or {}),
         name=top.get("name"),
+        group_options={k: group[k] for k in GROUP_OPTIONS if k in group},
+        local=local,
+        breakdown=_parse_breakdown(top.get("breakdown")),
         source=source,
         raw=json.loads(json.dumps(dict(top), default=str)),
     )
