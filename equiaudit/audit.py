@@ -18,7 +18,11 @@ from typing import Any
 import torch
 
 from equiaudit.actions.voxels import spherical_mask
+from equiaudit.breakdown import BUILTIN_SPLITS, BreakdownCollector, BreakdownOptions
 from equiaudit.engine import HeadSpec, OrbitSpec, audit_model, evaluate_round_trip
+from equiaudit.floor import float_floor_metric
+from equiaudit.groups_extra import EXTRA_GROUP_NAMES, group_action, make_extra_group
+from equiaudit.local import local_metric
 from equiaudit.errors import ConfigError, DataError, EquiauditError
 from equiaudit.groups import RotationSet, make_rotation_set
 from equiaudit.io.checkpoints import CheckpointRef, load_into_model, read_checkpoint
@@ -44,6 +48,7 @@ class CheckpointResult:
     summaries: dict[str, Summary] = field(default_factory=dict)
     extras: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    breakdown: list[dict] = field(default_factory=list)  # breakdown.csv rows (see equiaudit.breakdown)
 
     @property
     def ok(self) -> bool:
@@ -66,6 +71,7 @@ class AuditPlan:
     rotations: torch.Tensor
     device: torch.device
     extra_metrics: list[ExtraMetric] = field(default_factory=list)
+    breakdown: BreakdownOptions | None = None
 
     @property
     def n_samples(self) -> int:
@@ -187,6 +193,36 @@ def grid_settings(
     return spec, [round_trip_floor("interp_floor")] if continuous else []
 
 
+def extra_group_set(config: AuditConfig, preset: TaskPreset, dataset: dict[str, torch.Tensor], spec: OrbitSpec):
+    """The set of an ``o3``, ``translation`` or ``permutation`` audit; ``ValueError`` when it cannot apply."""
+    name = config.group or preset.group
+    if name != "o3" and any(rep == "voxel" for rep in [*spec.fields.values(), *(h.rep for h in spec.heads)]):
+        raise ValueError(f"{name} does not act on voxel grids; use so3, o3 or octahedral")
+    mask = dataset.get(spec.mask) if spec.mask else None
+    points = [v for f, v in dataset.items() if spec.fields.get(f) == "point" and v.dim() == 3]
+    n_atoms = mask.shape[1] if mask is not None else (points[0].shape[1] if points else None)
+    return make_extra_group(name, config.rotations, config.group_options, n_atoms=n_atoms)
+
+
+def analysis_settings(
+    config: AuditConfig, dataset: dict[str, torch.Tensor], spec: OrbitSpec, rotation_set
+) -> tuple[OrbitSpec, list[ExtraMetric], BreakdownOptions]:
+    """The group's action and autocast on the spec; the float floor (always) and ``--local``
+    metrics; the breakdown options, checked against the data."""
+    if config.group_options and not hasattr(rotation_set, "action"):
+        raise ConfigError(f"config: group.{next(iter(config.group_options))} does not apply to group {rotation_set.group}")
+    autocast = getattr(torch, config.model.autocast) if config.model.autocast else None
+    spec = dataclasses.replace(spec, group=group_action(rotation_set), autocast=autocast)
+    metrics: list[ExtraMetric] = [float_floor_metric] + ([local_metric] if config.local else [])
+    known = {k: v for k, v in config.breakdown.items() if k in ("elements", "worst", "bins")}
+    options = BreakdownOptions(by=tuple(config.breakdown.get("by", ())), **known)
+    try:
+        BreakdownCollector.fields(dataset, options)
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}; or one of: {', '.join(BUILTIN_SPLITS)}") from exc
+    return spec, metrics, options
+
+
 def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -> AuditPlan:
     """Build everything that stays fixed across the checkpoints of an audit."""
     device = resolve_device(device) if isinstance(device, str) else device
@@ -196,15 +232,20 @@ def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -
     dataset = preset.prepare(dataset, options, torch.Generator().manual_seed(config.seed + PREPARE_STREAM))
     spec = build_orbit_spec(config, preset, dataset)
     try:
-        rotation_set = make_rotation_set(config.group or preset.group, config.rotations)
+        if (config.group or preset.group) in EXTRA_GROUP_NAMES:
+            rotation_set = extra_group_set(config, preset, dataset, spec)
+        else:
+            rotation_set = make_rotation_set(config.group or preset.group, config.rotations)
     except ValueError as exc:
         raise ConfigError(f"config: group: {exc}") from exc
     n_samples = len(next(iter(dataset.values())))
     rotations = rotation_set.sample(n_samples, torch.Generator().manual_seed(config.seed))
     spec, extra_metrics = grid_settings(spec, preset, options, dataset, rotations)
+    spec, more_metrics, breakdown = analysis_settings(config, dataset, spec, rotation_set)
+    extra_metrics = extra_metrics + more_metrics
     model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
     model = model.to(device=device, dtype=getattr(torch, config.model.dtype)).eval()
-    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics)
+    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics, breakdown)
 
 
 def audit_checkpoint(
@@ -221,6 +262,7 @@ def audit_checkpoint(
         step = loaded.step if loaded.step is not None else step
         load_into_model(plan.model, loaded)
         plan.model.to(dtype=getattr(torch, plan.config.model.dtype)).eval()
+        collector = BreakdownCollector(plan.spec) if plan.breakdown is not None else None
         accumulator = audit_model(
             plan.model,
             plan.dataset,
@@ -230,8 +272,10 @@ def audit_checkpoint(
             exact=plan.rotation_set.exact,
             device=plan.device,
             on_batch=on_batch,
+            on_result=collector.update if collector is not None else None,
         )
         summaries = accumulator.compute(n_bootstrap=plan.config.bootstrap, seed=plan.config.seed)
+        breakdown = collector.rows(plan.dataset, plan.rotations, plan.breakdown) if collector is not None else []
         extras: dict[str, dict[str, float]] = {}
         for metric in plan.extra_metrics:
             for head, columns in metric(plan, summaries).items():
@@ -245,5 +289,5 @@ def audit_checkpoint(
         # A model that crashes on these inputs fails this checkpoint, not the run.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return CheckpointResult(ref, "model_error", f"the model failed: {first_line}", step, seconds=time.perf_counter() - start)
-    return CheckpointResult(ref, "ok", None, step, summaries, extras, seconds=time.perf_counter() - start)
+    return CheckpointResult(ref, "ok", None, step, summaries, extras, seconds=time.perf_counter() - start, breakdown=breakdown)
 

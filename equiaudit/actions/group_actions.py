@@ -116,9 +116,9 @@ def permutation_index(keys: torch.Tensor, mask: torch.Tensor | None = None) -> t
         return keys.argsort(-1)
     valid = mask.to(torch.bool)[:, None, :]
     # Valid atoms in random order, then the padded ones in index order (stable sort)...
-    order = keys.masked_fill(~valid, torch.inf).argsort(-1, stable=True)
+    order = keys.masked_fill(~valid, torch.inf).argsort(dim=-1, stable=True)
     # ...written to the valid slots in index order, then the padded slots in index order.
-    slots = (~valid).to(torch.int8).argsort(-1, stable=True).expand_as(order)
+    slots = (~valid).to(torch.int8).argsort(dim=-1, stable=True).expand_as(order)
     return torch.empty_like(order).scatter_(-1, slots, order)
 
 

@@ -26,6 +26,7 @@ from equiaudit.errors import CheckpointError, ConfigError
 from equiaudit.io.cache import CACHE_FILE, ResultCache, SettleTracker, Stamp, checkpoint_epoch, settings_identity, stamp
 from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints
 from equiaudit.io.config import load_config
+from equiaudit.report.breakdown import BREAKDOWN_FILE, breakdown_rows, print_breakdowns, write_breakdown
 from equiaudit.report.summary import atomic_write_text, merge_rows, read_rows, result_rows, write_rows
 from equiaudit.report.table import summary_table
 
@@ -110,6 +111,8 @@ class _Auditor:
         if result is not None:
             self.results.append(result)
         self.cached.extend(cached)
+        if result is not None and result.breakdown:
+            write_breakdown(self.out / BREAKDOWN_FILE, breakdown_rows(result, config_hash=self.plan.config.settings_hash()))
         metadata = _run_metadata(self.plan, self.results, self.started, self.cached)
         atomic_write_text(self.out / "run.json", json.dumps(metadata, indent=2, default=str) + "\n")
 
@@ -289,6 +292,8 @@ def run_audit_command(
             stderr.print(f"auditing {len(refs)} checkpoint(s) of {setup}", highlight=False)
             results, rows = audit_with_progress(plan, refs, out, cache=cache, force=force, console=stderr)
             render(rows)
+            if output_format != "json" and plan.breakdown is not None and plan.breakdown.by:
+                print_breakdowns(stdout, out / BREAKDOWN_FILE, plan.breakdown.by, config_hash=config.settings_hash())
     if output_format != "json":
         written = [out / "summary.csv", out / "run.json"] + ([out / PLOT_FILE] if plot else [])
         stdout.print(f"wrote {', '.join(map(str, written))}", highlight=False)

@@ -110,6 +110,8 @@ def audit(
     interval: Annotated[float, typer.Option("--interval", help="Seconds between polls with --watch.")] = 30.0,
     threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
+    local: Annotated[bool, typer.Option("--local", help="Add the local (Lie-derivative) equivariance error: local_equiv_error, rel_local_equiv_error.")] = False,
+    by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
 
@@ -121,7 +123,7 @@ def audit(
         config_path=config,
         checkpoint_args=checkpoints or [],
         out=out,
-        overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed},
+        overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by},
         device=device.value,
         output_format=output_format.value,
         stdout=stdout,

@@ -96,8 +96,9 @@ class AuditConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def settings_hash(self) -> str:
-        """Hash of everything that changes the numbers (not the checkpoint paths)."""
-        relevant = {k: v for k, v in self.raw.items() if k not in ("checkpoints", "name")}
+        """Hash of everything that changes the numbers (not the checkpoint paths, nor the
+        breakdown options, which add rows to breakdown.csv but change no summary number)."""
+        relevant = {k: v for k, v in self.raw.items() if k not in ("checkpoints", "name", "breakdown")}
         blob = json.dumps(relevant, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from rich.table import Table
 from rich.text import Text
 
+from equiaudit.floor import AT_FLOOR  # the `flag` of a result within 10× of its float floor
+
 __all__ = ["summary_table", "format_percent", "format_interval", "format_number"]
 
 
@@ -35,6 +37,10 @@ def format_interval(low, high) -> str:
     return "" if math.isnan(lo) or math.isnan(hi) else f"[{100 * lo:.3g}, {100 * hi:.3g}]"
 
 
+# Optional columns shown when some row has them (all fractions, shown in percent).
+_EXTRA_HEADERS = {"interp_floor": "interp floor", "float_floor": "float floor", "rel_local_equiv_error": "local (rel)"}
+
+
 def _ree_style(value, threshold: float) -> str:
     x = _float(value)
     if math.isnan(x):
@@ -44,8 +50,11 @@ def _ree_style(value, threshold: float) -> str:
 
 def summary_table(rows: Sequence[dict], *, title: str | None = None, threshold: float = 0.02) -> Table:
     """One row per checkpoint × head; REE in percent with its 95 % CI, coloured against ``threshold``."""
-    extra = [c for c in ("interp_floor", "float_floor", "local_equiv_error") if any(r.get(c) not in (None, "") for r in rows)]
-    table = Table(title=title, show_lines=False, header_style="bold", caption="REE = equivariance error / augmented loss; CI: 95 % bootstrap over samples")
+    extra = [c for c in _EXTRA_HEADERS if any(r.get(c) not in (None, "") for r in rows)]
+    caption = "REE = equivariance error / augmented loss; CI: 95 % bootstrap over samples"
+    if any(r.get("flag") == AT_FLOOR for r in rows):
+        caption += "\n* within 10× of the float floor: indistinguishable from exact equivariance at the model's precision"
+    table = Table(title=title, show_lines=False, header_style="bold", caption=caption)
     table.add_column("step", justify="right", no_wrap=True, min_width=4)
     table.add_column("checkpoint", no_wrap=True, overflow="ellipsis", max_width=28)
     table.add_column("head", no_wrap=True, min_width=6)
@@ -54,7 +63,7 @@ def summary_table(rows: Sequence[dict], *, title: str | None = None, threshold: 
     table.add_column("REE", justify="right", no_wrap=True)
     table.add_column("95 % CI", justify="right", no_wrap=True)
     for column in extra:
-        table.add_column(column, justify="right", no_wrap=True)
+        table.add_column(_EXTRA_HEADERS[column], justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     previous = None
     for row in rows:
@@ -71,9 +80,10 @@ def summary_table(rows: Sequence[dict], *, title: str | None = None, threshold: 
             str(row.get("head")),
             format_number(row.get("loss_aug")),
             format_number(row.get("loss_sym")),
-            Text(format_percent(row.get("rel_equiv_error")), style=_ree_style(row.get("rel_equiv_error"), threshold)),
+            Text(format_percent(row.get("rel_equiv_error")) + (" *" if row.get("flag") == AT_FLOOR else ""),
+                 style=_ree_style(row.get("rel_equiv_error"), threshold)),
             format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high")),
-            *[format_percent(row.get(c)) if c != "local_equiv_error" else format_number(row.get(c)) for c in extra],
+            *[format_percent(row.get(c)) for c in extra],
             status if row.get("head") == "total" else Text(""),
         ]
         table.add_row(*cells)
