@@ -99,7 +99,7 @@ def bin_rows(
             "rel_equiv_error": equiv_error / loss_aug if loss_aug > 0 else math.nan,
             "n": int(n[i]),
             "weight": w[i].item(),
-            "share": we[i].item() / total_error if total_error > 0 else math.nan,
+            "share": we[i].item() / total_error if total_error != 0 else math.nan,
         })
     return rows
 

@@ -32,7 +32,7 @@ from equiaudit import actions
 from equiaudit.actions.group_actions import GroupAction
 from equiaudit.engine import OrbitSpec, audit_model
 
-__all__ = ["FLAG_FACTOR", "AT_FLOOR", "unit_roundoff", "compute_dtype", "JitterAction", "null_orbit_error", "flag", "float_floor_metric"]
+__all__ = ["FLAG_FACTOR", "AT_FLOOR", "JITTER", "unit_roundoff", "compute_dtype", "JitterAction", "null_orbit_error", "flag", "float_floor_metric"]
 
 FLAG_FACTOR = 10.0
 # Jitter amplitude in units of the unit roundoff: one rounding of each entry (the cast to the
