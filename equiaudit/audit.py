@@ -72,6 +72,7 @@ class AuditPlan:
     device: torch.device
     extra_metrics: list[ExtraMetric] = field(default_factory=list)
     breakdown: BreakdownOptions | None = None
+    sample_index: torch.Tensor | None = None  # each sample's index in the data file (N,)
 
     @property
     def n_samples(self) -> int:
@@ -152,6 +153,7 @@ def round_trip_floor(column: str, through_dtype: torch.dtype | None = None) -> E
             plan.spec,
             batch_size=plan.config.batch_size,
             exact=plan.rotation_set.exact,
+            blocks=getattr(plan.rotation_set, "blocks", None),
             device=plan.device,
             evaluate=functools.partial(evaluate_round_trip, through_dtype=through_dtype),
         )
@@ -228,14 +230,18 @@ def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -
     device = resolve_device(device) if isinstance(device, str) else device
     preset = get_task(config.task)
     options = task_options(config, preset)
-    dataset = load_dataset(config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed)
+    dataset, sample_index = load_dataset(
+        config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True
+    )
     dataset = preset.prepare(dataset, options, torch.Generator().manual_seed(config.seed + PREPARE_STREAM))
     spec = build_orbit_spec(config, preset, dataset)
     try:
         if (config.group or preset.group) in EXTRA_GROUP_NAMES:
+            if config.sampling not in (None, "haar"):
+                raise ValueError(f"sampling {config.sampling!r} applies to so3 only")
             rotation_set = extra_group_set(config, preset, dataset, spec)
         else:
-            rotation_set = make_rotation_set(config.group or preset.group, config.rotations)
+            rotation_set = make_rotation_set(config.group or preset.group, config.rotations, config.sampling)
     except ValueError as exc:
         raise ConfigError(f"config: group: {exc}") from exc
     n_samples = len(next(iter(dataset.values())))
@@ -245,7 +251,7 @@ def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -
     extra_metrics = extra_metrics + more_metrics
     model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
     model = model.to(device=device, dtype=getattr(torch, config.model.dtype)).eval()
-    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics, breakdown)
+    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics, breakdown, sample_index)
 
 
 def audit_checkpoint(
@@ -270,12 +276,13 @@ def audit_checkpoint(
             plan.spec,
             batch_size=plan.config.batch_size,
             exact=plan.rotation_set.exact,
+            blocks=getattr(plan.rotation_set, "blocks", None),
             device=plan.device,
             on_batch=on_batch,
             on_result=collector.update if collector is not None else None,
         )
         summaries = accumulator.compute(n_bootstrap=plan.config.bootstrap, seed=plan.config.seed)
-        breakdown = collector.rows(plan.dataset, plan.rotations, plan.breakdown) if collector is not None else []
+        breakdown = collector.rows(plan.dataset, plan.rotations, plan.breakdown, plan.sample_index) if collector is not None else []
         extras: dict[str, dict[str, float]] = {}
         for metric in plan.extra_metrics:
             for head, columns in metric(plan, summaries).items():

@@ -202,14 +202,16 @@ def head_weight(head: HeadSpec, spec: OrbitSpec, mask: torch.Tensor | None, term
     return None
 
 
-def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec, exact: bool) -> HeadBatch:
+def _head_statistics(
+    head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec, exact: bool, blocks: int | None = None
+) -> HeadBatch:
     """Reduce orbit predictions ``(B, K, ...)`` (in the sample's frame) against the target."""
     mask = batch.get(spec.mask) if spec.mask else None
     target = batch[head.target]
     if head.rep == "point" and spec.group.centres_points:
         target = actions.centre(target, mask)
     target = target.double() if target.is_floating_point() else target
-    terms = orbit_terms(pred, target, head.loss, exact=exact, huber_delta=head.huber_delta)
+    terms = orbit_terms(pred, target, head.loss, exact=exact, blocks=blocks, huber_delta=head.huber_delta)
     weight = head_weight(head, spec, mask, terms.loss_aug)
     b, k = pred.shape[:2]
     # The same reduction per (sample, rotation): the weight repeated along K.
@@ -236,6 +238,7 @@ def evaluate_orbits(
     spec: OrbitSpec,
     *,
     exact: bool = False,
+    blocks: int | None = None,
 ) -> dict[str, HeadBatch]:
     """Evaluate every head on the rotation orbits of one batch: ``P[b, k] = R⁻¹·f(R·x[b])``.
 
@@ -244,6 +247,8 @@ def evaluate_orbits(
         batch: fields ``(B, ...)`` on the model's device; floats in float64.
         rotations: ``(B, K, 3, 3)`` float64, same device.
         exact: the K rotations enumerate a finite group (no bias correction).
+        blocks: the K rotations form this many independent blocks (a randomised
+            quasi-uniform set: ``RotationSet.blocks``); None: i.i.d. rotations.
 
     Returns:
         ``{head: HeadBatch}``, per-sample values ``(B,)`` in float64.
@@ -255,7 +260,7 @@ def evaluate_orbits(
         out = _head_output(head, outputs[head.output_name], batch[head.target], b * k)
         mask = batch.get(spec.mask) if spec.mask else None
         pred = spec.group.act_inverse(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations, mask)
-        results[head.name] = _head_statistics(head, pred, batch, spec, exact)
+        results[head.name] = _head_statistics(head, pred, batch, spec, exact, blocks)
     return results
 
 
@@ -267,6 +272,7 @@ def evaluate_round_trip(
     *,
     exact: bool = False,
     through_dtype: torch.dtype | None = None,
+    blocks: int | None = None,
 ) -> dict[str, HeadBatch]:
     """The same statistics for ``P[b, k] = R⁻¹·(R·f(x[b]))``: the model runs once, unrotated.
 
@@ -284,7 +290,7 @@ def evaluate_round_trip(
         if through_dtype is not None:
             orbit = orbit.to(through_dtype).double()
         pred = actions.unrotate(head.rep, orbit, rotations)
-        results[head.name] = _head_statistics(head, pred, batch, spec, exact)
+        results[head.name] = _head_statistics(head, pred, batch, spec, exact, blocks)
     return results
 
 
@@ -296,6 +302,7 @@ def audit_model(
     *,
     batch_size: int = 64,
     exact: bool = False,
+    blocks: int | None = None,
     device: torch.device | str = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
     on_result: Callable[[slice, Mapping[str, torch.Tensor], dict[str, HeadBatch]], None] | None = None,
@@ -306,6 +313,7 @@ def audit_model(
     Args:
         dataset: fields ``(N, ...)`` (any device; batches are moved to ``device``).
         rotations: ``(N, K, 3, 3)``, drawn once per audit so every checkpoint sees the same.
+        exact, blocks: how the K rotations were drawn (``RotationSet.exact``/``.blocks``).
         on_batch: progress callback ``(done, total)`` in samples.
         on_result: receives each batch's slice, fields and results (for breakdowns).
         evaluate: :func:`evaluate_orbits`, or :func:`evaluate_round_trip` for a floor.
@@ -315,7 +323,7 @@ def audit_model(
     for start in range(0, n, batch_size):
         index = slice(start, min(start + batch_size, n))
         batch = {name: value[index].to(device) for name, value in dataset.items()}
-        results = evaluate(model, batch, rotations[index].to(device), spec, exact=exact)
+        results = evaluate(model, batch, rotations[index].to(device), spec, exact=exact, blocks=blocks)
         for head, result in results.items():
             accumulator.update(head, result.loss_aug, result.equiv_error)
         if on_result is not None:

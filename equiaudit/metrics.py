@@ -7,10 +7,12 @@ and a loss ℓ convex in the prediction:
 * ``loss_sym = ℓ(mean_k P_k, y)``                  (the symmetrised model's loss)
 * ``equiv_error = loss_aug − loss_sym ≥ 0``        (Jensen)
 
-The plug-in ``equiv_error`` is biased low by ``(K−1)/K`` when the K rotations are i.i.d.;
+The plug-in ``equiv_error`` is biased low (by ``(K−1)/K`` when the K rotations are i.i.d.);
 :func:`orbit_terms` corrects it (exactly for MSE, by the jackknife otherwise) unless the
-rotations enumerate a whole finite group. Dataset figures are ratios of means
-(:func:`summarize`), with a bootstrap interval over samples.
+rotations enumerate a whole finite group. Quasi-uniform rotation sets are randomised in
+independent blocks and corrected over blocks (see ``docs/uncertainty.md``). Dataset
+figures are ratios of means (:func:`summarize`), with a studentized bootstrap interval
+over samples.
 
 Layout follows torchmetrics: pure functions (:func:`orbit_terms`, :func:`reduce_per_sample`,
 :func:`summarize`) and a small stateful :class:`OrbitAccumulator` built on them.
@@ -31,6 +33,7 @@ __all__ = [
     "reduce_per_sample",
     "Summary",
     "summarize",
+    "ratio_interval",
     "OrbitAccumulator",
 ]
 
@@ -68,8 +71,9 @@ class OrbitTerms:
 
     The per-rotation fields ``(B, K, *E)`` split each term over the K rotations so that
     their mean over K is the term: ``loss_per_rotation[:, k] = ℓ(P_k, y)`` and
-    ``equiv_error_per_rotation[:, k]`` is rotation k's jackknife pseudo-value (for MSE
-    ``K/(K−1)·‖P_k − P̄‖²``; the plug-in ``ℓ(P_k, y) − ℓ(P̄, y)`` for an exact group).
+    ``equiv_error_per_rotation[:, k]`` is rotation k's jackknife pseudo-value (for MSE with
+    i.i.d. rotations ``K/(K−1)·‖P_k − P̄‖²``; the plug-in ``ℓ(P_k, y) − ℓ(P̄, y)`` for an
+    exact group; with blocks, the block's pseudo-value shared among its rotations).
     They let a breakdown attribute the error to rotations (e.g. by angle).
     """
 
@@ -85,6 +89,7 @@ def orbit_terms(
     loss: str = "mse",
     *,
     exact: bool = False,
+    blocks: int | None = None,
     huber_delta: float = 1.0,
 ) -> OrbitTerms:
     """Augmented loss and equivariance error per element.
@@ -94,32 +99,57 @@ def orbit_terms(
         target: ``(B, *E)`` (class indices ``(B, *E[:-1])`` for cross-entropy).
         loss: one of :data:`LOSS_NAMES`.
         exact: the K rotations are a whole finite group: the plug-in is exact.
+        blocks: M, the number of independently randomised blocks the K rotations form,
+            contiguous and of equal size along axis 1 (a quasi-uniform set randomised by
+            M independent Haar rotations). ``None`` means ``K``: i.i.d. rotations.
 
-    MSE uses the orbit variance directly (no cancellation, so an equivariant model
-    reads at the float floor) times ``K/(K−1)``; other losses use the jackknife
-    ``K·EE − (K−1)·mean_j EE₍₋ⱼ₎`` over the K rotations.
+    The plug-in ``ℓ`` of the orbit mean ``P̄`` is biased because ``P̄`` is noisy. The
+    block means ``P̄_m`` are i.i.d. with mean ``f_G`` (whatever the rotations inside a
+    block), so the bias is removed by a jackknife over blocks:
+
+    * MSE: ``EE = mean_k ‖P_k − P̄‖² + Σ_m ‖P̄_m − P̄‖² / (M(M−1))`` — the orbit variance
+      plus an unbiased estimate of ``E‖P̄ − f_G‖²`` (exact; computed without
+      cancellation, so an equivariant model reads at the float floor). For i.i.d.
+      rotations (``M = K``) this is ``K/(K−1)`` times the orbit variance.
+    * other losses: ``M·EE − (M−1)·mean_m EE₍₋ₘ₎``, EE₍₋ₘ₎ the plug-in without block m
+      (exact for quadratic losses, removes the 1/M bias term otherwise).
     """
-    k = pred.shape[1]
+    b, k = pred.shape[:2]
     if k < 2:
         raise ValueError("the equivariance error needs at least 2 rotations per sample")
+    m = k if blocks is None else blocks
+    if m < 2 or k % m:
+        raise ValueError(f"blocks={blocks} must be at least 2 and divide the {k} rotations per sample")
     target = target.unsqueeze(1)
     per_rotation = elementwise_loss(loss, pred, target, huber_delta)  # (B, K, *E)
     loss_aug = per_rotation.mean(1)
     mean_pred = pred.mean(1, keepdim=True)
+
+    def by_block(x: torch.Tensor) -> torch.Tensor:  # (B, K, ...) -> (B, M, K/M, ...)
+        return x.reshape(b, m, k // m, *x.shape[2:])
+
+    def per_rotation_of(block_values: torch.Tensor) -> torch.Tensor:  # (B, M, ...) -> (B, K, ...)
+        return block_values.unsqueeze(2).expand(b, m, k // m, *block_values.shape[2:]).reshape(b, k, *block_values.shape[2:])
+
+    block_pred = by_block(pred).mean(2)  # (B, M, *E)
     if loss == "mse":
-        # K/(K−1)·‖P_k − P̄‖² is also rotation k's jackknife pseudo-value.
         contribution = (pred - mean_pred).square()
         if not exact:
-            contribution = contribution * (k / (k - 1))
+            # Each rotation carries its block's share of the bias estimate: mean over K = EE.
+            spread = (block_pred - mean_pred).square() / (m - 1)
+            contribution = contribution + per_rotation_of(spread)
     else:
         contribution = per_rotation - elementwise_loss(loss, mean_pred, target, huber_delta)  # plug-in
         if not exact:
-            # Leave-one-out means over rotations, all K at once: (B, K, *E); the pseudo-values
-            # K·EE − (K−1)·EE₍₋ₖ₎ average to the jackknife estimate.
-            loo_pred = (k * mean_pred - pred) / (k - 1)
-            loo_aug = (k * loss_aug.unsqueeze(1) - per_rotation) / (k - 1)
+            # Leave-one-block-out: (B, M, *E). Block m's pseudo-value M·EE − (M−1)·EE₍₋ₘ₎
+            # is spread over its rotations with their own loss deviations (which average
+            # to zero within the block), so the mean over K is the jackknife estimate.
+            block_aug = by_block(per_rotation).mean(2)
+            loo_pred = (m * mean_pred - block_pred) / (m - 1)
+            loo_aug = (m * loss_aug.unsqueeze(1) - block_aug) / (m - 1)
             loo_error = loo_aug - elementwise_loss(loss, loo_pred, target, huber_delta)
-            contribution = k * contribution.mean(1, keepdim=True) - (k - 1) * loo_error
+            pseudo = m * contribution.mean(1, keepdim=True) - (m - 1) * loo_error
+            contribution = per_rotation_of(pseudo - block_aug) + per_rotation
     return OrbitTerms(loss_aug, contribution.mean(1), per_rotation, contribution)
 
 
@@ -161,13 +191,17 @@ def summarize(
     confidence: float = 0.95,
     generator: torch.Generator | None = None,
 ) -> Summary:
-    """Ratio-of-means REE with a percentile bootstrap interval over samples.
+    """Ratio-of-means REE with a symmetric studentized (bootstrap-t) interval over samples.
 
     Args:
         loss_aug, equiv_error: per-sample values ``(N,)`` (bias-corrected EE).
 
-    Rotations are drawn independently per sample, so resampling samples also
-    resamples the rotation noise: the interval covers both sources.
+    Each sample's rotations are drawn independently, so the pairs ``(L_aug,i, EE_i)`` are
+    i.i.d. and carry both the data and the rotation noise; resampling samples resamples
+    both. The interval is ``r ± q·se``: ``r = ΣEE/ΣL``, ``se`` the delta-method standard
+    error of a ratio of means, and ``q`` the ``confidence`` quantile of ``|r* − r|/se*``
+    over bootstrap resamples (see ``docs/uncertainty.md``; it keeps its coverage for
+    small N and skewed per-sample errors, where a percentile interval is too short).
     ``loss_sym`` is ``loss_aug − equiv_error`` so the identity holds exactly.
     """
     loss_aug = loss_aug.double().cpu()
@@ -180,12 +214,9 @@ def summarize(
         per_sample = equiv_error / loss_aug.where(loss_aug > 0, torch.nan)
         median = per_sample.nanmedian().item() if n else math.nan
     ci_low = ci_high = math.nan
-    if n >= 2 and n_bootstrap > 0 and mean_aug > 0:
-        index = torch.randint(n, (n_bootstrap, n), generator=generator)
-        ratios = equiv_error[index].sum(1) / loss_aug[index].sum(1)
-        alpha = (1 - confidence) / 2
-        q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
-        ci_low, ci_high = torch.nanquantile(ratios, q).tolist()
+    if mean_aug > 0:
+        low, high = ratio_interval(loss_aug, equiv_error, n_bootstrap=n_bootstrap, confidence=confidence, generator=generator)
+        ci_low, ci_high = low.item(), high.item()
     return Summary(
         loss_aug=mean_aug,
         loss_sym=mean_aug - mean_error,
@@ -196,6 +227,63 @@ def summarize(
         n_samples=n,
         median_rel_equiv_error=median,
     )
+
+
+def ratio_interval(
+    loss_aug: torch.Tensor,
+    equiv_error: torch.Tensor,
+    *,
+    n_bootstrap: int = 2000,
+    confidence: float = 0.95,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric studentized bootstrap interval for ``ΣEE/ΣL`` over the last axis.
+
+    Args:
+        loss_aug, equiv_error: per-sample values ``(..., N)``; leading axes are independent
+            datasets (they share the resampling draws).
+
+    Returns:
+        ``(low, high)``, each ``(...)``: ``r ± q·se`` with ``se`` the delta-method standard
+        error of the ratio (influence values ``(EE_i − r·L_i)/mean(L)``) and ``q`` the
+        ``confidence`` quantile of ``|r* − r|/se*`` over resamples. A resample is a count
+        vector ``c``; with the centred numerators ``d = EE − r·L`` each resample statistic
+        is a weighted sum (one matmul, no cancellation): ``r* − r = Σcd/ΣcL`` and
+        ``se*² ∝ Σc(d − (r* − r)·L)²``. Resamples are drawn in chunks of about 2²¹ indices.
+        Every sample with the same ratio (``se = 0``) gives ``(r, r)``. A resample of one
+        distinct sample counts as infinitely extreme, so tiny N (≤ 3 at 95 %) gives NaN.
+    """
+    aug = loss_aug.double().cpu()
+    err = equiv_error.double().cpu()
+    batch_shape, n = aug.shape[:-1], aug.shape[-1]
+    aug, err = aug.reshape(-1, n), err.reshape(-1, n)  # (S, N)
+    nan = torch.full(batch_shape, math.nan, dtype=torch.float64)
+    if n < 2 or n_bootstrap <= 0:
+        return nan, nan.clone()
+    ratio = err.sum(1, keepdim=True) / aug.sum(1, keepdim=True)  # (S, 1)
+    d = err - ratio * aug
+    columns = torch.stack([aug, d, d * d, d * aug, aug * aug], -1)  # (S, N, 5)
+    se = _ratio_se(columns[..., 2].sum(1), aug.sum(1), n)  # (S,)
+    chunk = max(1, (1 << 21) // n)
+    stats = []
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        index = torch.randint(n, (b, n), generator=generator)
+        counts = torch.zeros(b, n, dtype=torch.int32).scatter_add_(1, index, torch.ones(1, 1, dtype=torch.int32).expand(b, n))
+        s_aug, s_d, s_dd, s_da, s_aa = torch.einsum("bn,snc->csb", counts.double(), columns)  # each (S, b)
+        delta = s_d / s_aug  # r* − r
+        t = delta.abs() / _ratio_se(s_dd - 2 * delta * s_da + delta.square() * s_aa, s_aug, n)
+        stats.append(torch.where(counts.amax(1) == n, math.inf, t.nan_to_num(nan=0.0)))
+    q = torch.quantile(torch.cat(stats, 1), confidence, dim=1)  # (S,)
+    q = torch.where(q.isfinite(), q, math.nan)
+    half = torch.where(se > 0, q * se, 0.0)
+    ratio = ratio.squeeze(1)
+    return (ratio - half).reshape(batch_shape), (ratio + half).reshape(batch_shape)
+
+
+def _ratio_se(sum_sq: torch.Tensor, sum_aug: torch.Tensor, n: int) -> torch.Tensor:
+    """Delta-method standard error from ``Σ(EE − r·L)²`` and ``ΣL`` over N samples."""
+    return sum_sq.clamp_min(0).div(n * (n - 1)).sqrt() / (sum_aug / n)
 
 
 class OrbitAccumulator:

@@ -20,8 +20,10 @@ import torch
 
 __all__ = [
     "haar_rotations",
+    "super_fibonacci_rotations",
     "quaternion_to_matrix",
     "cube_rotations",
+    "tetrahedral_rotations",
     "icosahedral_rotations",
     "rotation_angle",
     "so3_generators",
@@ -61,6 +63,32 @@ def haar_rotations(
     return quaternion_to_matrix(q).to(dtype=dtype, device=device)
 
 
+# Super-Fibonacci constants (Alexa 2022): φ = √2 and ψ, the real root of ψ⁴ = ψ + 4.
+_SF_PHI = math.sqrt(2.0)
+_SF_PSI = 1.533751168755204288118041
+
+
+def super_fibonacci_rotations(
+    n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``n`` deterministic, quasi-uniform rotations on SO(3): shape ``(n, 3, 3)``.
+
+    Super-Fibonacci spiral (M. Alexa, "Super-Fibonacci Spirals: Fast, Low-Discrepancy
+    Sampling of SO(3)", CVPR 2022): for ``s = i + ½``, ``r = √(s/n)``, ``R = √(1 − s/n)``,
+    ``α = 2πs/φ``, ``β = 2πs/ψ``, the unit quaternion ``(r sin α, r cos α, R sin β, R cos β)``.
+    The points are area-uniform in the Hopf-like coordinates ``(r, α, β)`` of S³ and spread
+    by two incommensurate golden-ratio-like rotations, giving low discrepancy for any ``n``.
+    Averages of smooth functions over these rotations converge much faster than i.i.d.
+    Haar averages; they are not random, so :class:`~equiaudit.groups.RotationSet`
+    randomises them by a Haar rotation per sample.
+    """
+    s = torch.arange(n, dtype=torch.float64) + 0.5
+    r, big_r = torch.sqrt(s / n), torch.sqrt(1 - s / n)
+    alpha, beta = 2 * math.pi * s / _SF_PHI, 2 * math.pi * s / _SF_PSI
+    q = torch.stack([r * torch.sin(alpha), r * torch.cos(alpha), big_r * torch.sin(beta), big_r * torch.cos(beta)], -1)
+    return quaternion_to_matrix(q).to(dtype=dtype, device=device)
+
+
 def is_signed_permutation(rotations: torch.Tensor, atol: float = 1e-9) -> bool:
     """True when every matrix in ``(..., 3, 3)`` has entries in {-1, 0, 1} (a cube symmetry)."""
     r = rotations.abs()
@@ -83,6 +111,17 @@ def cube_rotations(*, dtype: torch.dtype = torch.float64, device=None) -> torch.
     out = torch.stack(mats)
     identity_first = torch.argsort((out - torch.eye(3, dtype=out.dtype)).abs().sum((-1, -2)), stable=True)
     return out[identity_first].to(dtype=dtype, device=device)
+
+
+def tetrahedral_rotations(*, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The 12 proper rotations of the tetrahedron: ``(12, 3, 3)``, identity first.
+
+    The cube rotations whose underlying axis permutation is even (A₄: the identity, the
+    three 180° turns about the axes, the eight 120° turns about the body diagonals).
+    """
+    cube = cube_rotations()
+    even = torch.linalg.det(cube.abs()) > 0  # |R| is the permutation matrix
+    return cube[even].to(dtype=dtype, device=device)
 
 
 def _closure(generators: torch.Tensor, expected: int) -> torch.Tensor:

@@ -73,3 +73,55 @@ def test_rotation_sets():
         make_rotation_set("so4", 8)
     with pytest.raises(ValueError, match="at least 2"):
         make_rotation_set("so3", 1)
+
+
+def test_tetrahedral_group_and_designs():
+    t = rot.tetrahedral_rotations()
+    assert t.shape == (12, 3, 3) and torch.allclose(t[0], torch.eye(3, dtype=t.dtype))
+    eye = torch.eye(3, dtype=torch.float64)
+    haar_second_moment = torch.einsum("ik,jl->ijkl", eye, eye) / 3  # E[R_ij R_kl] under Haar
+    for group in (t, rot.cube_rotations(), rot.icosahedral_rotations()):  # 2-, 3- and 5-designs
+        assert group.mean(0).abs().max() < 1e-12
+        assert (torch.einsum("nij,nkl->ijkl", group, group) / len(group) - haar_second_moment).abs().max() < 1e-12
+
+
+def test_super_fibonacci_rotations():
+    r = rot.super_fibonacci_rotations(256)
+    assert r.shape == (256, 3, 3) and r.dtype == torch.float64
+    assert (r @ r.transpose(-1, -2) - torch.eye(3, dtype=r.dtype)).abs().max() < 1e-12
+    assert (torch.linalg.det(r) - 1).abs().max() < 1e-12
+    # Low discrepancy: the first moment is far closer to Haar's (0) than i.i.d. draws (≈ √(3/n) = 0.11).
+    assert r.mean(0).norm() < 0.02
+    assert torch.equal(r, rot.super_fibonacci_rotations(256))  # deterministic
+
+
+@pytest.mark.parametrize("k,sampling,blocks", [(24, "quasi", 2), (36, "quasi", 3), (48, "quasi", 2), (120, "quasi", 2), (16, "fibonacci", 2), (16, "haar", 16)])
+def test_randomised_rotation_sets(k, sampling, blocks):
+    rs = make_rotation_set("so3", k, sampling)
+    assert rs.blocks == blocks and not rs.exact
+    r = rs.sample(3, torch.Generator().manual_seed(0))
+    assert r.shape == (3, k, 3, 3)
+    assert (torch.linalg.det(r) - 1).abs().max() < 1e-12
+    if sampling != "haar":
+        # Each block is the base set turned by one rotation G: R_j = G·Q_j, so R_0ᵀ R_j = Q_0ᵀ Q_j.
+        base = rs.base
+        blockwise = r.reshape(3, blocks, -1, 3, 3)
+        relative = blockwise[:, :, :1].transpose(-1, -2) @ blockwise
+        assert torch.allclose(relative, (base[:1].transpose(-1, -2) @ base).expand_as(relative), atol=1e-12)
+        assert not torch.allclose(blockwise[:, 0], blockwise[:, 1])  # blocks are turned independently
+
+
+def test_rotation_set_defaults_and_errors():
+    assert make_rotation_set("so3", None) == make_rotation_set("so3", 24, "quasi")
+    assert make_rotation_set("so3", 32).sampling == "haar"  # 32 does not suit the designs
+    assert make_rotation_set("so3", 48).sampling == "quasi"
+    assert make_rotation_set("so3", None, "haar").n_rotations == 32
+    assert make_rotation_set("octahedral", None).sampling == "haar"
+    with pytest.raises(ValueError, match="multiple of 12"):
+        make_rotation_set("so3", 32, "quasi")
+    with pytest.raises(ValueError, match="even"):
+        make_rotation_set("so3", 15, "fibonacci")
+    with pytest.raises(ValueError, match="so3 only"):
+        make_rotation_set("octahedral", 24, "quasi")
+    with pytest.raises(ValueError, match="allowed"):
+        make_rotation_set("so3", 24, "sobol")

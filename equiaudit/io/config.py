@@ -18,7 +18,7 @@ import yaml
 
 from equiaudit.actions import REPRESENTATIONS
 from equiaudit.errors import ConfigError
-from equiaudit.groups import GROUP_NAMES
+from equiaudit.groups import GROUP_NAMES, SAMPLINGS
 from equiaudit.groups_extra import EXTRA_GROUP_NAMES, GROUP_OPTIONS
 from equiaudit.metrics import LOSS_NAMES
 
@@ -33,7 +33,7 @@ TOP_LEVEL_KEYS = (
 MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
 DATA_KEYS = ("path", "keys", "samples", "subset_seed")
 HEAD_KEYS = ("rep", "target", "loss", "weight", "output", "huber_delta")
-GROUP_KEYS = ("name", "rotations") + GROUP_OPTIONS
+GROUP_KEYS = ("name", "rotations", "sampling") + GROUP_OPTIONS
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 BREAKDOWN_KEYS = ("by", "elements", "worst", "bins")
@@ -81,6 +81,7 @@ class AuditConfig:
     heads: dict[str, HeadConfig] | None = None
     group: str | None = None
     rotations: int | None = None
+    sampling: str | None = None  # so3: haar | quasi | fibonacci (None: the default)
     seed: int = 0
     batch_size: int = 64
     chunk_size: int = 8192
@@ -231,6 +232,8 @@ def parse_config(raw: Any, source: Path | None = None) -> AuditConfig:
     rotations = group.get("rotations")
     if rotations is not None:
         _positive_int("group.rotations", rotations, minimum=2)
+    if group.get("sampling") is not None:
+        _choice("group.sampling", group["sampling"], SAMPLINGS)
     checkpoints = top.get("checkpoints")
     if isinstance(checkpoints, Mapping):
         checkpoints = _check_keys("checkpoints", checkpoints, ("path",)).get("path")
@@ -257,6 +260,7 @@ def parse_config(raw: Any, source: Path | None = None) -> AuditConfig:
         heads=_parse_heads(top.get("heads")),
         group=group.get("name"),
         rotations=rotations,
+        sampling=group.get("sampling"),
         seed=seed,
         batch_size=_positive_int("batch_size", top.get("batch_size", 64)),
         chunk_size=_positive_int("chunk_size", top.get("chunk_size", 8192)),
