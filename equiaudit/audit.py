@@ -72,6 +72,7 @@ class AuditPlan:
     device: torch.device
     extra_metrics: list[ExtraMetric] = field(default_factory=list)
     breakdown: BreakdownOptions | None = None
+    sample_index: torch.Tensor | None = None  # each sample's index in the data file (N,)
 
     @property
     def n_samples(self) -> int:
@@ -229,7 +230,9 @@ def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -
     device = resolve_device(device) if isinstance(device, str) else device
     preset = get_task(config.task)
     options = task_options(config, preset)
-    dataset = load_dataset(config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed)
+    dataset, sample_index = load_dataset(
+        config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True
+    )
     dataset = preset.prepare(dataset, options, torch.Generator().manual_seed(config.seed + PREPARE_STREAM))
     spec = build_orbit_spec(config, preset, dataset)
     try:
@@ -248,7 +251,7 @@ def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -
     extra_metrics = extra_metrics + more_metrics
     model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
     model = model.to(device=device, dtype=getattr(torch, config.model.dtype)).eval()
-    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics, breakdown)
+    return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics, breakdown, sample_index)
 
 
 def audit_checkpoint(
@@ -279,7 +282,7 @@ def audit_checkpoint(
             on_result=collector.update if collector is not None else None,
         )
         summaries = accumulator.compute(n_bootstrap=plan.config.bootstrap, seed=plan.config.seed)
-        breakdown = collector.rows(plan.dataset, plan.rotations, plan.breakdown) if collector is not None else []
+        breakdown = collector.rows(plan.dataset, plan.rotations, plan.breakdown, plan.sample_index) if collector is not None else []
         extras: dict[str, dict[str, float]] = {}
         for metric in plan.extra_metrics:
             for head, columns in metric(plan, summaries).items():

@@ -53,11 +53,11 @@ def _molecules(path, n=20, atoms=6, padded=False, seed=0):
     return path
 
 
-def _audit(tmp_path, *, padded=False, loss="mse", breakdown=None, local=False):
+def _audit(tmp_path, *, padded=False, loss="mse", breakdown=None, local=False, data=None):
     config = parse_config({
         "task": "force_field",
         "model": {"factory": f"{__file__}:ForceField", "dtype": "float64"},
-        "data": {"path": str(_molecules(tmp_path / "data.npz", padded=padded))},
+        "data": {"path": str(_molecules(tmp_path / "data.npz", padded=padded)), **(data or {})},
         "heads": {"energy": {"rep": "scalar", "loss": loss}, "forces": {"rep": "vector", "loss": loss, "weight": 2.0}},
         "group": {"name": "so3", "rotations": 6},
         "bootstrap": 20,
@@ -105,13 +105,16 @@ def test_force_field_splits_reproduce_the_totals(tmp_path, padded, loss):
     assert sum(r["n"] for r in grouped[("total", "angle")]) == plan.n_samples * 6
 
 
-def test_sample_split_lists_the_worst_samples_with_their_index(tmp_path):
-    plan, result = _audit(tmp_path, breakdown={"worst": 3})
+def test_sample_split_lists_the_worst_samples_with_their_index_in_the_file(tmp_path):
+    plan, result = _audit(tmp_path, breakdown={"worst": 3}, data={"samples": 12, "subset_seed": 3})
     collector = BreakdownCollector(plan.spec)
     audit_model(plan.model, plan.dataset, plan.rotations, plan.spec, on_result=collector.update)
     per_sample = collector._values()["forces"]["error"]
     worst = [r for r in result.breakdown if r["by"] == "sample" and r["head"] == "forces"]
-    assert [int(r["bin"]) for r in worst] == per_sample.argsort(descending=True)[:3].tolist()
+    in_file = plan.sample_index[per_sample.argsort(descending=True)[:3]]
+    assert [int(r["bin"]) for r in worst] == in_file.tolist()
+    file_pos = torch.from_numpy(np.load(tmp_path / "data.npz")["pos"])
+    assert torch.equal(file_pos[in_file], plan.dataset["pos"][per_sample.argsort(descending=True)[:3]])
     assert [r["equiv_error"] for r in worst] == pytest.approx(per_sample.sort(descending=True).values[:3].tolist())
     assert all(r["n"] == 1 for r in worst)
 

@@ -67,7 +67,8 @@ def load_dataset(
     *,
     samples: int | None = None,
     subset_seed: int | None = None,
-) -> dict[str, torch.Tensor]:
+    return_index: bool = False,
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Load a dataset file into a dict of tensors with a leading sample axis ``N``.
 
     Args:
@@ -78,6 +79,7 @@ def load_dataset(
             (indices sorted) when ``subset_seed`` is given. More than the file holds
             means all of them (no error). ``None``: all.
         subset_seed: seed of the random subset; ``None`` takes the first samples.
+        return_index: also return each kept sample's index in the file, int64 ``(N,)``.
 
     Returns:
         ``{field: tensor}``. Atom types given once per molecule, ``(A,)``, are
@@ -97,7 +99,25 @@ def load_dataset(
     raw = _read(path)
     data = _select(raw, keys, path)
     data = _canonicalize(data, path)
-    return _subset(data, samples, subset_seed)
+    n = len(next(iter(data.values())))
+    index = _subset_index(n, samples, subset_seed)
+    data = _subset(data, index)
+    if return_index:
+        return data, torch.arange(n) if index is None else index
+    return data
+
+
+def _subset_index(n: int, samples: int | None, seed: int | None) -> torch.Tensor | None:
+    """Which of a file's ``n`` samples :func:`load_dataset` keeps (sorted), or None for all.
+
+    The first ``samples``, or a seeded random subset when ``seed`` is given.
+    """
+    if samples is None or samples >= n:
+        return None
+    if seed is None:
+        return torch.arange(samples)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=gen)[:samples].sort().values
 
 
 def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
@@ -447,15 +467,9 @@ def _check_sample_counts(data: dict[str, torch.Tensor], path: Path) -> None:
         raise DataError(f"{path} holds no samples")
 
 
-def _subset(data: dict[str, torch.Tensor], samples: int | None, seed: int | None) -> dict[str, torch.Tensor]:
-    n = next(iter(data.values())).shape[0]
-    if samples is None or samples >= n:
+def _subset(data: dict[str, torch.Tensor], index: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if index is None:
         return data
-    if seed is None:
-        index = torch.arange(samples)
-    else:
-        gen = torch.Generator().manual_seed(int(seed))
-        index = torch.randperm(n, generator=gen)[:samples].sort().values
     return {name: t[index] for name, t in data.items()}  # indexing copies
 
 
