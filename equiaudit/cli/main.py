@@ -196,6 +196,53 @@ def inspect(
     stdout.print(table)
 
 
+class Task(str, Enum):
+    force_field = "force_field"
+    flow_matching = "flow_matching"
+    voxel_denoising = "voxel_denoising"
+
+
+class DemoTask(str, Enum):
+    all = "all"
+    force_field = "force_field"
+    flow_matching = "flow_matching"
+    voxel_denoising = "voxel_denoising"
+
+
+@app.command()
+@friendly_errors
+def train(
+    task: Annotated[Task, typer.Argument(help="Which reference task to train.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (data/, <task>/run/, config.yaml).")] = Path("demo_out"),
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: the task's recipe).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data, initialisation and augmentation.")] = 0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random-rotation augmentation.")] = True,
+):
+    """Train a reference non-equivariant model on locally made Lennard-Jones data, saving log-spaced checkpoints."""
+    from equiaudit.cli.demo_command import run_train_command
+
+    raise typer.Exit(run_train_command(task=task.value, out=out, steps=steps, seed=seed, augment=augment, console=stdout))
+
+
+@app.command()
+@friendly_errors
+def demo(
+    task: Annotated[DemoTask, typer.Option("--task", help="Which task to run.")] = DemoTask.all,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("demo_out"),
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps per task (default: each recipe's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data, training and the audit.")] = 0,
+    device: Annotated[Device, typer.Option(help="Where to train and audit.")] = Device.auto,
+    threshold: Annotated[float, typer.Option(help="REE threshold for 'first step below' (fraction).")] = 0.02,
+):
+    """Make data, train the three reference models with rotation augmentation, and audit every checkpoint."""
+    from equiaudit.cli.demo_command import run_demo_command
+    from equiaudit.zoo.recipes import TASKS
+
+    tasks = list(TASKS) if task is DemoTask.all else [task.value]
+    raise typer.Exit(run_demo_command(tasks=tasks, out=out, steps=steps, seed=seed, device=device.value,
+                                      threshold=threshold, console=stdout))
+
+
 def run() -> None:  # pragma: no cover - console entry point alias
     app()
 

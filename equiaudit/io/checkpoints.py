@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -587,3 +588,23 @@ def _shared_prefix(keys: list[str], lightning: bool) -> str | None:
             break
         prefix += head
     return prefix or None
+
+
+def save_checkpoint(path: Path | str, state_dict: Mapping[str, torch.Tensor], *, step: int, **metadata: Any) -> Path:
+    """Write a training dict ``{"model_state_dict", "step", **metadata}`` atomically.
+
+    Temp file + rename in the same folder, so a reader (``audit --watch``) never sees a
+    half-written checkpoint. ``metadata`` must be plain numbers/strings (weights-only loadable).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model_state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "step": int(step), **metadata}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

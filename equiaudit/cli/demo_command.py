@@ -1,0 +1,194 @@
+"""``equiaudit train`` and ``equiaudit demo``: make data, train the zoo models, audit them.
+
+Layout under ``OUT``::
+
+    data/lj13_train.npz, data/lj13_test.npz, data/ka13_*.npz    (rMD17-style keys)
+    <task>/run/step_000000.pt ...                                (training dicts)
+    <task>/train_log.csv, <task>/config.yaml                     (the audit config used)
+    <task>/summary.csv, run.json, trajectory.png                 (the audit)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from equiaudit.audit import prepare_audit
+from equiaudit.cli.audit_command import audit_into, open_cache, save_trajectory_plot
+from equiaudit.io.checkpoints import discover_checkpoints, save_checkpoint
+from equiaudit.io.config import load_config
+from equiaudit.io.data import load_dataset, save_npz
+from equiaudit.report.compare import compare_rows, trajectories
+from equiaudit.report.summary import atomic_write_text
+from equiaudit.report.table import format_interval, format_number, format_percent
+from equiaudit.zoo.recipes import RECIPES, TASKS, Recipe, make_cluster_data, split
+from equiaudit.zoo.train import TrainSettings, log_spaced_steps, train
+
+__all__ = ["write_data", "train_task", "run_train_command", "run_demo_command"]
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def write_data(recipe: Recipe, data_dir: Path, seed: int) -> tuple[Path, Path]:
+    """Sample the recipe's clusters and write rMD17-style train/test files (deterministic for a seed)."""
+    train_path = data_dir / f"{recipe.data_name}_train.npz"
+    test_path = data_dir / f"{recipe.data_name}_test.npz"
+    data = make_cluster_data(recipe.cluster, recipe.n_train + recipe.n_test, seed)
+    for path, part in zip((train_path, test_path), split(data, recipe.n_train)):
+        save_npz(path, {"nuclear_charges": part["z"], "coords": part["pos"], "energies": part["energy"], "forces": part["forces"]})
+    return train_path, test_path
+
+
+def _float32(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in data.items()}
+
+
+def _audit_config(recipe: Recipe, run_dir: Path, test_path: Path, seed: int) -> dict:
+    config = {
+        "task": recipe.task,
+        "model": {"factory": f"equiaudit.zoo:{recipe.builder}", "kwargs": dict(recipe.kwargs)},
+        "checkpoints": {"path": str(run_dir.resolve())},
+        "data": {"path": str(test_path.resolve()), "samples": recipe.audit["samples"]},
+        "group": dict(recipe.audit["group"]),
+        "seed": seed,
+    }
+    if "voxel" in recipe.audit:
+        config["voxel"] = dict(recipe.audit["voxel"])
+    return config
+
+
+def train_task(
+    recipe: Recipe,
+    out: Path,
+    *,
+    steps: int,
+    seed: int,
+    augment: bool,
+    progress: Progress | None = None,
+) -> tuple[Path, list[dict]]:
+    """Data, training and checkpoints for one task; returns the audit config's path and the log."""
+    task_dir = out / recipe.task
+    run_dir = task_dir / "run"
+    train_path, test_path = write_data(recipe, out / "data", seed)
+    train_data = _float32(load_dataset(train_path))
+    held_out = _float32(load_dataset(test_path, samples=64))
+    settings = TrainSettings(steps=steps, batch_size=recipe.settings.batch_size, lr=recipe.settings.lr, seed=seed, augment=augment)
+    checkpoint_steps = log_spaced_steps(steps)
+    for stale in run_dir.glob("step_*.pt"):  # a previous, possibly longer run
+        stale.unlink()
+    model = recipe.build_model()
+    bar = progress.add_task(f"training {recipe.task}", total=steps) if progress else None
+
+    def on_checkpoint(step: int, trained: torch.nn.Module, record: dict) -> None:
+        save_checkpoint(run_dir / f"step_{step:06d}.pt", trained.state_dict(), step=step,
+                        held_out_loss=record["held_out_loss"], train_loss=record["train_loss"], wall_time=record["seconds"])
+
+    log = train(model, recipe.loss(augment), train_data, held_out, settings, checkpoint_steps=checkpoint_steps,
+                on_checkpoint=on_checkpoint, on_step=(lambda s: progress.update(bar, completed=s)) if progress else None)
+    if progress:
+        progress.remove_task(bar)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(log[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(log)
+    atomic_write_text(task_dir / "train_log.csv", buffer.getvalue())
+    config_path = task_dir / "config.yaml"
+    header = f"# Written by `equiaudit train {recipe.task}`: audits the checkpoints in run/.\n"
+    atomic_write_text(config_path, header + yaml.safe_dump(_audit_config(recipe, run_dir, test_path, seed), sort_keys=False))
+    return config_path, log
+
+
+def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: float) -> Table:
+    held = {r["step"]: r["held_out_loss"] for r in log}
+    table = Table(title=f"{task}: REE over training", header_style="bold")
+    for name in ("step", "held-out loss", "L_aug", "L_sym", "REE", "95 % CI"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in rows:
+        if row["head"] != "total":
+            continue
+        step = int(row["step"])
+        ree = float(row["rel_equiv_error"]) if row["status"] == "ok" else math.nan
+        style = "green" if ree <= threshold else None
+        table.add_row(str(step), format_number(held.get(step)), format_number(row.get("loss_aug")),
+                      format_number(row.get("loss_sym")), format_percent(ree),
+                      format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high")), style=style)
+    return table
+
+
+def _verdict(rows: list[dict], threshold: float) -> dict:
+    """The paper's number for this run: first step with REE ≤ threshold (or the lowest reached)."""
+    total = [t for t in trajectories(rows) if t.head == "total"]
+    return compare_rows(total, threshold=threshold)[0] if total else {}
+
+
+def run_train_command(*, task: str, out: Path, steps: int | None, seed: int, augment: bool, console: Console) -> int:
+    """Body of ``equiaudit train``."""
+    recipe = RECIPES[task]
+    with _progress(console) as progress:
+        config_path, log = train_task(recipe, out, steps=steps or recipe.settings.steps, seed=seed, augment=augment, progress=progress)
+    table = Table(title=f"{task}: {recipe.builder} trained {'with' if augment else 'without'} rotation augmentation", header_style="bold")
+    for name in ("step", "train loss", "held-out loss", "seconds"):
+        table.add_column(name, justify="right")
+    for r in log:
+        table.add_row(str(r["step"]), format_number(r["train_loss"]), format_number(r["held_out_loss"]), f"{r['seconds']:.1f}")
+    console.print(table)
+    console.print(f"checkpoints in {config_path.parent / 'run'}; audit them with:\n  equiaudit audit {config_path} --out {config_path.parent}",
+                  highlight=False)
+    return 0
+
+
+def run_demo_command(
+    *, tasks: Sequence[str], out: Path, steps: int | None, seed: int, device: str, threshold: float, console: Console
+) -> int:
+    """Body of ``equiaudit demo``: for each task, data → training → audit → trajectory and verdict."""
+    results = []
+    failed = 0
+    for task in tasks:
+        recipe = RECIPES[task]
+        n_steps = steps or recipe.settings.steps
+        start = time.perf_counter()
+        console.rule(f"[bold]{task}[/]: {recipe.builder} on {recipe.data_name.upper()}, {n_steps} steps with rotation augmentation")
+        with _progress(console) as progress:
+            config_path, log = train_task(recipe, out, steps=n_steps, seed=seed, augment=True, progress=progress)
+            config = load_config(config_path)
+            plan = prepare_audit(config, device=device)
+            refs = discover_checkpoints([config.checkpoints])
+            with open_cache(plan, config_path.parent) as cache:
+                audit_results, rows = audit_into(plan, refs, config_path.parent, cache=cache, progress=progress)
+        failed += sum(not r.ok for r in audit_results)
+        group = f"{plan.rotation_set.group}, K={plan.rotation_set.n_rotations}, N={plan.n_samples}"
+        save_trajectory_plot(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
+        console.print(_trajectory_table(task, rows, log, threshold))
+        verdict = _verdict(rows, threshold)
+        seconds = time.perf_counter() - start
+        if verdict.get("first_step_below") is not None:
+            line = f"REE first ≤ {100 * threshold:g} % at step {verdict['first_step_below']}"
+        else:
+            line = f"REE never reached ≤ {100 * threshold:g} %; lowest {format_percent(verdict.get('min_rel_equiv_error'))}"
+        console.print(f"[bold]→ {line}[/]; final {format_percent(verdict.get('final_rel_equiv_error'))} at step "
+                      f"{verdict.get('final_step')} ({group}; {seconds:.0f} s). Written to {config_path.parent}/", highlight=False)
+        results.append((task, verdict, log[-1]["held_out_loss"], seconds))
+    summary = Table(title=f"equiaudit demo: share of held-out loss due to imperfect equivariance (threshold {100 * threshold:g} %)",
+                    header_style="bold")
+    for name in ("task", "first step ≤ threshold", "final REE", "final held-out loss", "wall time"):
+        summary.add_column(name, justify="right")
+    for task, verdict, held, seconds in results:
+        first = verdict.get("first_step_below")
+        summary.add_row(task, "never" if first is None else str(first), format_percent(verdict.get("final_rel_equiv_error")),
+                        format_number(held), f"{seconds:.0f} s")
+    console.print(summary)
+    return 1 if failed else 0
+
