@@ -29,7 +29,7 @@ from equiaudit.io.checkpoints import CheckpointRef, load_into_model, read_checkp
 from equiaudit.io.config import AuditConfig
 from equiaudit.io.data import load_dataset
 from equiaudit.io.models import build_model
-from equiaudit.metrics import Summary
+from equiaudit.metrics import OrbitAccumulator, Summary
 from equiaudit.rotations import is_signed_permutation
 from equiaudit.tasks import TaskPreset, get_task
 
@@ -77,6 +77,21 @@ class AuditPlan:
     @property
     def n_samples(self) -> int:
         return self.rotations.shape[0]
+
+    def evaluate(self, **options) -> OrbitAccumulator:
+        """Run :func:`~equiaudit.engine.audit_model` on the plan's model, data and rotations
+        (with the rotation set's ``exact``/``blocks`` corrections); ``options`` go through."""
+        return audit_model(
+            self.model,
+            self.dataset,
+            self.rotations,
+            self.spec,
+            batch_size=self.config.batch_size,
+            exact=self.rotation_set.exact,
+            blocks=getattr(self.rotation_set, "blocks", None),
+            device=self.device,
+            **options,
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,17 +161,7 @@ def round_trip_floor(column: str, through_dtype: torch.dtype | None = None) -> E
     model's own ``loss_aug``, for every head; written as ``column``."""
 
     def metric(plan: AuditPlan, summaries: dict[str, Summary]) -> dict[str, dict[str, float]]:
-        accumulator = audit_model(
-            plan.model,
-            plan.dataset,
-            plan.rotations,
-            plan.spec,
-            batch_size=plan.config.batch_size,
-            exact=plan.rotation_set.exact,
-            blocks=getattr(plan.rotation_set, "blocks", None),
-            device=plan.device,
-            evaluate=functools.partial(evaluate_round_trip, through_dtype=through_dtype),
-        )
+        accumulator = plan.evaluate(evaluate=functools.partial(evaluate_round_trip, through_dtype=through_dtype))
         floors = {}
         for head, (_, equiv_error) in accumulator.per_sample().items():
             loss_aug = summaries[head].loss_aug
@@ -269,18 +274,7 @@ def audit_checkpoint(
         load_into_model(plan.model, loaded)
         plan.model.to(dtype=getattr(torch, plan.config.model.dtype)).eval()
         collector = BreakdownCollector(plan.spec) if plan.breakdown is not None else None
-        accumulator = audit_model(
-            plan.model,
-            plan.dataset,
-            plan.rotations,
-            plan.spec,
-            batch_size=plan.config.batch_size,
-            exact=plan.rotation_set.exact,
-            blocks=getattr(plan.rotation_set, "blocks", None),
-            device=plan.device,
-            on_batch=on_batch,
-            on_result=collector.update if collector is not None else None,
-        )
+        accumulator = plan.evaluate(on_batch=on_batch, on_result=collector.update if collector is not None else None)
         summaries = accumulator.compute(n_bootstrap=plan.config.bootstrap, seed=plan.config.seed)
         breakdown = collector.rows(plan.dataset, plan.rotations, plan.breakdown, plan.sample_index) if collector is not None else []
         extras: dict[str, dict[str, float]] = {}
@@ -295,6 +289,8 @@ def audit_checkpoint(
     except RuntimeError as exc:
         # A model that crashes on these inputs fails this checkpoint, not the run.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "does not require grad" in first_line and not plan.spec.grad:
+            first_line += " (if the model takes forces by autograd, set model.grad: true)"
         return CheckpointResult(ref, "model_error", f"the model failed: {first_line}", step, seconds=time.perf_counter() - start)
     return CheckpointResult(ref, "ok", None, step, summaries, extras, seconds=time.perf_counter() - start, breakdown=breakdown)
 

@@ -59,7 +59,8 @@ def _float32(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _audit_config(recipe: Recipe, run_dir: Path, test_path: Path, seed: int) -> dict:
     config = {
         "task": recipe.task,
-        "model": {"factory": f"equiaudit.zoo:{recipe.builder}", "kwargs": dict(recipe.kwargs)},
+        "model": {"factory": f"equiaudit.zoo:{recipe.builder}", "kwargs": dict(recipe.kwargs),
+                  "grad": bool(recipe.kwargs.get("grad", False))},
         "checkpoints": {"path": str(run_dir.resolve())},
         "data": {"path": str(test_path.resolve()), "samples": recipe.audit["samples"]},
         "group": dict(recipe.audit["group"]),

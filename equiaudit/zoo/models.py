@@ -328,9 +328,12 @@ class EGNNVelocity(nn.Module):
 class CNNDenoiser(nn.Module):
     """Tiny 3D U-Net denoiser (NON-equivariant): noisy grid ``(B, C, L, L, L)`` → denoised, same shape.
 
-    A full-resolution stem, a stride-2 conv to L/2 where ``depth`` residual convs do most of
-    the work (8x cheaper than at full resolution), nearest upsampling added to the stem's
-    features (skip), and a residual output (``noisy + correction``). Any L ≥ 2 works.
+    A full-resolution stem, a stride-2 conv to ⌈L/2⌉ where ``depth`` residual convs do most
+    of the work (8x cheaper than at full resolution), a stride-2 transposed conv back, added
+    to the stem's features (skip), and a residual output (``noisy + correction``). Any L ≥ 2
+    works. With an odd L the stride-2 lattice (voxels 0, 2, …, L−1) is mapped onto itself by
+    every cube rotation, so the network *can* become exactly cube-equivariant by learning;
+    with an even L a flip moves that lattice by one voxel, an architectural floor on its REE.
     """
 
     def __init__(self, channels: int = 2, width: int = 32, depth: int = 3):
@@ -338,6 +341,7 @@ class CNNDenoiser(nn.Module):
         self.stem = nn.Conv3d(channels, width, 3, padding="same")
         self.down = nn.Conv3d(width, width, 3, stride=2, padding=1)
         self.mid = nn.ModuleList(nn.Conv3d(width, width, 3, padding="same") for _ in range(depth))
+        self.up = nn.ConvTranspose3d(width, width, 3, stride=2, padding=1)
         self.out = nn.Conv3d(width, channels, 3, padding="same")
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
@@ -345,7 +349,7 @@ class CNNDenoiser(nn.Module):
         h = F.silu(self.down(skip))
         for conv in self.mid:
             h = h + F.silu(conv(h))
-        h = F.interpolate(h, size=skip.shape[-3:], mode="nearest") + skip
+        h = F.silu(self.up(h, output_size=skip.shape[-3:])) + skip
         return grid + self.out(h)
 
 
