@@ -73,25 +73,26 @@ def _audit_config(recipe: Recipe, run_dir: Path, test_path: Path, seed: int) -> 
 
 def train_task(
     recipe: Recipe,
-    out: Path,
+    task_dir: Path,
+    data_dir: Path,
     *,
     steps: int,
     seed: int,
     augment: bool,
     progress: Progress | None = None,
 ) -> tuple[Path, list[dict]]:
-    """Data, training and checkpoints for one task; returns the audit config's path and the log."""
-    task_dir = out / recipe.task
+    """Data, training and checkpoints (``task_dir/run``) for one recipe; returns the audit
+    config's path (``task_dir/config.yaml``) and the training log."""
     run_dir = task_dir / "run"
-    train_path, test_path = write_data(recipe, out / "data", seed)
+    train_path, test_path = write_data(recipe, data_dir, seed)
     train_data = _float32(load_dataset(train_path))
     held_out = _float32(load_dataset(test_path, samples=64))
     settings = TrainSettings(steps=steps, batch_size=recipe.settings.batch_size, lr=recipe.settings.lr, seed=seed, augment=augment)
     checkpoint_steps = log_spaced_steps(steps)
     for stale in run_dir.glob("step_*.pt"):  # a previous, possibly longer run
         stale.unlink()
-    model = recipe.build_model()
-    bar = progress.add_task(f"training {recipe.task}", total=steps) if progress else None
+    model = recipe.build_model(seed)
+    bar = progress.add_task(f"training {recipe.builder}", total=steps) if progress else None
 
     def on_checkpoint(step: int, trained: torch.nn.Module, record: dict) -> None:
         save_checkpoint(run_dir / f"step_{step:06d}.pt", trained.state_dict(), step=step,
@@ -110,6 +111,16 @@ def train_task(
     header = f"# Written by `equiaudit train {recipe.task}`: audits the checkpoints in run/.\n"
     atomic_write_text(config_path, header + yaml.safe_dump(_audit_config(recipe, run_dir, test_path, seed), sort_keys=False))
     return config_path, log
+
+
+def _audit_task(config_path: Path, device: str, progress: Progress):
+    """Audit every checkpoint named by a written config, into the config's folder (cached)."""
+    config = load_config(config_path)
+    plan = prepare_audit(config, device=device)
+    refs = discover_checkpoints([config.checkpoints])
+    with open_cache(plan, config_path.parent) as cache:
+        results, rows = audit_into(plan, refs, config_path.parent, cache=cache, progress=progress)
+    return plan, results, rows
 
 
 def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: float) -> Table:
@@ -139,7 +150,8 @@ def run_train_command(*, task: str, out: Path, steps: int | None, seed: int, aug
     """Body of ``equiaudit train``."""
     recipe = RECIPES[task]
     with _progress(console) as progress:
-        config_path, log = train_task(recipe, out, steps=steps or recipe.settings.steps, seed=seed, augment=augment, progress=progress)
+        config_path, log = train_task(recipe, out / task, out / "data", steps=steps or recipe.settings.steps, seed=seed,
+                                      augment=augment, progress=progress)
     table = Table(title=f"{task}: {recipe.builder} trained {'with' if augment else 'without'} rotation augmentation", header_style="bold")
     for name in ("step", "train loss", "held-out loss", "seconds"):
         table.add_column(name, justify="right")
@@ -162,13 +174,15 @@ def run_demo_command(
         n_steps = steps or recipe.settings.steps
         start = time.perf_counter()
         console.rule(f"[bold]{task}[/]: {recipe.builder} on {recipe.data_name.upper()}, {n_steps} steps with rotation augmentation")
+        baseline = recipe.baseline_recipe()
         with _progress(console) as progress:
-            config_path, log = train_task(recipe, out, steps=n_steps, seed=seed, augment=True, progress=progress)
-            config = load_config(config_path)
-            plan = prepare_audit(config, device=device)
-            refs = discover_checkpoints([config.checkpoints])
-            with open_cache(plan, config_path.parent) as cache:
-                audit_results, rows = audit_into(plan, refs, config_path.parent, cache=cache, progress=progress)
+            config_path, log = train_task(recipe, out / task, out / "data", steps=n_steps, seed=seed, augment=True, progress=progress)
+            plan, audit_results, rows = _audit_task(config_path, device, progress)
+            if baseline is not None:
+                base_config, _ = train_task(baseline, out / task / "baseline", out / "data", steps=min(n_steps, baseline.settings.steps),
+                                            seed=seed, augment=True, progress=progress)
+                _, base_results, base_rows = _audit_task(base_config, device, progress)
+                audit_results += base_results
         failed += sum(not r.ok for r in audit_results)
         group = f"{plan.rotation_set.group}, K={plan.rotation_set.n_rotations}, N={plan.n_samples}"
         save_trajectory_plot(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
@@ -177,10 +191,17 @@ def run_demo_command(
         seconds = time.perf_counter() - start
         if verdict.get("first_step_below") is not None:
             line = f"REE first ≤ {100 * threshold:g} % at step {verdict['first_step_below']}"
+            stays = verdict.get("first_step_stays_below")
+            line += f", and stays there from step {stays}" if stays is not None else ", but rises above it later"
         else:
             line = f"REE never reached ≤ {100 * threshold:g} %; lowest {format_percent(verdict.get('min_rel_equiv_error'))}"
         console.print(f"[bold]→ {line}[/]; final {format_percent(verdict.get('final_rel_equiv_error'))} at step "
                       f"{verdict.get('final_step')} ({group}; {seconds:.0f} s). Written to {config_path.parent}/", highlight=False)
+        if baseline is not None:
+            final = [r for r in base_rows if r["head"] == "total"][-1]
+            console.print(f"  equivariant baseline {baseline.builder}, same training, step {final['step']}: "
+                          f"REE {format_percent(final['rel_equiv_error'])} (float floor {format_percent(final.get('float_floor'))}) "
+                          f"at held-out L_aug {format_number(final['loss_aug'])}", highlight=False)
         results.append((task, verdict, log[-1]["held_out_loss"], seconds))
     summary = Table(title=f"equiaudit demo: share of held-out loss due to imperfect equivariance (threshold {100 * threshold:g} %)",
                     header_style="bold")

@@ -8,7 +8,7 @@ three tasks train and audit in a few minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,10 +44,21 @@ class Recipe:
     settings: TrainSettings
     audit: dict[str, Any] = field(default_factory=dict)
     loss_options: dict[str, Any] = field(default_factory=dict)
+    # An exactly equivariant model trained the same way, briefly: its REE shows the floor.
+    baseline: str | None = None
+    baseline_kwargs: dict[str, Any] = field(default_factory=dict)
+    baseline_steps: int = 100
 
-    def build_model(self) -> torch.nn.Module:
-        torch.manual_seed(self.settings.seed)
+    def build_model(self, seed: int | None = None) -> torch.nn.Module:
+        torch.manual_seed(self.settings.seed if seed is None else seed)
         return getattr(models, self.builder)(**self.kwargs)
+
+    def baseline_recipe(self) -> "Recipe | None":
+        """The same experiment with the equivariant baseline model, or None."""
+        if self.baseline is None:
+            return None
+        settings = TrainSettings(self.baseline_steps, self.settings.batch_size, self.settings.lr, self.settings.seed)
+        return replace(self, builder=self.baseline, kwargs=dict(self.baseline_kwargs), settings=settings, baseline=None)
 
     def loss(self, augment: bool = True) -> LossFn:
         if self.task == "force_field":
@@ -68,7 +79,7 @@ RECIPES: dict[str, Recipe] = {
         n_test=256,
         builder="transformer_force_field",
         kwargs={"hidden": 64, "layers": 2},
-        settings=TrainSettings(steps=3000, batch_size=32, lr=3e-4),
+        settings=TrainSettings(steps=10000, batch_size=32, lr=3e-4),
         loss_options={"energy_weight": 0.1},
         audit={"group": {"name": "so3", "rotations": 16}, "samples": 128},
     ),
@@ -82,6 +93,8 @@ RECIPES: dict[str, Recipe] = {
         kwargs={"hidden": 64, "layers": 2},
         settings=TrainSettings(steps=2000, batch_size=32, lr=1e-3),
         audit={"group": {"name": "so3", "rotations": 16}, "samples": 128},
+        baseline="egnn_velocity",
+        baseline_kwargs={"hidden": 32, "layers": 2},
     ),
     "voxel_denoising": Recipe(
         task="voxel_denoising",
@@ -91,7 +104,7 @@ RECIPES: dict[str, Recipe] = {
         n_test=64,
         builder="cnn_denoiser",
         kwargs={"channels": 2, "width": 16, "depth": 2},
-        settings=TrainSettings(steps=400, batch_size=8, lr=2e-3),
+        settings=TrainSettings(steps=3000, batch_size=8, lr=2e-3),
         audit={
             "group": {"name": "octahedral"},
             "samples": 32,
