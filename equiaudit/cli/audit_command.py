@@ -7,9 +7,11 @@ run audits only the new checkpoints, and ``--watch`` keeps doing so as training 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -232,6 +234,23 @@ def watch_into(
     return auditor.results
 
 
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM end a watch as KeyboardInterrupt, even when the process
+    was started with SIGINT ignored (a background job, a CI runner, nohup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def save_trajectory_plot(out: Path, *, title: str, threshold: float) -> Path:
     """``OUT/trajectory.png`` from every ``ok`` row of ``OUT/summary.csv``."""
     from equiaudit.report.compare import trajectories
@@ -286,7 +305,8 @@ def run_audit_command(
     with open_cache(plan, out) as cache:
         if watch:
             stderr.print(f"watching {', '.join(paths)} every {interval:g} s: {setup}; Ctrl-C to stop", highlight=False)
-            results = watch_into(plan, paths, out, cache=cache, interval=interval, force=force, on_rows=render)
+            with _stop_on_signals():
+                results = watch_into(plan, paths, out, cache=cache, interval=interval, force=force, on_rows=render)
             stderr.print(f"stopped watching: {len(results)} checkpoint(s) audited; results in {out / 'summary.csv'}", highlight=False)
         else:
             stderr.print(f"auditing {len(refs)} checkpoint(s) of {setup}", highlight=False)
