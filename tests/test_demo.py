@@ -79,3 +79,10 @@ def test_training_twice_with_the_same_seed_gives_the_same_checkpoints(tmp_path):
     c = torch.load(tmp_path / "c" / "flow_matching" / "run" / "step_000010.pt", weights_only=True)["model_state_dict"]
     a = torch.load(files[-1], weights_only=True)["model_state_dict"]
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cli_task_choices_are_the_recipes():
+    from equiaudit.cli import main
+    from equiaudit.zoo.recipes import TASKS
+
+    assert main._DEMO_TASKS == TASKS

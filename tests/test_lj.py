@@ -6,13 +6,8 @@ import torch
 from equiaudit.lj import KA13, LJ13, LJ55, ClusterSpec, lj_energy_forces, sample_clusters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (10x on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny tensors: intra-op threads only add overhead (10x on a busy 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # The LJ13 global minimum (Wales & Doye 1997); the wall only adds energy.

@@ -5,13 +5,8 @@ from equiaudit import zoo
 from equiaudit.rotations import haar_rotations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (10x on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny tensors: intra-op threads only add overhead (10x on a busy 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B, A, PAD = 4, 9, 3  # the last PAD atoms of every sample are padding

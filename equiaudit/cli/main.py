@@ -196,17 +196,10 @@ def inspect(
     stdout.print(table)
 
 
-class Task(str, Enum):
-    force_field = "force_field"
-    flow_matching = "flow_matching"
-    voxel_denoising = "voxel_denoising"
-
-
-class DemoTask(str, Enum):
-    all = "all"
-    force_field = "force_field"
-    flow_matching = "flow_matching"
-    voxel_denoising = "voxel_denoising"
+# The demo's tasks (equiaudit.zoo.recipes.TASKS, not imported here to keep --help fast).
+_DEMO_TASKS = ("force_field", "flow_matching", "voxel_denoising")
+Task = Enum("Task", {name: name for name in _DEMO_TASKS}, type=str)
+DemoTask = Enum("DemoTask", {name: name for name in ("all", *_DEMO_TASKS)}, type=str)
 
 
 @app.command()
@@ -227,7 +220,7 @@ def train(
 @app.command()
 @friendly_errors
 def demo(
-    task: Annotated[DemoTask, typer.Option("--task", help="Which task to run.")] = DemoTask.all,
+    task: Annotated[DemoTask, typer.Option("--task", help="Which task to run.")] = DemoTask("all"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("demo_out"),
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps per task (default: each recipe's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, training and the audit.")] = 0,
@@ -238,7 +231,7 @@ def demo(
     from equiaudit.cli.demo_command import run_demo_command
     from equiaudit.zoo.recipes import TASKS
 
-    tasks = list(TASKS) if task is DemoTask.all else [task.value]
+    tasks = list(TASKS) if task.value == "all" else [task.value]
     raise typer.Exit(run_demo_command(tasks=tasks, out=out, steps=steps, seed=seed, device=device.value,
                                       threshold=threshold, console=stdout))
 
