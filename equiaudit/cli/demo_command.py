@@ -205,12 +205,12 @@ def run_demo_command(
         results.append((task, verdict, log[-1]["held_out_loss"], seconds))
     summary = Table(title=f"equiaudit demo: share of held-out loss due to imperfect equivariance (threshold {100 * threshold:g} %)",
                     header_style="bold")
-    for name in ("task", "first step ≤ threshold", "final REE", "final held-out loss", "wall time"):
+    for name in ("task", "first step ≤ threshold", "stays ≤ threshold from", "final REE", "final held-out loss", "wall time"):
         summary.add_column(name, justify="right")
+    step_or_never = lambda value: "never" if value is None else str(value)  # noqa: E731
     for task, verdict, held, seconds in results:
-        first = verdict.get("first_step_below")
-        summary.add_row(task, "never" if first is None else str(first), format_percent(verdict.get("final_rel_equiv_error")),
-                        format_number(held), f"{seconds:.0f} s")
+        summary.add_row(task, step_or_never(verdict.get("first_step_below")), step_or_never(verdict.get("first_step_stays_below")),
+                        format_percent(verdict.get("final_rel_equiv_error")), format_number(held), f"{seconds:.0f} s")
     console.print(summary)
     return 1 if failed else 0
 
