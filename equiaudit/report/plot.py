@@ -71,7 +71,9 @@ def trajectory_figure(
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
-    ree_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # "2", not "2×10⁰": it is a percentage
+    percent = FuncFormatter(lambda v, _: f"{v:g}")  # "2", not "2×10⁰": it is a percentage
+    ree_ax.yaxis.set_major_formatter(percent)
+    ree_ax.yaxis.set_minor_formatter(percent)
     ree_ax.set_ylabel("REE = equivariance error / L_aug (%)")
     ree_ax.set_title(f"relative equivariance error ({head}), 95 % CI")
     ree_ax.legend(fontsize="small")
