@@ -32,9 +32,16 @@ from equiaudit.report.breakdown import BREAKDOWN_FILE, breakdown_rows, print_bre
 from equiaudit.report.summary import atomic_write_text, merge_rows, read_rows, result_rows, write_rows
 from equiaudit.report.table import summary_table
 
-__all__ = ["run_audit_command", "audit_into", "audit_with_progress", "watch_into", "open_cache", "save_trajectory_plot", "PLOT_FILE"]
+__all__ = ["group_label", "run_audit_command", "audit_into", "audit_with_progress", "watch_into", "open_cache", "save_trajectory_plot", "PLOT_FILE"]
 
 PLOT_FILE = "trajectory.png"
+
+
+def group_label(rotation_set) -> str:
+    """``so3 (quasi)``, ``octahedral (exact)`` or plain ``so3`` for i.i.d. Haar rotations."""
+    sampling = getattr(rotation_set, "sampling", "haar")
+    detail = "exact" if rotation_set.exact else ("" if sampling == "haar" else sampling)
+    return f"{rotation_set.group} ({detail})" if detail else rotation_set.group
 
 
 def _run_metadata(
@@ -50,6 +57,7 @@ def _run_metadata(
         "task": config.task,
         "seed": config.seed,
         "group": plan.rotation_set.group,
+        "sampling": getattr(plan.rotation_set, "sampling", None),
         "n_rotations": plan.rotation_set.n_rotations,
         "exact_group": plan.rotation_set.exact,
         "n_samples": plan.n_samples,
@@ -287,10 +295,10 @@ def run_audit_command(
         raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
     refs = [] if watch else discover_checkpoints(paths)  # in watch mode the run may still be empty
     plan = prepare_audit(config, device=device)
-    title = f"{config.task} · {plan.rotation_set.group} · K={plan.rotation_set.n_rotations} · N={plan.n_samples}"
+    title = f"{config.task} · {group_label(plan.rotation_set)} · K={plan.rotation_set.n_rotations} · N={plan.n_samples}"
     setup = (
         f"task [bold]{config.task}[/] on {plan.n_samples} samples × {plan.rotation_set.n_rotations} rotations "
-        f"({plan.rotation_set.group}{', exact' if plan.rotation_set.exact else ''}) on {plan.device}"
+        f"({group_label(plan.rotation_set)}) on {plan.device}"
     )
 
     def render(rows: list[dict]) -> None:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from equiaudit.audit import prepare_audit
-from equiaudit.cli.audit_command import audit_into, open_cache, save_trajectory_plot
+from equiaudit.cli.audit_command import audit_into, group_label, open_cache, save_trajectory_plot
 from equiaudit.io.checkpoints import discover_checkpoints, save_checkpoint
 from equiaudit.io.config import load_config
 from equiaudit.io.data import load_dataset, save_npz
@@ -184,7 +184,7 @@ def run_demo_command(
                 _, base_results, base_rows = _audit_task(base_config, device, progress)
                 audit_results += base_results
         failed += sum(not r.ok for r in audit_results)
-        group = f"{plan.rotation_set.group}, K={plan.rotation_set.n_rotations}, N={plan.n_samples}"
+        group = f"{group_label(plan.rotation_set)}, K={plan.rotation_set.n_rotations}, N={plan.n_samples}"
         save_trajectory_plot(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
         console.print(_trajectory_table(task, rows, log, threshold))
         verdict = _verdict(rows, threshold)
