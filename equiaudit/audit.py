@@ -230,6 +230,18 @@ def analysis_settings(
     return spec, metrics, options
 
 
+# Budget for one float64 orbit tensor (B, K, *E) of one head when batch_size is not set:
+# large grids (VoxMol's 64³ × 8 channels) then get small batches instead of running out of memory.
+ORBIT_BYTES = 64 * 2**20
+DEFAULT_BATCH_SIZE = 64
+
+
+def default_batch_size(dataset: dict[str, torch.Tensor], spec: OrbitSpec, n_rotations: int) -> int:
+    """At most 64 samples per batch, fewer when one head's orbit would exceed :data:`ORBIT_BYTES`."""
+    largest = max(dataset[h.target][0].numel() for h in spec.heads)
+    return int(max(1, min(DEFAULT_BATCH_SIZE, ORBIT_BYTES // (8 * n_rotations * largest))))
+
+
 def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -> AuditPlan:
     """Build everything that stays fixed across the checkpoints of an audit."""
     device = resolve_device(device) if isinstance(device, str) else device
@@ -254,6 +266,8 @@ def prepare_audit(config: AuditConfig, *, device: str | torch.device = "auto") -
     spec, extra_metrics = grid_settings(spec, preset, options, dataset, rotations)
     spec, more_metrics, breakdown = analysis_settings(config, dataset, spec, rotation_set)
     extra_metrics = extra_metrics + more_metrics
+    if "batch_size" not in config.raw:
+        config = dataclasses.replace(config, batch_size=default_batch_size(dataset, spec, rotation_set.n_rotations))
     model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
     model = model.to(device=device, dtype=getattr(torch, config.model.dtype)).eval()
     return AuditPlan(config, preset, model, dataset, spec, rotation_set, rotations, device, extra_metrics, breakdown, sample_index)

@@ -95,3 +95,16 @@ def test_wrong_output_shape_fails_the_checkpoint(tmp_path):
     torch.save(plan.model.state_dict(), tmp_path / "wrong.pt")
     result = audit_checkpoint(plan, CheckpointRef(tmp_path / "wrong.pt", "wrong.pt", "run", 1))
     assert result.status == "bad_output_shape" and "(2, 8, 8, 8)" in result.message
+
+
+def test_default_batch_size_shrinks_for_large_grids():
+    from equiaudit.audit import ORBIT_BYTES, default_batch_size
+    from equiaudit.engine import HeadSpec, OrbitSpec
+
+    grids = OrbitSpec(fields={}, heads=(HeadSpec("denoised", "voxel", "clean"),), inputs=["noisy"])
+    small = default_batch_size({"clean": torch.zeros(1, 2, 12, 12, 12)}, grids, 24)
+    large = default_batch_size({"clean": torch.zeros(1, 8, 32, 32, 32)}, grids, 24)
+    assert small == 64  # the usual default when memory is no concern
+    assert large == 1 and 8 * 24 * 8 * 32**3 * 2 > ORBIT_BYTES  # two samples would exceed the budget
+    points = OrbitSpec(fields={}, heads=(HeadSpec("forces", "vector", "forces"),), inputs=["pos"])
+    assert default_batch_size({"forces": torch.zeros(1, 13, 3)}, points, 16) == 64
