@@ -8,7 +8,6 @@ checkpoint that fails is reported with a status and the others go on.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -156,12 +155,12 @@ def task_options(config: AuditConfig, preset: TaskPreset) -> dict[str, Any]:
     return {**preset.options, **given}
 
 
-def round_trip_floor(column: str, through_dtype: torch.dtype | None = None) -> ExtraMetric:
+def round_trip_floor(column: str) -> ExtraMetric:
     """A floor metric: the EE of ``R⁻¹·(R·f(x))`` (the model run once, unrotated), over the
     model's own ``loss_aug``, for every head; written as ``column``."""
 
     def metric(plan: AuditPlan, summaries: dict[str, Summary]) -> dict[str, dict[str, float]]:
-        accumulator = plan.evaluate(evaluate=functools.partial(evaluate_round_trip, through_dtype=through_dtype))
+        accumulator = plan.evaluate(evaluate=evaluate_round_trip)
         floors = {}
         for head, (_, equiv_error) in accumulator.per_sample().items():
             loss_aug = summaries[head].loss_aug

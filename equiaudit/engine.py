@@ -23,7 +23,7 @@ from equiaudit.actions.group_actions import ROTATION, GroupAction
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import OrbitAccumulator, OrbitTerms, orbit_terms, reduce_per_sample
 
-__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "audit_model", "head_weight"]
+__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "audit_model", "head_weight", "model_dtype"]
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,12 @@ class HeadBatch:
     equiv_error_per_rotation: torch.Tensor | None = None
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
+def model_dtype(model: Callable) -> torch.dtype:
+    """The dtype of the model's floating parameters (inputs are cast to it); default otherwise."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
     return torch.get_default_dtype()
 
 
@@ -162,7 +164,7 @@ def _orbit_inputs(batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, sp
 
 def _run_model(model, batch, rotations, spec: OrbitSpec) -> dict[str, torch.Tensor]:
     """Forward the ``(B·K, ...)`` orbit inputs; returns the heads' outputs ``(B·K, ...)``, detached."""
-    dtype = _model_dtype(model) if isinstance(model, torch.nn.Module) else torch.get_default_dtype()
+    dtype = model_dtype(model)
     rotated = _orbit_inputs(batch, rotations, spec, dtype)
     needed = {h.output_name for h in spec.heads}
     device_type = rotations.device.type
@@ -271,14 +273,12 @@ def evaluate_round_trip(
     spec: OrbitSpec,
     *,
     exact: bool = False,
-    through_dtype: torch.dtype | None = None,
     blocks: int | None = None,
 ) -> dict[str, HeadBatch]:
     """The same statistics for ``P[b, k] = R⁻¹·(R·f(x[b]))``: the model runs once, unrotated.
 
     Whatever equivariance error this shows is the actions' own (trilinear resampling on
-    grids; with ``through_dtype``, rounding the rotated output to that dtype): the floor
-    below which the model's figure cannot be told from the tool's.
+    grids): the floor below which the model's figure cannot be told from the tool's.
     """
     b = rotations.shape[0]
     identity = torch.eye(3, dtype=rotations.dtype, device=rotations.device).expand(b, 1, 3, 3)
@@ -286,10 +286,7 @@ def evaluate_round_trip(
     results = {}
     for head in spec.heads:
         out = _head_output(head, outputs[head.output_name], batch[head.target], b).double()
-        orbit = actions.rotate(head.rep, out, rotations)
-        if through_dtype is not None:
-            orbit = orbit.to(through_dtype).double()
-        pred = actions.unrotate(head.rep, orbit, rotations)
+        pred = actions.unrotate(head.rep, actions.rotate(head.rep, out, rotations), rotations)
         results[head.name] = _head_statistics(head, pred, batch, spec, exact, blocks)
     return results
 

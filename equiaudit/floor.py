@@ -37,7 +37,7 @@ import torch
 
 from equiaudit import actions
 from equiaudit.actions.group_actions import GroupAction
-from equiaudit.engine import OrbitSpec, audit_model
+from equiaudit.engine import OrbitSpec, audit_model, model_dtype
 
 __all__ = ["FLAG_FACTOR", "AT_FLOOR", "JITTER", "unit_roundoff", "compute_dtype", "JitterAction", "null_orbit_error", "flag", "float_floor_metric"]
 
@@ -55,12 +55,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def compute_dtype(model: torch.nn.Module, autocast: torch.dtype | None = None) -> torch.dtype:
     """The dtype the model's arithmetic rounds to: the autocast dtype, else its parameters'."""
-    if autocast is not None:
-        return autocast
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
+    return autocast if autocast is not None else model_dtype(model)
 
 
 class JitterAction(GroupAction):

@@ -47,7 +47,7 @@ import torch.autograd.forward_ad as fwAD
 
 from equiaudit import actions
 from equiaudit.actions.voxels import voxel_centres
-from equiaudit.engine import OrbitSpec, _call_model, _head_output, _model_dtype, head_weight
+from equiaudit.engine import OrbitSpec, _call_model, _head_output, head_weight, model_dtype
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import reduce_per_sample
 from equiaudit.rotations import so3_generators
@@ -87,7 +87,7 @@ def local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> di
     generators = so3_generators(device=device).repeat(b, 1, 1)  # row 3·i + j is L_j
     repeated = {name: value.repeat_interleave(3, 0) for name, value in batch.items()}
     mask = repeated.get(spec.mask) if spec.mask else None
-    dtype = _model_dtype(model) if isinstance(model, torch.nn.Module) else torch.get_default_dtype()
+    dtype = model_dtype(model)
     autocast = torch.autocast(device.type, dtype=spec.autocast) if spec.autocast else contextlib.nullcontext()
     eye = torch.eye(3, dtype=torch.float64, device=device)
     results = {}
