@@ -10,6 +10,8 @@ Augmentation draws one Haar rotation per sample per step; positions are centred 
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +43,23 @@ class TrainSettings:
     lr: float = 2e-3
     seed: int = 0
     augment: bool = True
+    # "constant", or "cosine": lr·½(1 + cos(π·step/steps)), annealed to 0 at the last step.
+    schedule: str = "constant"
+    # Exponential moving average of the weights (0: off). Checkpoints and the held-out loss
+    # are then of the averaged weights, as in most diffusion and force-field trainers.
+    ema_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for the update made at ``step`` (0-based)."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(self.steps, 1)))
+        return self.lr
 
 
 def log_spaced_steps(total: int) -> list[int]:
@@ -109,6 +128,15 @@ def voxel_denoising_loss(grid: VoxelGridSpec, noise: float = 0.9, augment: bool 
     return loss
 
 
+@torch.no_grad()
+def _update_average(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``average ← decay·average + (1 − decay)·model`` for parameters; buffers are copied."""
+    for avg, live in zip(average.parameters(), model.parameters()):
+        avg.lerp_(live, 1.0 - decay)
+    for avg, live in zip(average.buffers(), model.buffers()):
+        avg.copy_(live)
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -132,15 +160,17 @@ def train(
         The records, one per checkpoint.
     """
     checkpoints = set(checkpoint_steps or log_spaced_steps(settings.steps))
+    # The model that is evaluated and checkpointed: the live one, or its weight average.
+    evaluated = copy.deepcopy(model) if settings.ema_decay else model
     generator = torch.Generator().manual_seed(settings.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n = len(next(iter(train_data.values())))
     records, recent, start = [], [], time.perf_counter()
     for step in range(settings.steps + 1):
         if step in checkpoints:
-            model.eval()
+            evaluated.eval()
             # The same held-out noise and rotations at every checkpoint.
-            held_loss = loss_fn(model, held_out, torch.Generator().manual_seed(settings.seed + 1)).item()
+            held_loss = loss_fn(evaluated, held_out, torch.Generator().manual_seed(settings.seed + 1)).item()
             model.train()
             record = {
                 "step": step,
@@ -151,16 +181,21 @@ def train(
             records.append(record)
             recent = []
             if on_checkpoint is not None:
-                on_checkpoint(step, model, record)
+                on_checkpoint(step, evaluated, record)
         if step == settings.steps:
             break
         index = torch.randint(n, (settings.batch_size,), generator=generator)
         loss = loss_fn(model, {k: v[index] for k, v in train_data.items()}, generator)
+        for group in optimiser.param_groups:
+            group["lr"] = settings.lr_at(step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if settings.ema_decay:
+            _update_average(evaluated, model, min(settings.ema_decay, (1 + step) / (10 + step)))
         recent.append(loss.item())
         if on_step is not None:
             on_step(step + 1)
     model.eval()
+    evaluated.eval()
     return records
