@@ -330,7 +330,10 @@ class CNNDenoiser(nn.Module):
 
     A full-resolution stem, a stride-2 conv to ⌈L/2⌉ where ``depth`` residual convs do most
     of the work (8x cheaper than at full resolution), a stride-2 transposed conv back, added
-    to the stem's features (skip), and a residual output (``noisy + correction``). Any L ≥ 2
+    to the stem's features (skip), and an output conv that predicts the clean grid itself
+    (as VoxMol's denoiser does). A global residual (``noisy + correction``) would make the
+    untrained model nearly the identity map, which is exactly equivariant; it also learnt
+    a higher loss in the demo (0.00126 vs 0.00113 after 3000 steps). Any L ≥ 2
     works. With an odd L the stride-2 lattice (voxels 0, 2, …, L−1) is mapped onto itself by
     every cube rotation, so the network *can* become exactly cube-equivariant by learning;
     with an even L a flip moves that lattice by one voxel, an architectural floor on its REE.
@@ -350,7 +353,7 @@ class CNNDenoiser(nn.Module):
         for conv in self.mid:
             h = h + F.silu(conv(h))
         h = F.silu(self.up(h, output_size=skip.shape[-3:])) + skip
-        return grid + self.out(h)
+        return self.out(h)
 
 
 # ----------------------------------------------------------------------------- builders
