@@ -15,6 +15,7 @@ import io
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,6 +67,8 @@ def _audit_config(recipe: Recipe, run_dir: Path, test_path: Path, seed: int) -> 
         "group": dict(recipe.audit["group"]),
         "seed": seed,
     }
+    if "heads" in recipe.audit:
+        config["heads"] = {name: dict(head) for name, head in recipe.audit["heads"].items()}
     if "voxel" in recipe.audit:
         config["voxel"] = dict(recipe.audit["voxel"])
     return config
@@ -87,7 +90,7 @@ def train_task(
     train_path, test_path = write_data(recipe, data_dir, seed)
     train_data = _float32(load_dataset(train_path))
     held_out = _float32(load_dataset(test_path, samples=64))
-    settings = TrainSettings(steps=steps, batch_size=recipe.settings.batch_size, lr=recipe.settings.lr, seed=seed, augment=augment)
+    settings = replace(recipe.settings, steps=steps, seed=seed, augment=augment)
     checkpoint_steps = log_spaced_steps(steps)
     for stale in run_dir.glob("step_*.pt"):  # a previous, possibly longer run
         stale.unlink()
@@ -96,7 +99,8 @@ def train_task(
 
     def on_checkpoint(step: int, trained: torch.nn.Module, record: dict) -> None:
         save_checkpoint(run_dir / f"step_{step:06d}.pt", trained.state_dict(), step=step,
-                        held_out_loss=record["held_out_loss"], train_loss=record["train_loss"], wall_time=record["seconds"])
+                        held_out_loss=record["held_out_loss"], train_loss=record["train_loss"], wall_time=record["seconds"],
+                        ema_decay=settings.ema_decay)
 
     log = train(model, recipe.loss(augment), train_data, held_out, settings, checkpoint_steps=checkpoint_steps,
                 on_checkpoint=on_checkpoint, on_step=(lambda s: progress.update(bar, completed=s)) if progress else None)
@@ -173,7 +177,8 @@ def run_demo_command(
         recipe = RECIPES[task]
         n_steps = steps or recipe.settings.steps
         start = time.perf_counter()
-        console.rule(f"[bold]{task}[/]: {recipe.builder} on {recipe.data_name.upper()}, {n_steps} steps with rotation augmentation")
+        ema = f", weights averaged (EMA {recipe.settings.ema_decay:g})" if recipe.settings.ema_decay else ""
+        console.rule(f"[bold]{task}[/]: {recipe.builder} on {recipe.data_name.upper()}, {n_steps} steps with rotation augmentation{ema}")
         baseline = recipe.baseline_recipe()
         with _progress(console) as progress:
             config_path, log = train_task(recipe, out / task, out / "data", steps=n_steps, seed=seed, augment=True, progress=progress)

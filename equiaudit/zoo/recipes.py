@@ -22,6 +22,15 @@ __all__ = ["Recipe", "RECIPES", "TASKS", "make_cluster_data", "split"]
 
 TASKS = ("force_field", "flow_matching", "voxel_denoising")
 
+# The force field trains on 0.1·MSE(energy) + MSE(forces); its audit weighs the heads the
+# same way, so that REE is the share of the loss that was actually trained.
+FORCE_FIELD_ENERGY_WEIGHT = 0.1
+# Weight averaging (the EMA that diffusion and force-field trainers evaluate). It also averages
+# out the optimiser noise that is a large part of a plain iterate's equivariance error: with
+# the same steps, final REE fell from 9.7 % to 3.8 % (force field), 1.7 % to 0.2 % (flow
+# matching) and 2.0 % to 0.7 % (voxels).
+EMA_DECAY = 0.999
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -57,7 +66,7 @@ class Recipe:
         """The same experiment with the equivariant baseline model, or None."""
         if self.baseline is None:
             return None
-        settings = TrainSettings(self.baseline_steps, self.settings.batch_size, self.settings.lr, self.settings.seed)
+        settings = replace(self.settings, steps=self.baseline_steps)
         return replace(self, builder=self.baseline, kwargs=dict(self.baseline_kwargs), settings=settings, baseline=None)
 
     def loss(self, augment: bool = True) -> LossFn:
@@ -79,9 +88,16 @@ RECIPES: dict[str, Recipe] = {
         n_test=256,
         builder="transformer_force_field",
         kwargs={"hidden": 64, "layers": 2},
-        settings=TrainSettings(steps=10000, batch_size=32, lr=3e-4),
-        loss_options={"energy_weight": 0.1},
-        audit={"group": {"name": "so3", "rotations": 16}, "samples": 128},
+        settings=TrainSettings(steps=10000, batch_size=32, lr=3e-4, ema_decay=EMA_DECAY),
+        loss_options={"energy_weight": FORCE_FIELD_ENERGY_WEIGHT},
+        audit={
+            "group": {"name": "so3", "rotations": 16},
+            "samples": 128,
+            "heads": {
+                "energy": {"rep": "scalar", "target": "energy", "loss": "mse", "weight": FORCE_FIELD_ENERGY_WEIGHT},
+                "forces": {"rep": "vector", "target": "forces", "loss": "mse", "weight": 1.0},
+            },
+        },
     ),
     "flow_matching": Recipe(
         task="flow_matching",
@@ -91,7 +107,7 @@ RECIPES: dict[str, Recipe] = {
         n_test=256,
         builder="transformer_velocity",
         kwargs={"hidden": 64, "layers": 2},
-        settings=TrainSettings(steps=2000, batch_size=32, lr=1e-3),
+        settings=TrainSettings(steps=2000, batch_size=32, lr=1e-3, ema_decay=EMA_DECAY),
         audit={"group": {"name": "so3", "rotations": 16}, "samples": 128},
         baseline="egnn_velocity",
         baseline_kwargs={"hidden": 32, "layers": 2},
@@ -104,7 +120,7 @@ RECIPES: dict[str, Recipe] = {
         n_test=64,
         builder="cnn_denoiser",
         kwargs={"channels": 2, "width": 16, "depth": 2},
-        settings=TrainSettings(steps=3000, batch_size=8, lr=2e-3),
+        settings=TrainSettings(steps=3000, batch_size=8, lr=2e-3, ema_decay=EMA_DECAY),
         audit={
             "group": {"name": "octahedral"},
             "samples": 32,
