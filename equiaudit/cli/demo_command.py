@@ -53,6 +53,12 @@ def write_data(recipe: Recipe, data_dir: Path, seed: int) -> tuple[Path, Path]:
     return train_path, test_path
 
 
+def _training_label(recipe: Recipe, augment: bool = True) -> str:
+    """How the recipe trains, e.g. ``with rotation augmentation, weights averaged (EMA 0.999)``."""
+    label = f"{'with' if augment else 'without'} rotation augmentation"
+    return label + (f", weights averaged (EMA {recipe.settings.ema_decay:g})" if recipe.settings.ema_decay else "")
+
+
 def _float32(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in data.items()}
 
@@ -156,7 +162,7 @@ def run_train_command(*, task: str, out: Path, steps: int | None, seed: int, aug
     with _progress(console) as progress:
         config_path, log = train_task(recipe, out / task, out / "data", steps=steps or recipe.settings.steps, seed=seed,
                                       augment=augment, progress=progress)
-    table = Table(title=f"{task}: {recipe.builder} trained {'with' if augment else 'without'} rotation augmentation", header_style="bold")
+    table = Table(title=f"{task}: {recipe.builder} trained {_training_label(recipe, augment)}", header_style="bold")
     for name in ("step", "train loss", "held-out loss", "seconds"):
         table.add_column(name, justify="right")
     for r in log:
@@ -177,8 +183,7 @@ def run_demo_command(
         recipe = RECIPES[task]
         n_steps = steps or recipe.settings.steps
         start = time.perf_counter()
-        ema = f", weights averaged (EMA {recipe.settings.ema_decay:g})" if recipe.settings.ema_decay else ""
-        console.rule(f"[bold]{task}[/]: {recipe.builder} on {recipe.data_name.upper()}, {n_steps} steps with rotation augmentation{ema}")
+        console.rule(f"[bold]{task}[/]: {recipe.builder} on {recipe.data_name.upper()}, {n_steps} steps {_training_label(recipe)}")
         baseline = recipe.baseline_recipe()
         with _progress(console) as progress:
             config_path, log = train_task(recipe, out / task, out / "data", steps=n_steps, seed=seed, augment=True, progress=progress)
