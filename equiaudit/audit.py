@@ -8,6 +8,7 @@ checkpoint that fails is reported with a status and the others go on.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -76,6 +77,15 @@ class AuditPlan:
     @property
     def n_samples(self) -> int:
         return self.rotations.shape[0]
+
+    def breakdown_identity(self) -> str:
+        """What shapes this plan's breakdown rows (the per-sample fields split by, the binning),
+        as a string; ``""`` without a breakdown. Built-in splits named in ``by`` add no rows."""
+        if self.breakdown is None:
+            return ""
+        options = dataclasses.asdict(self.breakdown)
+        options["by"] = BreakdownCollector.fields(self.dataset, self.breakdown)
+        return json.dumps(options, sort_keys=True)
 
     def evaluate(self, **options) -> OrbitAccumulator:
         """Run :func:`~equiaudit.engine.audit_model` on the plan's model, data and rotations

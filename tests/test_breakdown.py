@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import textwrap
 from collections import defaultdict
 
@@ -217,3 +218,39 @@ def test_cli_writes_breakdown_csv_shows_by_tables_and_local_columns(tmp_path, mo
     with open(tmp_path / "out" / "summary.csv", newline="") as handle:
         summary = list(csv.DictReader(handle))
     assert all(float(r["local_equiv_error"]) > 0 and r["float_floor"] for r in summary)
+
+
+def test_cached_audits_keep_their_breakdown(tmp_path, monkeypatch):
+    """breakdown.csv is rebuilt from the cache like summary.csv; a split the cached rows lack
+    (a per-sample field) re-audits the checkpoint instead of silently showing nothing."""
+    _molecules(tmp_path / "data.npz")
+    (tmp_path / "run").mkdir()
+    torch.save(ForceField().state_dict(), tmp_path / "run" / "step_100.pt")
+    (tmp_path / "config.yaml").write_text(textwrap.dedent(f"""
+        task: force_field
+        model: {{factory: "{__file__}:ForceField"}}
+        checkpoints: {{path: run}}
+        data: {{path: data.npz}}
+        group: {{name: so3, rotations: 4}}
+        bootstrap: 20
+        """))
+    monkeypatch.chdir(tmp_path)
+    from equiaudit.cli.main import app
+
+    audit = ["audit", "config.yaml", "--out", "out", "--no-plot"]
+    breakdown_csv, run_json = tmp_path / "out" / "breakdown.csv", tmp_path / "out" / "run.json"
+    assert CliRunner().invoke(app, audit).exit_code == 0
+    first = breakdown_csv.read_text()
+    assert ",element," in first and not json.loads(run_json.read_text())["cached_checkpoints"]
+
+    breakdown_csv.unlink()
+    again = CliRunner().invoke(app, [*audit, "--by", "element"])
+    assert again.exit_code == 0 and "breakdown by element" in again.output
+    assert json.loads(run_json.read_text())["cached_checkpoints"]  # reused, not re-audited
+    assert breakdown_csv.read_text() == first
+
+    by_energy = CliRunner().invoke(app, [*audit, "--by", "energy"])
+    assert by_energy.exit_code == 0 and "breakdown by energy" in by_energy.output
+    assert not json.loads(run_json.read_text())["cached_checkpoints"]  # the cached rows had no energy split
+    with open(breakdown_csv, newline="") as handle:
+        assert "energy" in {r["by"] for r in csv.DictReader(handle)}

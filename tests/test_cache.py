@@ -16,7 +16,7 @@ from equiaudit.audit import prepare_audit
 from equiaudit.cli import audit_command
 from equiaudit.cli.audit_command import audit_into, open_cache
 from equiaudit.cli.main import app
-from equiaudit.io.cache import CACHE_FILE, ResultCache, settings_identity, stamp
+from equiaudit.io.cache import CACHE_FILE, CachedResult, ResultCache, settings_identity, stamp
 from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints
 from equiaudit.io.config import load_config
 from run_helpers import T0, make_run, save_checkpoint, write_config
@@ -56,10 +56,11 @@ def test_cache_round_trip_and_key(tmp_path):
     with ResultCache(tmp_path / CACHE_FILE, {"config_hash": "abc"}) as cache:
         key = cache.key(ref, stamp(ckpt))
         assert cache.get(key) is None
-        cache.put(key, ref, rows)
-        assert cache.get(key) == rows and len(cache) == 1
+        breakdown = [{"run": "run", "checkpoint": ckpt.name, "by": "angle", "bin": "[0, 30)", "rel_equiv_error": 0.2}]
+        cache.put(key, ref, rows, breakdown, '{"by": []}')
+        assert cache.get(key) == CachedResult(rows, breakdown, '{"by": []}') and len(cache) == 1
     with ResultCache(tmp_path / CACHE_FILE, {"config_hash": "abc"}) as cache:  # persisted
-        assert cache.get(key) == rows
+        assert cache.get(key).rows == rows
         os.utime(ckpt, (T0, T0 + 1))  # touched: a different checkpoint identity
         assert cache.key(ref, stamp(ckpt)) != key
     with ResultCache(tmp_path / CACHE_FILE, {"config_hash": "other"}) as cache:  # other settings

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from equiaudit import __version__
 from equiaudit.audit import AuditPlan, CheckpointResult, audit_checkpoint, prepare_audit
 from equiaudit.errors import CheckpointError, ConfigError
-from equiaudit.io.cache import CACHE_FILE, ResultCache, SettleTracker, Stamp, checkpoint_epoch, settings_identity, stamp
+from equiaudit.io.cache import CACHE_FILE, CachedResult, ResultCache, SettleTracker, Stamp, checkpoint_epoch, settings_identity, stamp
 from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints
 from equiaudit.io.config import load_config
 from equiaudit.report.breakdown import BREAKDOWN_FILE, breakdown_rows, print_breakdowns, write_breakdown
@@ -86,14 +86,18 @@ class _Auditor:
         self.results: list[CheckpointResult] = []
         self.cached: list[CheckpointRef] = []
         self.started = time.time()
+        self.breakdown_identity = plan.breakdown_identity()
         out.mkdir(parents=True, exist_ok=True)
 
-    def lookup(self, ref: CheckpointRef) -> tuple[Stamp | None, str | None, list[dict] | None]:
-        """(stamp, cache key, cached rows or None); no key when the file is missing or there is no cache."""
+    def lookup(self, ref: CheckpointRef) -> tuple[Stamp | None, str | None, CachedResult | None]:
+        """(stamp, cache key, usable cached result or None); no key when the file is missing or
+        there is no cache. A result whose breakdown was made with other options is not usable."""
         found = stamp(ref.path)
         key = self.cache.key(ref, found) if self.cache is not None and found is not None else None
-        rows = self.cache.get(key) if key is not None and not self.force else None
-        return found, key, rows
+        hit = self.cache.get(key) if key is not None and not self.force else None
+        if hit is not None and hit.breakdown_options != self.breakdown_identity:
+            hit = None
+        return found, key, hit
 
     def evaluate(self, ref: CheckpointRef, found: Stamp | None, key: str | None, on_batch=None):
         """Audit one checkpoint; cache its rows when it succeeded (a failure is retried next time)."""
@@ -112,17 +116,25 @@ class _Auditor:
         }
         rows = [{**row, **when} for row in rows]
         if result.ok and key is not None:
-            self.cache.put(key, ref, rows)
+            breakdown = breakdown_rows(result, config_hash=plan.config.settings_hash())
+            self.cache.put(key, ref, rows, breakdown, self.breakdown_identity)
         return result, rows
 
-    def record(self, rows: Sequence[dict], result: CheckpointResult | None = None, cached: Sequence[CheckpointRef] = ()) -> None:
+    def record(self, rows: Sequence[dict], result: CheckpointResult | None = None, cached: Sequence[CachedResult] = (),
+               cached_refs: Sequence[CheckpointRef] = ()) -> None:
+        """Merge new (``rows`` of ``result``) or ``cached`` results into summary.csv, breakdown.csv
+        and run.json."""
+        rows = [*rows, *(row for hit in cached for row in hit.rows)]
         summary = self.out / "summary.csv"
         write_rows(summary, merge_rows(read_rows(summary), rows))
         if result is not None:
             self.results.append(result)
-        self.cached.extend(cached)
-        if result is not None and result.breakdown:
-            write_breakdown(self.out / BREAKDOWN_FILE, breakdown_rows(result, config_hash=self.plan.config.settings_hash()))
+        self.cached.extend(cached_refs)
+        breakdown = [row for hit in cached for row in hit.breakdown]
+        if result is not None:
+            breakdown += breakdown_rows(result, config_hash=self.plan.config.settings_hash())
+        if breakdown:
+            write_breakdown(self.out / BREAKDOWN_FILE, breakdown)
         metadata = _run_metadata(self.plan, self.results, self.started, self.cached)
         atomic_write_text(self.out / "run.json", json.dumps(metadata, indent=2, default=str) + "\n")
 
@@ -149,16 +161,17 @@ def audit_into(
     the rows of all ``refs``.
     """
     auditor = _Auditor(plan, out, cache, force)
-    todo, cached_refs, cached_rows = [], [], []
+    todo, cached_refs, cached = [], [], []
     for ref in refs:
-        found, key, rows = auditor.lookup(ref)
-        if rows is None:
+        found, key, hit = auditor.lookup(ref)
+        if hit is None:
             todo.append((ref, found, key))
         else:
             cached_refs.append(ref)
-            cached_rows.extend(rows)
+            cached.append(hit)
     if cached_refs:
-        auditor.record(cached_rows, cached=cached_refs)
+        auditor.record([], cached=cached, cached_refs=cached_refs)
+    cached_rows = [row for hit in cached for row in hit.rows]
     new_rows: list[dict] = []
     ckpt_task = progress.add_task("checkpoints", total=len(todo)) if progress else None
     batch_task = progress.add_task("samples", total=plan.n_samples) if progress else None
@@ -211,21 +224,21 @@ def watch_into(
     stop = stop or threading.Event()
     try:
         while not stop.is_set():
-            ready, cached_refs, cached_rows = [], [], []
+            ready, cached_refs, cached = [], [], []
             for ref in _discover_quietly(paths):
-                found, key, rows = auditor.lookup(ref)
+                found, key, hit = auditor.lookup(ref)
                 if key is None or key in handled:
                     continue
-                if rows is not None:
+                if hit is not None:
                     handled.add(key)
                     cached_refs.append(ref)
-                    cached_rows.extend(rows)
+                    cached.append(hit)
                 elif tracker.ready(ref.path, found):
                     ready.append((ref, found, key))
             if cached_refs:
-                auditor.record(cached_rows, cached=cached_refs)
+                auditor.record([], cached=cached, cached_refs=cached_refs)
                 if on_rows:
-                    on_rows(cached_rows)
+                    on_rows([row for hit in cached for row in hit.rows])
             for ref, found, key in ready:
                 if stop.is_set():
                     break

@@ -10,7 +10,9 @@ transaction, so an audit killed at any instant (Ctrl-C, SIGKILL, power loss) lea
 store as it was before or after that checkpoint, never torn; readers running beside a
 ``--watch`` audit see a consistent state; and it is a single file with no dependency.
 ``summary.csv`` stays the user-facing record and is rebuilt from these rows, so the two
-cannot drift apart. Only successful results are stored: a failure is retried next run.
+cannot drift apart; so is ``breakdown.csv``, from each checkpoint's breakdown rows, stored
+with the options that shaped them (a run asking for a split they lack re-audits the
+checkpoint). Only successful results are stored: a failure is retried next run.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from equiaudit import __version__
 from equiaudit.io.checkpoints import CheckpointRef, _read_step, _step_from_name
 from equiaudit.io.config import AuditConfig, resolve_path
 
-__all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "ResultCache", "SettleTracker", "checkpoint_epoch"]
+__all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "CachedResult", "ResultCache", "SettleTracker", "checkpoint_epoch"]
 
 CACHE_FILE = "cache.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     key TEXT PRIMARY KEY,      -- hash of checkpoint identity + settings
@@ -42,6 +44,8 @@ CREATE TABLE IF NOT EXISTS results (
     config_hash TEXT NOT NULL,
     version TEXT NOT NULL,
     rows TEXT NOT NULL,        -- JSON list of summary.csv rows
+    breakdown TEXT NOT NULL,   -- JSON list of breakdown.csv rows
+    breakdown_options TEXT NOT NULL,  -- identity of the options those rows were made with
     created REAL NOT NULL
 )
 """
@@ -100,6 +104,15 @@ def checkpoint_epoch(ref: CheckpointRef) -> int | None:
     return epoch if epoch is not None else _step_from_name(ref.name)[1]
 
 
+@dataclass(frozen=True)
+class CachedResult:
+    """One audited checkpoint as stored: its summary rows, breakdown rows and their options."""
+
+    rows: list[dict]
+    breakdown: list[dict]
+    breakdown_options: str
+
+
 class ResultCache:
     """Audited rows keyed by checkpoint identity and settings (see the module docstring)."""
 
@@ -131,18 +144,19 @@ class ResultCache:
         identity = [os.path.abspath(ref.path), found.size, found.mtime_ns, self.settings]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
-    def get(self, key: str) -> list[dict] | None:
-        """The rows stored under ``key``, exactly as they were written, or ``None``."""
-        hit = self._db.execute("SELECT rows FROM results WHERE key = ?", (key,)).fetchone()
-        return json.loads(hit[0]) if hit else None
+    def get(self, key: str) -> CachedResult | None:
+        """What is stored under ``key``, exactly as it was written, or ``None``."""
+        hit = self._db.execute("SELECT rows, breakdown, breakdown_options FROM results WHERE key = ?", (key,)).fetchone()
+        return CachedResult(json.loads(hit[0]), json.loads(hit[1]), hit[2]) if hit else None
 
-    def put(self, key: str, ref: CheckpointRef, rows: Sequence[dict]) -> None:
-        """Store one checkpoint's rows in a single transaction."""
+    def put(self, key: str, ref: CheckpointRef, rows: Sequence[dict], breakdown: Sequence[dict] = (),
+            breakdown_options: str = "") -> None:
+        """Store one checkpoint's rows (and breakdown rows) in a single transaction."""
         with self._db:
             self._db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, os.path.abspath(ref.path), ref.run, ref.name, self.settings["config_hash"], __version__,
-                 json.dumps(list(rows)), time.time()),
+                 json.dumps(list(rows)), json.dumps(list(breakdown)), breakdown_options, time.time()),
             )
 
     def __len__(self) -> int:
