@@ -97,3 +97,18 @@ def test_full_demo_ends_below_where_it_starts(tmp_path):
         totals = [r for r in _rows(tmp_path / "demo_out" / task / "summary.csv") if r["head"] == "total"]
         first, last = float(totals[0]["rel_equiv_error"]), float(totals[-1]["rel_equiv_error"])
         assert last < first, (task, first, last)
+
+
+def test_ema_decay_option_overrides_the_recipe(tmp_path):
+    bad = CliRunner().invoke(app, ["train", "flow_matching", "--steps", "10", "--ema-decay", "1.5", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--ema-decay must be in [0, 1)" in bad.output
+    off = CliRunner().invoke(app, ["train", "flow_matching", "--steps", "10", "--ema-decay", "0", "--out", str(tmp_path / "off")])
+    assert off.exit_code == 0, off.output
+    assert "EMA" not in off.output
+    saved = torch.load(tmp_path / "off" / "flow_matching" / "run" / "step_000010.pt", weights_only=True)
+    assert saved["ema_decay"] == 0.0
+    on = CliRunner().invoke(app, ["train", "flow_matching", "--steps", "10", "--out", str(tmp_path / "on")])
+    assert "EMA 0.999" in on.output
+    averaged = torch.load(tmp_path / "on" / "flow_matching" / "run" / "step_000010.pt", weights_only=True)
+    assert averaged["ema_decay"] == 0.999
+    assert any(not torch.equal(saved["model_state_dict"][k], averaged["model_state_dict"][k]) for k in saved["model_state_dict"])

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from equiaudit.audit import prepare_audit
+from equiaudit.errors import ConfigError
 from equiaudit.cli.audit_command import audit_into, group_label, open_cache, save_trajectory_plot
 from equiaudit.io.checkpoints import discover_checkpoints, save_checkpoint
 from equiaudit.io.config import load_config
@@ -156,9 +157,21 @@ def _verdict(rows: list[dict], threshold: float) -> dict:
     return compare_rows(total, threshold=threshold)[0] if total else {}
 
 
-def run_train_command(*, task: str, out: Path, steps: int | None, seed: int, augment: bool, console: Console) -> int:
-    """Body of ``equiaudit train``."""
+def _recipe(task: str, ema_decay: float | None) -> Recipe:
+    """The task's recipe, with the weight averaging overridden when ``ema_decay`` is given (0: off)."""
     recipe = RECIPES[task]
+    if ema_decay is None:
+        return recipe
+    if not 0.0 <= ema_decay < 1.0:
+        raise ConfigError(f"--ema-decay must be in [0, 1) (0 turns averaging off), got {ema_decay:g}")
+    return replace(recipe, settings=replace(recipe.settings, ema_decay=ema_decay))
+
+
+def run_train_command(
+    *, task: str, out: Path, steps: int | None, seed: int, augment: bool, console: Console, ema_decay: float | None = None
+) -> int:
+    """Body of ``equiaudit train``."""
+    recipe = _recipe(task, ema_decay)
     with _progress(console) as progress:
         config_path, log = train_task(recipe, out / task, out / "data", steps=steps or recipe.settings.steps, seed=seed,
                                       augment=augment, progress=progress)
@@ -174,13 +187,14 @@ def run_train_command(*, task: str, out: Path, steps: int | None, seed: int, aug
 
 
 def run_demo_command(
-    *, tasks: Sequence[str], out: Path, steps: int | None, seed: int, device: str, threshold: float, console: Console
+    *, tasks: Sequence[str], out: Path, steps: int | None, seed: int, device: str, threshold: float, console: Console,
+    ema_decay: float | None = None,
 ) -> int:
     """Body of ``equiaudit demo``: for each task, data → training → audit → trajectory and verdict."""
     results = []
     failed = 0
     for task in tasks:
-        recipe = RECIPES[task]
+        recipe = _recipe(task, ema_decay)
         n_steps = steps or recipe.settings.steps
         start = time.perf_counter()
         console.rule(f"[bold]{task}[/]: {recipe.builder} on {recipe.data_name.upper()}, {n_steps} steps {_training_label(recipe)}")

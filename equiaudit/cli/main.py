@@ -210,11 +210,13 @@ def train(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: the task's recipe).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and augmentation.")] = 0,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random-rotation augmentation.")] = True,
+    ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Weight averaging of the checkpoints (default: the recipe's, 0.999; 0 turns it off).")] = None,
 ):
     """Train a reference non-equivariant model on locally made Lennard-Jones data, saving log-spaced checkpoints."""
     from equiaudit.cli.demo_command import run_train_command
 
-    raise typer.Exit(run_train_command(task=task.value, out=out, steps=steps, seed=seed, augment=augment, console=stdout))
+    raise typer.Exit(run_train_command(task=task.value, out=out, steps=steps, seed=seed, augment=augment,
+                                       ema_decay=ema_decay, console=stdout))
 
 
 @app.command()
@@ -226,6 +228,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for data, training and the audit.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train and audit.")] = Device.auto,
     threshold: Annotated[float, typer.Option(help="REE threshold for 'first step below' (fraction).")] = 0.02,
+    ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Weight averaging of the checkpoints (default: the recipe's, 0.999; 0 turns it off).")] = None,
 ):
     """Make data, train the three reference models with rotation augmentation, and audit every checkpoint."""
     from equiaudit.cli.demo_command import run_demo_command
@@ -233,7 +236,7 @@ def demo(
 
     tasks = list(TASKS) if task.value == "all" else [task.value]
     raise typer.Exit(run_demo_command(tasks=tasks, out=out, steps=steps, seed=seed, device=device.value,
-                                      threshold=threshold, console=stdout))
+                                      threshold=threshold, ema_decay=ema_decay, console=stdout))
 
 
 def run() -> None:  # pragma: no cover - console entry point alias
