@@ -192,7 +192,8 @@ def test_merge_replaces_a_checkpoint_and_keeps_the_others():
     assert [(r["checkpoint"], r["by"]) for r in merged] == [("a", "element"), ("b", "angle")]
 
 
-def test_cli_writes_breakdown_csv_shows_by_tables_and_local_columns(tmp_path, monkeypatch):
+def _cli_project(tmp_path, monkeypatch):
+    """A data file, a one-checkpoint run and config.yaml in ``tmp_path`` (the working directory); returns the CLI app."""
     _molecules(tmp_path / "data.npz")
     (tmp_path / "run").mkdir()
     torch.save(ForceField().state_dict(), tmp_path / "run" / "step_100.pt")
@@ -206,6 +207,12 @@ def test_cli_writes_breakdown_csv_shows_by_tables_and_local_columns(tmp_path, mo
         """))
     monkeypatch.chdir(tmp_path)
     from equiaudit.cli.main import app
+
+    return app
+
+
+def test_cli_writes_breakdown_csv_shows_by_tables_and_local_columns(tmp_path, monkeypatch):
+    app = _cli_project(tmp_path, monkeypatch)
 
     result = CliRunner().invoke(app, ["audit", "config.yaml", "--out", "out", "--local", "--by", "element,angle", "--no-plot"])
     assert result.exit_code == 0, result.output
@@ -223,19 +230,7 @@ def test_cli_writes_breakdown_csv_shows_by_tables_and_local_columns(tmp_path, mo
 def test_cached_audits_keep_their_breakdown(tmp_path, monkeypatch):
     """breakdown.csv is rebuilt from the cache like summary.csv; a split the cached rows lack
     (a per-sample field) re-audits the checkpoint instead of silently showing nothing."""
-    _molecules(tmp_path / "data.npz")
-    (tmp_path / "run").mkdir()
-    torch.save(ForceField().state_dict(), tmp_path / "run" / "step_100.pt")
-    (tmp_path / "config.yaml").write_text(textwrap.dedent(f"""
-        task: force_field
-        model: {{factory: "{__file__}:ForceField"}}
-        checkpoints: {{path: run}}
-        data: {{path: data.npz}}
-        group: {{name: so3, rotations: 4}}
-        bootstrap: 20
-        """))
-    monkeypatch.chdir(tmp_path)
-    from equiaudit.cli.main import app
+    app = _cli_project(tmp_path, monkeypatch)
 
     audit = ["audit", "config.yaml", "--out", "out", "--no-plot"]
     breakdown_csv, run_json = tmp_path / "out" / "breakdown.csv", tmp_path / "out" / "run.json"
