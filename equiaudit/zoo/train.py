@@ -148,12 +148,14 @@ def train(
     on_checkpoint: Callable[[int, torch.nn.Module, dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Adam on ``loss_fn``; at each checkpoint step, measure the held-out loss and call back.
+    """Adam on ``loss_fn`` (optionally scheduled, optionally weight-averaged); at each
+    checkpoint step, measure the held-out loss and call back.
 
     Args:
         train_data, held_out: fields ``(N, ...)``; floats should be float32 (the model's dtype).
         checkpoint_steps: default :func:`log_spaced_steps` of ``settings.steps``.
-        on_checkpoint: ``(step, model, record)``; ``record`` has ``step``, ``train_loss``
+        on_checkpoint: ``(step, model, record)``, ``model`` being the weight average when
+            ``settings.ema_decay`` is set; ``record`` has ``step``, ``train_loss``
             (mean since the last checkpoint), ``held_out_loss`` and ``seconds``.
 
     Returns:
