@@ -79,13 +79,13 @@ class Recipe:
         return voxel_denoising_loss(grid, voxel["noise"], augment)
 
 
+# One dataset for both LJ13 tasks: they write and read the same data/lj13_*.npz files.
+LJ13_DATA: dict[str, Any] = {"cluster": LJ13, "data_name": "lj13", "n_train": 1000, "n_test": 256}
+
 RECIPES: dict[str, Recipe] = {
     "force_field": Recipe(
         task="force_field",
-        cluster=LJ13,
-        data_name="lj13",
-        n_train=1000,
-        n_test=256,
+        **LJ13_DATA,
         builder="transformer_force_field",
         kwargs={"hidden": 64, "layers": 2},
         settings=TrainSettings(steps=10000, batch_size=32, lr=3e-4, ema_decay=EMA_DECAY),
@@ -101,10 +101,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "flow_matching": Recipe(
         task="flow_matching",
-        cluster=LJ13,
-        data_name="lj13",
-        n_train=1000,
-        n_test=256,
+        **LJ13_DATA,
         builder="transformer_velocity",
         kwargs={"hidden": 64, "layers": 2},
         settings=TrainSettings(steps=2000, batch_size=32, lr=1e-3, ema_decay=EMA_DECAY),
