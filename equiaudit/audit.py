@@ -23,7 +23,7 @@ from equiaudit.engine import HeadSpec, OrbitSpec, audit_model, evaluate_round_tr
 from equiaudit.floor import float_floor_metric
 from equiaudit.groups_extra import EXTRA_GROUP_NAMES, group_action, make_extra_group
 from equiaudit.local import local_metric
-from equiaudit.errors import ConfigError, DataError, EquiauditError
+from equiaudit.errors import ConfigError, DataError, EquiauditError, first_line
 from equiaudit.groups import RotationSet, make_rotation_set
 from equiaudit.io.checkpoints import CheckpointRef, load_into_model, read_checkpoint
 from equiaudit.io.config import AuditConfig
@@ -311,9 +311,9 @@ def audit_checkpoint(
         return CheckpointResult(ref, "out_of_memory", message, step, seconds=time.perf_counter() - start)
     except RuntimeError as exc:
         # A model that crashes on these inputs fails this checkpoint, not the run.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "does not require grad" in first_line and not plan.spec.grad:
-            first_line += " (if the model takes forces by autograd, set model.grad: true)"
-        return CheckpointResult(ref, "model_error", f"the model failed: {first_line}", step, seconds=time.perf_counter() - start)
+        reason = first_line(exc)
+        if "does not require grad" in reason and not plan.spec.grad:
+            reason += " (if the model takes forces by autograd, set model.grad: true)"
+        return CheckpointResult(ref, "model_error", f"the model failed: {reason}", step, seconds=time.perf_counter() - start)
     return CheckpointResult(ref, "ok", None, step, summaries, extras, seconds=time.perf_counter() - start, breakdown=breakdown)
 

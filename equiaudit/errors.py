@@ -40,3 +40,12 @@ class ModelOutputError(EquiauditError):
     """The model returned NaN/inf or a wrongly shaped output (that checkpoint fails)."""
 
     status = "bad_output"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (library messages can run to
+    paragraphs), or the exception's type name when it has none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -48,7 +48,7 @@ import torch.autograd.forward_ad as fwAD
 from equiaudit import actions
 from equiaudit.actions.voxels import voxel_centres
 from equiaudit.engine import OrbitSpec, _call_model, _head_output, head_weight, model_dtype
-from equiaudit.errors import ModelOutputError
+from equiaudit.errors import ModelOutputError, first_line
 from equiaudit.metrics import reduce_per_sample
 from equiaudit.rotations import so3_generators
 
@@ -142,7 +142,7 @@ def local_equivariance(
                 sums[head][0] += error.sum().item()
                 sums[head][1] += scale.sum().item()
     except RuntimeError as exc:  # an op without a forward-mode derivative, typically
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelOutputError(f"--local: forward-mode differentiation of the model failed: {first}", status="local_failed") from exc
     weights = {h.name: h.weight for h in spec.heads}
     sums["total"] = [sum(weights[h] * sums[h][i] for h in weights) for i in (0, 1)]

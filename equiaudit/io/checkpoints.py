@@ -15,10 +15,7 @@ import filecmp
 import glob
 import json
 import os
-import pickle
 import re
-import tempfile
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +25,8 @@ from typing import Any
 import torch
 
 from equiaudit.errors import CheckpointError
+from equiaudit.io.atomic import atomic_write
+from equiaudit.io.safe_load import DamagedFile, RefusedPickle, damaged_reason, load_weights_only
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
 # Files the HF Trainer writes beside the weights; they are not model checkpoints.
@@ -57,7 +56,6 @@ KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
 _STEP_NAME_RE = re.compile(r"(?<![a-z])(?:global_?)?(?:step|iteration|iter)s?[=_-]?(\d+)(?![\d.])", re.I)
 _EPOCH_NAME_RE = re.compile(r"(?<![a-z])epochs?[=_-]?(\d+)(?![\d.])", re.I)
 _TRAILING_NUMBER_RE = re.compile(r"(?:^|[_-])(\d+)$")  # `ckpt_1000`, `checkpoint-500`, `1000`
-_GLOBAL_RE = re.compile(r"GLOBAL (\S+?) (?:was not an allowed global|whose module)")
 
 
 @dataclass(frozen=True)
@@ -345,52 +343,27 @@ def _loaded(path: Path, state_dict: dict, fmt: str, step: int | None, epoch: int
 
 
 def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
+    """:func:`~equiaudit.io.safe_load.load_weights_only` with every failure turned into a one-line CheckpointError."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. torch's pickle-protocol warning: noise for users
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return load_weights_only(path, map_location, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file or directory", status="not_found") from None
     except OSError as exc:
         raise CheckpointError(f"{path.name}: cannot open ({exc.strerror or exc})", status="unreadable") from None
-    except pickle.UnpicklingError as exc:
-        needed = _GLOBAL_RE.search(str(exc))
-        if needed:
-            raise CheckpointError(
-                f"{path.name}: refused: the pickle needs `{_readable_global(needed.group(1))}`; "
-                "equiaudit never executes pickled code. Re-save the weights as a state_dict "
-                "(torch.save(model.state_dict(), path)) or .safetensors",
-                status="unsafe_pickle",
-            ) from None
-        raise _corrupt(path, exc) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
-        raise _corrupt(path, exc) from None
+    except RefusedPickle as exc:
+        raise CheckpointError(
+            f"{path.name}: refused: the pickle needs `{exc.global_name}`; "
+            "equiaudit never executes pickled code. Re-save the weights as a state_dict "
+            "(torch.save(model.state_dict(), path)) or .safetensors",
+            status="unsafe_pickle",
+        ) from None
+    except DamagedFile as exc:
+        raise _corrupt(path, exc.reason) from None
 
 
-def _readable_global(name: str) -> str:
-    # `os.system` pickles as `posix.system` (`nt.system` on Windows): show what users wrote.
-    module, _, attr = name.rpartition(".")
-    return f"os.{attr}" if module in ("posix", "nt") else name
-
-
-def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f"{path.name}: not a readable checkpoint (truncated or corrupt: {_short_reason(exc)})", status="corrupt"
-    )
-
-
-def _short_reason(exc: BaseException) -> str:
-    """The informative line of a torch/safetensors error, without torch's paragraphs of advice."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # torch wraps weights-only failures as: advice ... <actual reason> / "Check the documentation ..."
-    lines = [ln for ln in lines if not ln.startswith("Check the documentation")]
-    if not lines:
-        return "unexpected end of file" if isinstance(exc, EOFError) else type(exc).__name__
-    reason = lines[-1] if "Weights only load failed" in lines[0] else lines[0]
-    reason = re.sub(r"^Unsupported operand (\d+)$", r"not a torch.save file: unsupported pickle opcode \1", reason)
-    reason = reason.split(". ")[0].rstrip(".")
-    return reason if len(reason) <= 120 else reason[:117] + "..."
+def _corrupt(path: Path, reason: BaseException | str) -> CheckpointError:
+    reason = damaged_reason(reason) if isinstance(reason, BaseException) else reason
+    return CheckpointError(f"{path.name}: not a readable checkpoint (truncated or corrupt: {reason})", status="corrupt")
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -520,7 +493,7 @@ def load_into_model(model: torch.nn.Module, ckpt: LoadedCheckpoint) -> str | Non
     try:
         model.load_state_dict(stripped, strict=True)
     except RuntimeError as exc:  # e.g. a custom module's load hook rejecting a value
-        raise CheckpointError(f"cannot load weights into the model: {_short_reason(exc)}{after}",
+        raise CheckpointError(f"cannot load weights into the model: {damaged_reason(exc)}{after}",
                               status="key_mismatch") from None
     return prefix or None
 
@@ -596,15 +569,5 @@ def save_checkpoint(path: Path | str, state_dict: Mapping[str, torch.Tensor], *,
     Temp file + rename in the same folder, so a reader (``audit --watch``) never sees a
     half-written checkpoint. ``metadata`` must be plain numbers/strings (weights-only loadable).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "step": int(step), **metadata}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(payload, handle))

@@ -34,10 +34,6 @@ Every failure raises :class:`equiaudit.errors.DataError` with a one-line message
 
 from __future__ import annotations
 
-import os
-import pickle
-import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,9 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from equiaudit.errors import DataError
+from equiaudit.errors import DataError, first_line
+from equiaudit.io.atomic import atomic_write
+from equiaudit.io.safe_load import DamagedFile, RefusedPickle, load_weights_only
 
-__all__ = ["load_dataset", "save_npz", "CANONICAL_FIELDS"]
+__all__ = ["load_dataset", "canonical_dataset", "save_npz", "CANONICAL_FIELDS"]
 
 CANONICAL_FIELDS = ("pos", "z", "energy", "forces", "mask", "n_atoms")
 
@@ -96,15 +94,20 @@ def load_dataset(
     if path.is_dir():
         raise DataError(f"data path is a directory, expected a file: {path}")
 
-    raw = _read(path)
-    data = _select(raw, keys, path)
-    data = _canonicalize(data, path)
+    data = canonical_dataset(_read(path), keys, origin=str(path))
     n = len(next(iter(data.values())))
     index = _subset_index(n, samples, subset_seed)
     data = _subset(data, index)
     if return_index:
         return data, torch.arange(n) if index is None else index
     return data
+
+
+def canonical_dataset(raw: Mapping[str, Any], keys: Mapping[str, str] | None = None, *, origin: str = "data") -> dict[str, torch.Tensor]:
+    """Arrays or tensors as a file would hold them (``{key: (N, ...)}``) → the canonical
+    in-memory dataset, by the same rules as :func:`load_dataset` (``keys``, layouts, mask,
+    padding, dtypes, checks). ``origin`` names the data in error messages."""
+    return _canonicalize(_select(dict(raw), _check_keys(keys), origin), origin)
 
 
 def _subset_index(n: int, samples: int | None, seed: int | None) -> torch.Tensor | None:
@@ -133,19 +136,11 @@ def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray | torch.Tensor]) 
         if arr.dtype.kind == "O":
             raise DataError(f"cannot save '{name}' to {path}: object arrays are not supported")
         out[name] = arr
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Same directory as the target, so os.replace is an atomic rename; readers never
-        # see a half-written file.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            np.savez(f, **out)  # a file object keeps np.savez from appending ".npz"
-        os.replace(tmp, path)
+        # A file object keeps np.savez from appending ".npz"; atomic: readers never see half a file.
+        atomic_write(path, lambda handle: np.savez(handle, **out))
     except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise DataError(f"cannot write {path}: {_reason(e)}") from e
+        raise DataError(f"cannot write {path}: {first_line(e)}") from e
 
 
 # --------------------------------------------------------------------------- reading
@@ -191,7 +186,7 @@ def _read_npz(path: Path) -> dict[str, Any]:
         # np.load of a file that is neither zip nor .npy falls back to unpickling, which
         # allow_pickle=False refuses: for a user that means "not an .npz", and numpy's
         # advice to allow pickling must not be passed on.
-        reason = "not an .npz archive" if "pickle" in str(e) else _reason(e)
+        reason = "not an .npz archive" if "pickle" in str(e) else first_line(e)
         raise DataError(f"cannot read {path} as .npz: {reason}") from e
 
 
@@ -201,24 +196,18 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return dict(load_file(str(path), device="cpu"))
     except Exception as e:  # SafetensorError, OSError, ... all mean "cannot read"
-        raise DataError(f"cannot read {path} as .safetensors: {_reason(e)}") from e
+        raise DataError(f"cannot read {path} as .safetensors: {first_line(e)}") from e
 
 
 def _read_torch(path: Path) -> dict[str, Any]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only=True refuses any global outside torch's allowlist (custom classes,
-        # functions that would run code); other unpickling errors mean a damaged file.
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused or "allowed global" in str(e):
-            what = f" ({refused.group(1)})" if refused else ""
-            raise DataError(
-                f"{path} needs arbitrary pickled code{what} to load, refused for safety; save a plain dict of tensors"
-            ) from e
-        raise DataError(f"cannot read {path} as a torch file: not a valid torch.save file") from e
-    except Exception as e:
-        raise DataError(f"cannot read {path} as a torch file: {_reason(e)}") from e
+        obj = load_weights_only(path, "cpu")
+    except RefusedPickle as e:
+        raise DataError(
+            f"{path} needs arbitrary pickled code ({e.global_name}) to load, refused for safety; save a plain dict of tensors"
+        ) from None
+    except (OSError, DamagedFile) as e:
+        raise DataError(f"cannot read {path} as a torch file: {first_line(e)}") from None
     if not isinstance(obj, Mapping):
         raise DataError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors")
     return {str(k): v for k, v in obj.items()}
@@ -234,7 +223,7 @@ def _read_extxyz(path: Path) -> dict[str, Any]:
     try:
         frames = ase.io.read(str(path), index=":")
     except Exception as e:
-        raise DataError(f"cannot read {path} with ASE: {_reason(e)}") from e
+        raise DataError(f"cannot read {path} with ASE: {first_line(e)}") from e
     if not frames:
         raise DataError(f"{path} holds no structures")
 
@@ -471,9 +460,3 @@ def _subset(data: dict[str, torch.Tensor], index: torch.Tensor | None) -> dict[s
     if index is None:
         return data
     return {name: t[index] for name, t in data.items()}  # indexing copies
-
-
-def _reason(e: BaseException) -> str:
-    """First line of an exception message (library messages can span many lines)."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

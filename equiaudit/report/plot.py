@@ -13,11 +13,10 @@ through ``matplotlib.figure.Figure`` — no pyplot, so no GUI backend and no glo
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from equiaudit.io.atomic import atomic_write
 from equiaudit.report.compare import X_LABELS, Trajectory
 
 __all__ = ["trajectory_figure", "save_figure"]
@@ -88,14 +87,4 @@ def trajectory_figure(
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save ``fig`` as PNG atomically (a viewer refreshing during ``--watch`` never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: fig.savefig(handle, dpi=dpi, format="png"))

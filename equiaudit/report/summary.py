@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from equiaudit.io.atomic import atomic_write_text
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -106,22 +106,6 @@ def merge_rows(existing: Iterable[dict], new: Iterable[dict]) -> list[dict]:
     rows = kept + new
     rows.sort(key=lambda r: (r["run"], _step_key(r), r["checkpoint"], r["head"] != "total"))
     return rows
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_rows(path: str | Path, rows: Sequence[dict], columns: Sequence[str] = SUMMARY_COLUMNS + EXTRA_COLUMNS) -> None:
