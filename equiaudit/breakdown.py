@@ -36,9 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from equiaudit.engine import HeadBatch, OrbitSpec
+from equiaudit.representations import get_representation
 from equiaudit.rotations import rotation_angle
+from equiaudit.stats import SampleStats
 
-__all__ = ["BUILTIN_SPLITS", "BreakdownOptions", "BreakdownCollector", "bin_rows", "field_bins"]
+__all__ = ["BUILTIN_SPLITS", "BreakdownOptions", "bin_rows", "field_bins", "split_fields", "unit_values", "batch_columns", "breakdown_rows"]
 
 BUILTIN_SPLITS = ("element", "n_atoms", "angle", "channel", "sample")
 _MAX_DISTINCT = 20  # integer fields with at most this many values get one bin per value
@@ -126,7 +128,7 @@ def field_bins(values: torch.Tensor, bins: int = 5) -> tuple[torch.Tensor, dict[
     return ids, {i: _range_name(edges[i].item(), edges[i + 1].item(), i == last) for i in range(last + 1)}
 
 
-def _unit_values(terms: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_values(terms: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a head's per-sample mean over axis 1 of ``terms`` ``(B, U, ...)``: per unit the
     weighted mean ``(B, U)`` and the unit's share of the sample's weight ``(B, U)``."""
     w = torch.ones_like(terms) if weight is None else weight.to(terms.dtype)
@@ -139,131 +141,138 @@ def _unit_values(terms: torch.Tensor, weight: torch.Tensor | None) -> tuple[torc
     return value, w_unit / w_unit.sum(1, keepdim=True).clamp_min(1e-300)
 
 
-def _atom_count(dataset, spec: OrbitSpec, mask, z) -> int | None:
-    """Length of the atom axis, from the mask, the elements or a ``point`` field ``(N, A, 3)``; None without atoms."""
+def atom_count(batch: Mapping[str, torch.Tensor], spec: OrbitSpec, elements_field: str = "z") -> int | None:
+    """Length of the atom axis, from the mask, the elements or a ``point`` field ``(B, A, 3)``; None without atoms."""
+    mask = batch.get(spec.mask) if spec.mask else None
     if mask is not None:
         return mask.shape[1]
+    z = batch.get(elements_field)
     if z is not None and z.dim() == 2:
         return z.shape[1]
-    points = [v for f, v in dataset.items() if spec.fields.get(f) == "point" and v.dim() == 3]
+    points = [v for f, v in batch.items() if spec.fields.get(f) == "point" and v.dim() == 3]
     return points[0].shape[1] if points else None
 
 
-class BreakdownCollector:
-    """Collects what the breakdowns need from the audit's batches (``on_result`` of
-    :func:`equiaudit.engine.audit_model`), then makes the rows (:meth:`rows`).
+def batch_columns(
+    batch: Mapping[str, torch.Tensor],
+    elements: torch.Tensor,
+    results: Mapping[str, HeadBatch],
+    spec: OrbitSpec,
+    options: BreakdownOptions,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """What the breakdowns need from one batch of B samples.
 
-    Kept per head: per-sample values ``(N,)``, per-rotation values ``(N, K)`` and, for
-    heads with an axis 1 (atoms, channels), per-unit values ``(N, U)``: all small.
+    Returns ``(sample columns, unit blocks)``: per-sample columns ``(B, ...)`` (the rotation
+    angles ``(B, K)`` when the elements are matrices, ``n_atoms``, the per-sample fields split
+    by) and, for every head with an axis 1 (atoms, channels), a block of its units
+    flattened to ``(B·U,)``: ``row`` (the sample's row in the batch), ``head``, ``unit``,
+    ``label`` (atomic number of a per-atom unit, else the unit index), ``loss``, ``error``,
+    ``weight`` (the unit's share of its sample).
     """
+    columns: dict[str, torch.Tensor] = {}
+    b = elements.shape[0]
+    if elements.dim() == 4 and elements.shape[-2:] == (3, 3):
+        proper = elements * torch.linalg.det(elements)[..., None, None]  # angle of the rotation part
+        columns["angle"] = torch.rad2deg(rotation_angle(proper))
+    n_atoms = atom_count(batch, spec, options.elements)
+    mask = batch.get(spec.mask) if spec.mask else None
+    if n_atoms is not None:
+        columns["n_atoms"] = mask.sum(1) if mask is not None else torch.full((b,), n_atoms)
+    for name in split_fields(batch, options):
+        columns[f"field/{name}"] = batch[name]
+    z = batch.get(options.elements)
+    blocks = []
+    for index, head in enumerate(spec.heads):
+        result = results[head.name]
+        if result.terms.loss_aug.dim() < 2:
+            continue
+        loss, share = unit_values(result.terms.loss_aug, result.weight)
+        error, _ = unit_values(result.terms.equiv_error, result.weight)
+        u = loss.shape[1]
+        per_atom = not get_representation(head.rep).grid and n_atoms is not None and u == n_atoms
+        if get_representation(head.rep).grid:
+            label = torch.arange(u).expand(b, u)
+        elif per_atom and z is not None and z.dim() == 2 and not z.is_floating_point():
+            label = z.long()
+        else:
+            continue  # per-atom heads without atomic numbers: no element split
+        blocks.append({
+            "row": torch.arange(b).repeat_interleave(u),
+            "head": torch.full((b * u,), index),
+            "unit": torch.arange(u).repeat(b),
+            "label": label.reshape(-1).cpu(),
+            "loss": loss.reshape(-1),
+            "error": error.reshape(-1),
+            "weight": share.reshape(-1),
+        })
+    return columns, blocks
 
-    def __init__(self, spec: OrbitSpec):
-        self.spec = spec
-        self.weights = {h.name: h.weight for h in spec.heads}
-        self.reps = {h.name: h.rep for h in spec.heads}
-        self._parts: dict[str, dict[str, list[torch.Tensor]]] = {h.name: {} for h in spec.heads}
 
-    def update(self, index: slice, batch: Mapping[str, torch.Tensor], results: Mapping[str, HeadBatch]) -> None:
-        for head, result in results.items():
-            parts = {
-                "loss": result.loss_aug,
-                "error": result.equiv_error,
-                "loss_rot": result.loss_per_rotation,
-                "error_rot": result.equiv_error_per_rotation,
-            }
-            if result.terms.loss_aug.dim() >= 2:
-                parts["loss_unit"], parts["unit_weight"] = _unit_values(result.terms.loss_aug, result.weight)
-                parts["error_unit"], _ = _unit_values(result.terms.equiv_error, result.weight)
-            for key, value in parts.items():
-                if value is not None:
-                    self._parts[head].setdefault(key, []).append(value.detach().double().cpu())
+def breakdown_rows(stats: SampleStats, spec: OrbitSpec, options: BreakdownOptions) -> list[dict]:
+    """All rows from finalized statistics (:meth:`SampleStats.finalized`): built-in splits that
+    apply, then the per-sample fields; ``total`` first in each."""
+    samples = stats.tables["samples"].columns()
+    weights = {h.name: h.weight for h in spec.heads}
+    heads = ["total", *weights]
+    n = len(samples["id"])
+    values: dict[str, dict[str, torch.Tensor]] = {}
+    for h in weights:
+        values[h] = {key: samples[f"{key}/{h}"].double() for key in ("loss_aug", "equiv_error", "loss_rot", "error_rot")}
+    values["total"] = {key: sum(weights[h] * values[h][key] for h in weights) for key in ("loss_aug", "equiv_error", "loss_rot", "error_rot")}
+    total_error = {h: values[h]["equiv_error"].mean().item() for h in heads}
+    rows: list[dict] = []
 
-    def _values(self) -> dict[str, dict[str, torch.Tensor]]:
-        values = {head: {k: torch.cat(v) for k, v in parts.items()} for head, parts in self._parts.items()}
-        # The weighted total exists wherever every head has the value (per sample, per rotation).
-        values["total"] = {
-            key: sum(self.weights[h] * values[h][key] for h in self.weights)
-            for key in ("loss", "error", "loss_rot", "error_rot")
-            if all(key in values[h] for h in self.weights)
-        }
-        return values
-
-    def rows(
-        self,
-        dataset: Mapping[str, torch.Tensor],
-        elements: torch.Tensor,
-        options: BreakdownOptions = BreakdownOptions(),
-        sample_index: torch.Tensor | None = None,
-    ) -> list[dict]:
-        """All rows: built-in splits that apply, then the ``by`` fields; ``total`` first in each.
-
-        ``elements``: the audit's group elements ``(N, K, ...)`` (angles need matrices);
-        ``sample_index`` ``(N,)``: the index to report for each sample (default its position).
-        """
-        values = self._values()
-        heads = ["total", *self.weights]
-        n = len(values["total"]["loss"])
-        total_error = {h: values[h]["error"].mean().item() for h in heads}
-        rows: list[dict] = []
-
-        def per_sample(by: str, ids: torch.Tensor, names=None) -> None:
-            for head in heads:
-                v = values[head]
-                weight = torch.full((n,), 1 / n, dtype=torch.float64)
-                rows.extend(bin_rows(by, head, ids, v["loss"], v["error"], weight, names, total_error[head]))
-
-        def per_unit(by: str, head: str, labels: torch.Tensor) -> None:
-            v = values[head]
-            rows.extend(bin_rows(
-                by, head, labels.flatten(), v["loss_unit"].flatten(), v["error_unit"].flatten(),
-                v["unit_weight"].flatten() / n, None, total_error[head],
-            ))
-
-        mask = dataset.get(self.spec.mask) if self.spec.mask else None
-        z = dataset.get(options.elements)
-        n_atoms = _atom_count(dataset, self.spec, mask, z)
-        per_atom = [h for h in self.weights if self.reps[h] != "voxel" and "loss_unit" in values[h]
-                    and n_atoms is not None and values[h]["loss_unit"].shape[1] == n_atoms]
-        if z is not None and z.dim() == 2 and not z.is_floating_point():
-            for head in per_atom:
-                per_unit("element", head, z.long())
-        if n_atoms is not None:
-            counts = mask.sum(1) if mask is not None else torch.full((n,), n_atoms)
-            per_sample("n_atoms", counts.long())
-        if elements.dim() == 4 and elements.shape[-2:] == (3, 3):
-            proper = elements * torch.linalg.det(elements)[..., None, None]  # angle of the rotation part
-            degrees = torch.rad2deg(rotation_angle(proper))
-            width = 180 / options.angle_bins
-            ids = (degrees / width).floor().long().clamp(0, options.angle_bins - 1).flatten()
-            names = {i: _range_name(i * width, (i + 1) * width, i == options.angle_bins - 1) for i in range(options.angle_bins)}
-            k = elements.shape[1]
-            weight = torch.full((n * k,), 1 / (n * k), dtype=torch.float64)
-            for head in heads:
-                v = values[head]
-                rows.extend(bin_rows("angle", head, ids, v["loss_rot"].flatten(), v["error_rot"].flatten(), weight, names, total_error[head]))
-        for head in (h for h in self.weights if self.reps[h] == "voxel" and "loss_unit" in values[h]):
-            channels = torch.arange(values[head]["loss_unit"].shape[1]).expand(n, -1)
-            per_unit("channel", head, channels)
-        for name in self.fields(dataset, options):
-            ids, names = field_bins(dataset[name], options.bins)
-            per_sample(name, ids, names)
-        index = torch.arange(n) if sample_index is None else sample_index
+    def per_sample(by: str, ids: torch.Tensor, names=None) -> None:
+        weight = torch.full((n,), 1 / n, dtype=torch.float64)
         for head in heads:
             v = values[head]
-            worst = torch.argsort(v["error"], descending=True, stable=True)[: options.worst]
-            weight = torch.full((len(worst),), 1 / n, dtype=torch.float64)
-            names = {i: str(int(index[i])) for i in worst.tolist()}
-            rows_head = bin_rows("sample", head, worst, v["loss"][worst], v["error"][worst], weight, names, total_error[head])
-            order = {name: j for j, name in enumerate(names[i] for i in worst.tolist())}
-            rows.extend(sorted(rows_head, key=lambda r: order[r["bin"]]))  # worst first
-        return rows
+            rows.extend(bin_rows(by, head, ids, v["loss_aug"], v["equiv_error"], weight, names, total_error[head]))
 
-    @staticmethod
-    def fields(dataset: Mapping[str, torch.Tensor], options: BreakdownOptions) -> list[str]:
-        """The per-sample fields split by: ``t`` when present, then ``options.by`` (built-ins excluded)."""
-        names = ["t"] if "t" in dataset and dataset["t"].dim() == 1 else []
-        names += [b for b in options.by if b not in BUILTIN_SPLITS and b not in names]
-        for name in names:
-            if name not in dataset or dataset[name].dim() != 1:
-                raise ValueError(f"breakdown by {name!r}: needs a per-sample scalar field (N,); fields: {', '.join(dataset)}")
-        return names
+    units = stats.tables["units"].columns()
+
+    def per_unit(by: str, rep_is_grid: bool) -> None:
+        for index, head in enumerate(spec.heads):
+            if not len(units) or get_representation(head.rep).grid != rep_is_grid:
+                continue
+            mine = units["head"] == index
+            if not mine.any():
+                continue
+            rows.extend(bin_rows(by, head.name, units["label"][mine], units["loss"][mine], units["error"][mine],
+                                 units["weight"][mine] / n, None, total_error[head.name]))
+
+    per_unit("element", rep_is_grid=False)
+    if "n_atoms" in samples:
+        per_sample("n_atoms", samples["n_atoms"].long())
+    if "angle" in samples:
+        k = samples["angle"].shape[1]
+        width = 180 / options.angle_bins
+        ids = (samples["angle"] / width).floor().long().clamp(0, options.angle_bins - 1).flatten()
+        names = {i: _range_name(i * width, (i + 1) * width, i == options.angle_bins - 1) for i in range(options.angle_bins)}
+        weight = torch.full((n * k,), 1 / (n * k), dtype=torch.float64)
+        for head in heads:
+            v = values[head]
+            rows.extend(bin_rows("angle", head, ids, v["loss_rot"].flatten(), v["error_rot"].flatten(), weight, names, total_error[head]))
+    per_unit("channel", rep_is_grid=True)
+    for column in (c for c in samples if c.startswith("field/")):
+        ids, names = field_bins(samples[column], options.bins)
+        per_sample(column.removeprefix("field/"), ids, names)
+    index = samples.get("index", samples["id"])
+    for head in heads:
+        v = values[head]
+        worst = torch.argsort(v["equiv_error"], descending=True, stable=True)[: options.worst]
+        weight = torch.full((len(worst),), 1 / n, dtype=torch.float64)
+        names = {i: str(int(index[i])) for i in worst.tolist()}
+        rows_head = bin_rows("sample", head, worst, v["loss_aug"][worst], v["equiv_error"][worst], weight, names, total_error[head])
+        order = {name: j for j, name in enumerate(names[i] for i in worst.tolist())}
+        rows.extend(sorted(rows_head, key=lambda r: order[r["bin"]]))  # worst first
+    return rows
+
+
+def split_fields(dataset: Mapping[str, torch.Tensor], options: BreakdownOptions) -> list[str]:
+    """The per-sample fields split by: ``t`` when present, then ``options.by`` (built-ins excluded)."""
+    names = ["t"] if "t" in dataset and dataset["t"].dim() == 1 else []
+    names += [b for b in options.by if b not in BUILTIN_SPLITS and b not in names]
+    for name in names:
+        if name not in dataset or dataset[name].dim() != 1:
+            raise ValueError(f"breakdown by {name!r}: needs a per-sample scalar field (N,); fields: {', '.join(dataset)}")
+    return names

@@ -1,12 +1,14 @@
 """Batched orbit evaluation of one model over an in-memory dataset.
 
-For a batch of B samples and rotations ``(B, K, 3, 3)`` the engine builds the B·K rotated
-inputs (one tensor per field, no loop over rotations or samples), runs the model on them
-in as few forward passes as ``chunk_size`` allows, maps every output back to its sample's
-frame (``P = R⁻¹·f(R·x)``, in float64) and reduces the orbit to per-sample statistics
-with :func:`equiaudit.metrics.orbit_terms`.
+For a batch of B samples and group elements ``(B, K, ...)`` (rotations ``(B, K, 3, 3)``)
+the engine builds the B·K transformed inputs (one tensor per field, no loop over rotations
+or samples), runs the model on them in as few forward passes as ``chunk_size`` allows,
+maps every output back to its sample's frame (``P = g⁻¹·f(g·x)``, in float64) and reduces
+the orbit to per-sample statistics with :func:`equiaudit.metrics.orbit_terms`, corrected
+as the spec's group says (``exact``, ``blocks``).
 
-The module touches no files: datasets, rotations and models come in as objects.
+The module touches no files: batches, elements and models come in as objects; looping
+over a dataset's batches is :mod:`equiaudit.plan`'s job.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from equiaudit import actions
-from equiaudit.actions.group_actions import ROTATION, GroupAction
+from equiaudit.groups import Group, make_group
 from equiaudit.errors import ModelOutputError
-from equiaudit.metrics import OrbitAccumulator, OrbitTerms, orbit_terms, reduce_per_sample
+from equiaudit.metrics import OrbitTerms, orbit_terms, reduce_per_sample
 
-__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "audit_model", "head_weight", "model_dtype"]
+__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "call_model", "head_output", "head_weight", "model_dtype"]
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ class OrbitSpec:
         orbit_inputs: optional ``(batch, rotations) -> {field: (B, K, ...)}`` that builds
             some fields' orbits itself (e.g. voxelizing rotated atoms, exact where
             resampling a grid is not); other fields are rotated by their representation.
-        group: how the group elements act (default: rotation matrices ``(B, K, 3, 3)``;
-            see :mod:`equiaudit.actions.group_actions` for translations, permutations).
+        group: the :class:`~equiaudit.groups.Group` whose elements the orbits use: how they
+            act (``group.action``) and how the orbit mean is corrected (``exact``, ``blocks``).
+            Default: i.i.d. Haar rotations.
         autocast: run the model under ``torch.autocast`` at this dtype (e.g. bfloat16).
     """
 
@@ -78,7 +81,7 @@ class OrbitSpec:
     chunk_size: int = 8192
     head_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     orbit_inputs: Callable[[Mapping[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]] | None = None
-    group: GroupAction = ROTATION
+    group: Group = field(default_factory=lambda: make_group("so3", 32, {"sampling": "haar"}))
     autocast: torch.dtype | None = None
 
     @property
@@ -112,7 +115,7 @@ def model_dtype(model: Callable) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _call_model(model: Callable, spec: OrbitSpec, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def call_model(model: Callable, spec: OrbitSpec, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Call the model as the spec says and name its outputs."""
     if isinstance(spec.inputs, Mapping):
         out = model(**{arg: inputs[f] for arg, f in spec.inputs.items()})
@@ -130,19 +133,20 @@ def _call_model(model: Callable, spec: OrbitSpec, inputs: dict[str, torch.Tensor
     return dict(zip(names, out))
 
 
-def _forward_orbit(model, spec: OrbitSpec, rotated: dict[str, torch.Tensor], needed: set[str]) -> dict[str, torch.Tensor]:
-    """Run the model on ``(B·K, ...)`` inputs in chunks; returns the needed outputs, detached."""
+def _forward_orbit(model, spec: OrbitSpec, rotated: dict[str, torch.Tensor], needed: set[str], differentiable: bool) -> dict[str, torch.Tensor]:
+    """Run the model on ``(B·K, ...)`` inputs in chunks; returns the needed outputs
+    (detached unless ``differentiable``)."""
     total = next(iter(rotated.values())).shape[0]
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in needed}
     for start in range(0, total, spec.chunk_size):
         piece = {f: v[start : start + spec.chunk_size] for f, v in rotated.items()}
         if spec.grad:
             piece = {f: v.detach().requires_grad_(True) if v.is_floating_point() else v for f, v in piece.items()}
-        outputs = _call_model(model, spec, piece)
+        outputs = call_model(model, spec, piece)
         for name in needed:
             if name not in outputs:
                 raise ModelOutputError(f"the model has no output {name!r}; it returned {sorted(outputs)}")
-            chunks[name].append(outputs[name].detach())
+            chunks[name].append(outputs[name] if differentiable else outputs[name].detach())
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
@@ -156,28 +160,29 @@ def _orbit_inputs(batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, sp
         if name in custom:
             orbit = custom[name]
         else:
-            orbit = spec.group.act(spec.fields.get(name, "scalar"), batch[name], rotations, mask)
+            orbit = spec.group.action.act(spec.fields.get(name, "scalar"), batch[name], rotations, mask)
         orbit = orbit.reshape(b * k, *orbit.shape[2:])
         rotated[name] = orbit.to(dtype) if orbit.is_floating_point() else orbit
     return rotated
 
 
-def _run_model(model, batch, rotations, spec: OrbitSpec) -> dict[str, torch.Tensor]:
-    """Forward the ``(B·K, ...)`` orbit inputs; returns the heads' outputs ``(B·K, ...)``, detached."""
+def _run_model(model, batch, rotations, spec: OrbitSpec, differentiable: bool = False) -> dict[str, torch.Tensor]:
+    """Forward the ``(B·K, ...)`` orbit inputs; returns the heads' outputs ``(B·K, ...)``
+    (detached unless ``differentiable``: then gradients flow to the model's parameters)."""
     dtype = model_dtype(model)
     rotated = _orbit_inputs(batch, rotations, spec, dtype)
     needed = {h.output_name for h in spec.heads}
     device_type = rotations.device.type
     autocast = torch.autocast(device_type, dtype=spec.autocast) if spec.autocast else contextlib.nullcontext()
-    with torch.enable_grad() if spec.grad else torch.inference_mode(), autocast:
-        outputs = _forward_orbit(model, spec, rotated, needed)
+    with torch.enable_grad() if spec.grad or differentiable else torch.inference_mode(), autocast:
+        outputs = _forward_orbit(model, spec, rotated, needed, differentiable)
     for name, out in outputs.items():
-        if not torch.isfinite(out).all():
+        if not torch.isfinite(out.detach()).all():
             raise ModelOutputError(f"the model returned NaN or inf in output {name!r}", status="nan_output")
     return outputs
 
 
-def _head_output(head: HeadSpec, out: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+def head_output(head: HeadSpec, out: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
     """``out`` ``(n, ...)`` checked against a per-sample ``target`` ``(B, ...)`` shape."""
     if head.loss == "cross_entropy":
         return out
@@ -204,16 +209,16 @@ def head_weight(head: HeadSpec, spec: OrbitSpec, mask: torch.Tensor | None, term
     return None
 
 
-def _head_statistics(
-    head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec, exact: bool, blocks: int | None = None
-) -> HeadBatch:
+def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec) -> HeadBatch:
     """Reduce orbit predictions ``(B, K, ...)`` (in the sample's frame) against the target."""
     mask = batch.get(spec.mask) if spec.mask else None
     target = batch[head.target]
-    if head.rep == "point" and spec.group.centres_points:
+    if head.rep == "point" and spec.group.action.centres_points:
         target = actions.centre(target, mask)
     target = target.double() if target.is_floating_point() else target
-    terms = orbit_terms(pred, target, head.loss, exact=exact, blocks=blocks, huber_delta=head.huber_delta)
+    group = spec.group
+    terms = orbit_terms(pred, target, head.loss, exact=group.exact, blocks=None if group.exact else group.blocks,
+                        huber_delta=head.huber_delta)
     weight = head_weight(head, spec, mask, terms.loss_aug)
     b, k = pred.shape[:2]
     # The same reduction per (sample, rotation): the weight repeated along K.
@@ -239,30 +244,28 @@ def evaluate_orbits(
     rotations: torch.Tensor,
     spec: OrbitSpec,
     *,
-    exact: bool = False,
-    blocks: int | None = None,
+    differentiable: bool = False,
 ) -> dict[str, HeadBatch]:
-    """Evaluate every head on the rotation orbits of one batch: ``P[b, k] = R⁻¹·f(R·x[b])``.
+    """Evaluate every head on the orbits of one batch: ``P[b, k] = g⁻¹·f(g·x[b])``.
 
     Args:
         model: the network, already on the batch's device and in eval mode.
         batch: fields ``(B, ...)`` on the model's device; floats in float64.
-        rotations: ``(B, K, 3, 3)`` float64, same device.
-        exact: the K rotations enumerate a finite group (no bias correction).
-        blocks: the K rotations form this many independent blocks (a randomised
-            quasi-uniform set: ``RotationSet.blocks``); None: i.i.d. rotations.
+        rotations: the group elements ``(B, K, ...)`` (rotations ``(B, K, 3, 3)`` float64),
+            same device; the spec's group says how they act and how to correct the mean.
+        differentiable: keep the graph to the model's parameters (gradients of L_sym and EE).
 
     Returns:
         ``{head: HeadBatch}``, per-sample values ``(B,)`` in float64.
     """
     b, k = rotations.shape[:2]
-    outputs = _run_model(model, batch, rotations, spec)
+    outputs = _run_model(model, batch, rotations, spec, differentiable)
     results = {}
     for head in spec.heads:
-        out = _head_output(head, outputs[head.output_name], batch[head.target], b * k)
+        out = head_output(head, outputs[head.output_name], batch[head.target], b * k)
         mask = batch.get(spec.mask) if spec.mask else None
-        pred = spec.group.act_inverse(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations, mask)
-        results[head.name] = _head_statistics(head, pred, batch, spec, exact, blocks)
+        pred = spec.group.action.act_inverse(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations, mask)
+        results[head.name] = _head_statistics(head, pred, batch, spec)
     return results
 
 
@@ -271,9 +274,6 @@ def evaluate_round_trip(
     batch: Mapping[str, torch.Tensor],
     rotations: torch.Tensor,
     spec: OrbitSpec,
-    *,
-    exact: bool = False,
-    blocks: int | None = None,
 ) -> dict[str, HeadBatch]:
     """The same statistics for ``P[b, k] = R⁻¹·(R·f(x[b]))``: the model runs once, unrotated.
 
@@ -285,47 +285,7 @@ def evaluate_round_trip(
     outputs = _run_model(model, batch, identity, spec)
     results = {}
     for head in spec.heads:
-        out = _head_output(head, outputs[head.output_name], batch[head.target], b).double()
+        out = head_output(head, outputs[head.output_name], batch[head.target], b).double()
         pred = actions.unrotate(head.rep, actions.rotate(head.rep, out, rotations), rotations)
-        results[head.name] = _head_statistics(head, pred, batch, spec, exact, blocks)
+        results[head.name] = _head_statistics(head, pred, batch, spec)
     return results
-
-
-def audit_model(
-    model: Callable,
-    dataset: Mapping[str, torch.Tensor],
-    rotations: torch.Tensor,
-    spec: OrbitSpec,
-    *,
-    batch_size: int = 64,
-    exact: bool = False,
-    blocks: int | None = None,
-    device: torch.device | str = "cpu",
-    on_batch: Callable[[int, int], None] | None = None,
-    on_result: Callable[[slice, Mapping[str, torch.Tensor], dict[str, HeadBatch]], None] | None = None,
-    evaluate: Callable[..., dict[str, HeadBatch]] = evaluate_orbits,
-) -> OrbitAccumulator:
-    """Audit one model over a whole dataset.
-
-    Args:
-        dataset: fields ``(N, ...)`` (any device; batches are moved to ``device``).
-        rotations: ``(N, K, 3, 3)``, drawn once per audit so every checkpoint sees the same.
-        exact, blocks: how the K rotations were drawn (``RotationSet.exact``/``.blocks``).
-        on_batch: progress callback ``(done, total)`` in samples.
-        on_result: receives each batch's slice, fields and results (for breakdowns).
-        evaluate: :func:`evaluate_orbits`, or :func:`evaluate_round_trip` for a floor.
-    """
-    n = rotations.shape[0]
-    accumulator = OrbitAccumulator({h.name: h.weight for h in spec.heads})
-    for start in range(0, n, batch_size):
-        index = slice(start, min(start + batch_size, n))
-        batch = {name: value[index].to(device) for name, value in dataset.items()}
-        results = evaluate(model, batch, rotations[index].to(device), spec, exact=exact, blocks=blocks)
-        for head, result in results.items():
-            accumulator.update(head, result.loss_aug, result.equiv_error)
-        if on_result is not None:
-            on_result(index, batch, results)
-        if on_batch is not None:
-            on_batch(index.stop, n)
-    return accumulator
-

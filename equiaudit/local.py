@@ -39,7 +39,6 @@ model cannot read below its own discretisation.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping
 
 import torch
@@ -47,12 +46,13 @@ import torch.autograd.forward_ad as fwAD
 
 from equiaudit import actions
 from equiaudit.actions.voxels import voxel_centres
-from equiaudit.engine import OrbitSpec, _call_model, _head_output, head_weight, model_dtype
+from equiaudit.engine import OrbitSpec, call_model, head_output, head_weight, model_dtype
 from equiaudit.errors import ModelOutputError, first_line
+from equiaudit.representations import get_representation
 from equiaudit.metrics import reduce_per_sample
 from equiaudit.rotations import so3_generators
 
-__all__ = ["grid_lie_derivative", "local_batch", "local_equivariance", "local_metric"]
+__all__ = ["grid_lie_derivative", "local_batch"]
 
 
 def grid_lie_derivative(grid: torch.Tensor, generators: torch.Tensor) -> torch.Tensor:
@@ -80,8 +80,18 @@ def _tangent(x: torch.Tensor) -> torch.Tensor:
 def local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-sample ``(Σ_j mean ‖D_j f‖², mean ‖f‖²)`` for every head of one batch: ``{head: ((B,), (B,))}``.
 
-    ``batch`` as for :func:`equiaudit.engine.evaluate_orbits` (fields ``(B, ...)``, floats in float64).
+    ``batch`` as for :func:`equiaudit.engine.evaluate_orbits` (fields ``(B, ...)``, floats in
+    float64). A model that cannot be differentiated forward fails with ``ModelOutputError``
+    (status ``local_failed``).
     """
+    try:
+        return _local_batch(model, batch, spec)
+    except RuntimeError as exc:  # an op without a forward-mode derivative, typically
+        raise ModelOutputError(f"--local: forward-mode differentiation of the model failed: {first_line(exc)}",
+                               status="local_failed") from exc
+
+
+def _local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     b = next(iter(batch.values())).shape[0]
     device = next(iter(batch.values())).device
     generators = so3_generators(device=device).repeat(b, 1, 1)  # row 3·i + j is L_j
@@ -97,7 +107,7 @@ def local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> di
         inputs = {}
         for name in spec.input_fields:
             rep, value = spec.fields.get(name, "scalar"), repeated[name]
-            if rep == "voxel":
+            if get_representation(rep).grid:
                 value = fwAD.make_dual(value, -grid_lie_derivative(value, generators))
             else:
                 value = actions.rotate(rep, value, rotation, mask=mask).squeeze(1)
@@ -107,13 +117,13 @@ def local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> di
                     value = fwAD.make_dual(fwAD.unpack_dual(value).primal.detach().requires_grad_(True), _tangent(value))
             inputs[name] = value
         with torch.enable_grad() if spec.grad else torch.no_grad(), autocast:
-            outputs = _call_model(model, spec, inputs)
+            outputs = call_model(model, spec, inputs)
         for head in spec.heads:
             if head.output_name not in outputs:
                 raise ModelOutputError(f"the model has no output {head.output_name!r}; it returned {sorted(outputs)}")
-            out = _head_output(head, outputs[head.output_name], batch[head.target], 3 * b).double()
+            out = head_output(head, outputs[head.output_name], batch[head.target], 3 * b).double()
             primal = fwAD.unpack_dual(out).primal.detach()
-            if head.rep == "voxel":
+            if get_representation(head.rep).grid:
                 derivative = _tangent(out) + grid_lie_derivative(primal, generators)
             else:
                 derivative = _tangent(actions.unrotate(head.rep, out.unsqueeze(1), rotation).squeeze(1))
@@ -122,39 +132,3 @@ def local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> di
             scale = reduce_per_sample(primal.square(), weight).view(b, 3)[:, 0]
             results[head.name] = (error, scale)
     return results
-
-
-def local_equivariance(
-    model,
-    dataset: Mapping[str, torch.Tensor],
-    spec: OrbitSpec,
-    *,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> dict[str, dict[str, float]]:
-    """``{"total" and each head: {"local_equiv_error", "rel_local_equiv_error"}}`` over the dataset."""
-    n = len(next(iter(dataset.values())))
-    sums = {h.name: [0.0, 0.0] for h in spec.heads}
-    try:
-        for start in range(0, n, batch_size):
-            batch = {name: value[start : start + batch_size].to(device) for name, value in dataset.items()}
-            for head, (error, scale) in local_batch(model, batch, spec).items():
-                sums[head][0] += error.sum().item()
-                sums[head][1] += scale.sum().item()
-    except RuntimeError as exc:  # an op without a forward-mode derivative, typically
-        first = first_line(exc)
-        raise ModelOutputError(f"--local: forward-mode differentiation of the model failed: {first}", status="local_failed") from exc
-    weights = {h.name: h.weight for h in spec.heads}
-    sums["total"] = [sum(weights[h] * sums[h][i] for h in weights) for i in (0, 1)]
-    return {
-        head: {
-            "local_equiv_error": error / n,
-            "rel_local_equiv_error": error / scale if scale > 0 else math.nan,
-        }
-        for head, (error, scale) in sums.items()
-    }
-
-
-def local_metric(plan, summaries) -> dict[str, dict[str, float]]:
-    """The audit's extra metric (see :class:`equiaudit.audit.AuditPlan`) behind ``--local``."""
-    return local_equivariance(plan.model, plan.dataset, plan.spec, batch_size=plan.config.batch_size, device=plan.device)

@@ -15,7 +15,8 @@ figures are ratios of means (:func:`summarize`), with a studentized bootstrap in
 over samples.
 
 Layout follows torchmetrics: pure functions (:func:`orbit_terms`, :func:`reduce_per_sample`,
-:func:`summarize`) and a small stateful :class:`OrbitAccumulator` built on them.
+:func:`summarize`) here; the stateful side is :class:`equiaudit.EquivarianceMetric`, which
+keeps per-sample values (:mod:`equiaudit.stats`) and reduces them with these.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ __all__ = [
     "Summary",
     "summarize",
     "ratio_interval",
-    "OrbitAccumulator",
 ]
 
 LOSS_NAMES = ("mse", "l1", "huber", "cross_entropy")
@@ -284,36 +284,3 @@ def ratio_interval(
 def _ratio_se(sum_sq: torch.Tensor, sum_aug: torch.Tensor, n: int) -> torch.Tensor:
     """Delta-method standard error from ``Σ(EE − r·L)²`` and ``ΣL`` over N samples."""
     return sum_sq.clamp_min(0).div(n * (n - 1)).sqrt() / (sum_aug / n)
-
-
-class OrbitAccumulator:
-    """Collects per-sample ``loss_aug`` and ``equiv_error`` per head; computes summaries.
-
-    Per-sample values are kept (they are tiny) so that the bootstrap, the weighted
-    total and any breakdown come from one set of numbers.
-    """
-
-    def __init__(self, weights: dict[str, float]):
-        self.weights = dict(weights)
-        self._aug: dict[str, list[torch.Tensor]] = {h: [] for h in weights}
-        self._error: dict[str, list[torch.Tensor]] = {h: [] for h in weights}
-
-    def update(self, head: str, loss_aug: torch.Tensor, equiv_error: torch.Tensor) -> None:
-        """Add a batch: ``loss_aug`` and ``equiv_error`` of shape ``(B,)``."""
-        self._aug[head].append(loss_aug.detach().double().cpu())
-        self._error[head].append(equiv_error.detach().double().cpu())
-
-    def per_sample(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{head: (loss_aug (N,), equiv_error (N,))}`` including ``total`` = Σ_h w_h · head."""
-        out = {h: (torch.cat(self._aug[h]), torch.cat(self._error[h])) for h in self.weights}
-        total_aug = sum(self.weights[h] * out[h][0] for h in self.weights)
-        total_error = sum(self.weights[h] * out[h][1] for h in self.weights)
-        return {"total": (total_aug, total_error), **out}
-
-    def compute(self, *, n_bootstrap: int = 2000, seed: int = 0) -> dict[str, Summary]:
-        """Summaries for ``total`` and each head. Same bootstrap draws for every head."""
-        results = {}
-        for head, (aug, error) in self.per_sample().items():
-            generator = torch.Generator().manual_seed(seed)
-            results[head] = summarize(aug, error, n_bootstrap=n_bootstrap, generator=generator)
-        return results

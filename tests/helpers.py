@@ -86,3 +86,51 @@ def conv3d(channels: int = 2, symmetrize: bool = False, seed: int = 0) -> torch.
             orbit = rotate_grid(kernel, cube_rotations().unsqueeze(0))  # (1, 24, out·in, 3, 3, 3)
             conv.weight.copy_(orbit.mean(1).reshape(conv.weight.shape))
     return conv
+
+
+def run_audit(
+    model,
+    data: dict[str, torch.Tensor],
+    spec: OrbitSpec,
+    *,
+    group: str = "so3",
+    k: int | None = None,
+    sampling: str | None = None,
+    elements: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    bootstrap: int = 0,
+    float_floor: bool = False,
+    **options,
+):
+    """Audit ``model`` on in-memory ``data`` with a hand-built ``spec`` through the plan, the
+    path every face uses: the group ``group`` with ``k`` elements (or explicit ``elements``
+    ``(N, K, ...)``, with the group still deciding ``exact``/``blocks``). Returns the AuditResult."""
+    import dataclasses
+
+    from equiaudit.groups import make_group
+    from equiaudit.plan import AuditPlan, Prepared
+
+    options_group = {"sampling": sampling} if sampling else {}
+    atoms = next((v.shape[1] for v in data.values() if v.dim() >= 2), None)
+    group_ = make_group(group, k, options_group, n_atoms=atoms)
+    plan = AuditPlan(dataclasses.replace(spec, group=group_), seed=seed, batch_size=batch_size, bootstrap=bootstrap,
+                     float_floor=float_floor, **options)
+    prepared = plan.prepare(data)
+    if elements is not None:
+        prepared = Prepared(prepared.data, prepared.ids, elements)
+    return plan.audit(model, prepared)
+
+
+def audit_config(config, checkpoint_dir, *, state_dict=None, name: str = "model.pt"):
+    """Open ``config`` as the CLI does, save the model's own weights (or ``state_dict``) as a
+    checkpoint in ``checkpoint_dir`` and audit it: returns ``(open audit, AuditResult)``."""
+    from pathlib import Path
+
+    from equiaudit.io.checkpoints import CheckpointRef
+    from equiaudit.runner import audit_checkpoint, open_audit
+
+    audit = open_audit(config, device="cpu")
+    checkpoint = Path(checkpoint_dir) / name
+    torch.save(audit.model.state_dict() if state_dict is None else state_dict, checkpoint)
+    return audit, audit_checkpoint(audit, CheckpointRef(checkpoint, checkpoint.name, "run", 0))

@@ -12,16 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from equiaudit.audit import audit_checkpoint, prepare_audit
-from equiaudit.breakdown import BreakdownCollector, BreakdownOptions, field_bins
-from equiaudit.engine import HeadSpec, OrbitSpec, audit_model
+from equiaudit.breakdown import BreakdownOptions, field_bins
+from equiaudit.engine import HeadSpec, OrbitSpec
 from equiaudit.errors import ConfigError
-from equiaudit.groups import make_rotation_set
-from equiaudit.io.checkpoints import CheckpointRef
 from equiaudit.io.config import parse_config
-from equiaudit.report.breakdown import BREAKDOWN_COLUMNS, merge_breakdown
+from equiaudit.report.breakdown import BREAKDOWN_COLUMNS
+from equiaudit.report.summary import merge_rows
 from equiaudit.rotations import so3_generators
-from helpers import LinearMap, vector_dataset
+from helpers import LinearMap, audit_config, run_audit, vector_dataset
 
 
 class ForceField(torch.nn.Module):
@@ -65,11 +63,9 @@ def _audit(tmp_path, *, padded=False, loss="mse", breakdown=None, local=False, d
         "local": local,
         **({"breakdown": breakdown} if breakdown else {}),
     })
-    plan = prepare_audit(config, device="cpu")
-    torch.save(plan.model.state_dict(), tmp_path / "ff.pt")
-    result = audit_checkpoint(plan, CheckpointRef(tmp_path / "ff.pt", "ff.pt", "run", 0))
+    audit, result = audit_config(config, tmp_path, name="ff.pt")
     assert result.ok, result.message
-    return plan, result
+    return audit, result
 
 
 def _splits(rows):
@@ -81,17 +77,18 @@ def _splits(rows):
 
 @pytest.mark.parametrize("padded, loss", [(False, "mse"), (True, "mse"), (True, "l1")])
 def test_force_field_splits_reproduce_the_totals(tmp_path, padded, loss):
-    plan, result = _audit(tmp_path, padded=padded, loss=loss)
+    audit, result = _audit(tmp_path, padded=padded, loss=loss)
+    dataset = audit.prepared.data
     grouped = _splits(result.breakdown)
     assert {by for _, by in grouped} == {"element", "n_atoms", "angle", "t", "sample"}
     assert ("energy", "element") not in grouped  # per-molecule head: no per-atom split
     # Element bins are exactly the atomic numbers present (padding's 0 is not an element).
-    z = plan.dataset["z"][plan.dataset["mask"]]
+    z = dataset["z"][dataset["mask"]]
     assert [int(r["bin"]) for r in grouped[("forces", "element")]] == sorted(set(z.tolist()))
     for (head, by), rows in grouped.items():
         if by == "sample":
             continue
-        summary = result.summaries[head]
+        summary = result[head]
         assert sum(r["weight"] for r in rows) == pytest.approx(1.0, rel=1e-12)
         assert sum(r["weight"] * r["equiv_error"] for r in rows) == pytest.approx(summary.equiv_error, rel=1e-9)
         assert sum(r["weight"] * r["loss_aug"] for r in rows) == pytest.approx(summary.loss_aug, rel=1e-9)
@@ -101,21 +98,20 @@ def test_force_field_splits_reproduce_the_totals(tmp_path, padded, loss):
         if not padded:  # equal unit weights: the count-weighted mean is the total
             n = sum(r["n"] for r in rows)
             assert sum(r["n"] * r["equiv_error"] for r in rows) / n == pytest.approx(summary.equiv_error, rel=1e-9)
-    counts = plan.dataset["mask"].sum(1)
+    counts = dataset["mask"].sum(1)
     assert sorted(int(r["bin"]) for r in grouped[("total", "n_atoms")]) == sorted(set(counts.tolist()))
-    assert sum(r["n"] for r in grouped[("total", "angle")]) == plan.n_samples * 6
+    assert sum(r["n"] for r in grouped[("total", "angle")]) == len(audit.prepared) * 6
 
 
 def test_sample_split_lists_the_worst_samples_with_their_index_in_the_file(tmp_path):
-    plan, result = _audit(tmp_path, breakdown={"worst": 3}, data={"samples": 12, "subset_seed": 3})
-    collector = BreakdownCollector(plan.spec)
-    audit_model(plan.model, plan.dataset, plan.rotations, plan.spec, on_result=collector.update)
-    per_sample = collector._values()["forces"]["error"]
+    audit, result = _audit(tmp_path, breakdown={"worst": 3}, data={"samples": 12, "subset_seed": 3})
+    stats = audit.plan.evaluate(audit.model, audit.prepared).finalized()
+    per_sample = stats.tables["samples"].column("equiv_error/forces")
     worst = [r for r in result.breakdown if r["by"] == "sample" and r["head"] == "forces"]
-    in_file = plan.sample_index[per_sample.argsort(descending=True)[:3]]
+    in_file = audit.prepared.index[per_sample.argsort(descending=True)[:3]]
     assert [int(r["bin"]) for r in worst] == in_file.tolist()
     file_pos = torch.from_numpy(np.load(tmp_path / "data.npz")["pos"])
-    assert torch.equal(file_pos[in_file], plan.dataset["pos"][per_sample.argsort(descending=True)[:3]])
+    assert torch.equal(file_pos[in_file], audit.prepared.data["pos"][per_sample.argsort(descending=True)[:3]])
     assert [r["equiv_error"] for r in worst] == pytest.approx(per_sample.sort(descending=True).values[:3].tolist())
     assert all(r["n"] == 1 for r in worst)
 
@@ -130,10 +126,8 @@ def test_loss_grows_with_angle_for_a_model_fitted_in_one_frame():
     data = vector_dataset(400, 4)
     data["target"] = data["pos"] @ matrix.T
     spec = OrbitSpec(fields={"pos": "vector"}, heads=(HeadSpec("out", "vector", "target"),), inputs=["pos"], outputs=["out"], mask=None)
-    rotations = make_rotation_set("so3", 8).sample(400, torch.Generator().manual_seed(0))
-    collector = BreakdownCollector(spec)
-    summary = audit_model(LinearMap(matrix).double(), data, rotations, spec, on_result=collector.update).compute(n_bootstrap=0)
-    rows = [r for r in collector.rows(data, rotations) if r["by"] == "angle" and r["head"] == "out"]
+    summary = run_audit(LinearMap(matrix).double(), data, spec, k=8, sampling="haar", breakdown=BreakdownOptions())
+    rows = [r for r in summary.breakdown if r["by"] == "angle" and r["head"] == "out"]
     assert [r["bin"] for r in rows][-1] == "[150, 180]"
     losses = [r["loss_aug"] for r in rows]
     assert losses == sorted(losses) and losses[-1] > 5 * losses[0]
@@ -155,11 +149,8 @@ def test_channel_split_finds_the_broken_channel():
     grid = torch.randn(6, 2, 6, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     data = {"grid": grid, "clean": grid * 0.5}
     spec = OrbitSpec(fields={"grid": "voxel"}, heads=(HeadSpec("denoised", "voxel", "clean"),), inputs=["grid"], outputs=["denoised"], mask=None)
-    rotation_set = make_rotation_set("octahedral", None)
-    rotations = rotation_set.sample(6, torch.Generator())
-    collector = BreakdownCollector(spec)
-    summary = audit_model(HalfBroken(), data, rotations, spec, exact=True, on_result=collector.update).compute(n_bootstrap=0)
-    rows = [r for r in collector.rows(data, rotations) if r["by"] == "channel"]
+    summary = run_audit(HalfBroken(), data, spec, group="octahedral", breakdown=BreakdownOptions())
+    rows = [r for r in summary.breakdown if r["by"] == "channel"]
     assert [r["bin"] for r in rows] == ["0", "1"] and [r["n"] for r in rows] == [6, 6]
     assert rows[0]["equiv_error"] < 1e-25 and rows[1]["share"] == pytest.approx(1.0)
     assert sum(r["weight"] * r["equiv_error"] for r in rows) == pytest.approx(summary["denoised"].equiv_error, rel=1e-9)
@@ -188,7 +179,7 @@ def test_merge_replaces_a_checkpoint_and_keeps_the_others():
     old = [{"run": "r", "checkpoint": "a", "step": "1", "config_hash": "h", "by": "angle", "head": "total"},
            {"run": "r", "checkpoint": "b", "step": "2", "config_hash": "h", "by": "angle", "head": "total"}]
     new = [{"run": "r", "checkpoint": "a", "step": 1, "config_hash": "h", "by": "element", "head": "forces"}]
-    merged = merge_breakdown(old, new)
+    merged = merge_rows(old, new, total_first=False)
     assert [(r["checkpoint"], r["by"]) for r in merged] == [("a", "element"), ("b", "angle")]
 
 

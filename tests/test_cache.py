@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from equiaudit.audit import prepare_audit
-from equiaudit.cli import audit_command
-from equiaudit.cli.audit_command import audit_into, open_cache
+from equiaudit import runner as runner_module
 from equiaudit.cli.main import app
-from equiaudit.io.cache import CACHE_FILE, CachedResult, ResultCache, settings_identity, stamp
+from equiaudit.io.cache import CachedResult, ResultCache, settings_identity, stamp
 from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints
 from equiaudit.io.config import load_config
+from equiaudit.io.layout import OutputFolder
+from equiaudit.runner import Runner, open_audit
 from run_helpers import T0, make_run, save_checkpoint, write_config
 
 STEPS = {10: 0.3, 100: 0.05, 1000: 0.01}
@@ -29,14 +29,17 @@ def config_path(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("cache"))
 
 
+CACHE_FILE = OutputFolder.CACHE
+
+
 @pytest.fixture(scope="module")
 def plan(config_path):
-    return prepare_audit(load_config(config_path), device="cpu")
+    return open_audit(load_config(config_path), device="cpu")
 
 
 def audit(plan, run_dir: Path, out: Path, **kwargs):
-    with open_cache(plan, out) as cache:
-        return audit_into(plan, discover_checkpoints([run_dir]), out, cache=cache, **kwargs)
+    with Runner(plan, out, **kwargs) as runner:
+        return runner.run(discover_checkpoints([run_dir]))
 
 
 def lines_by_checkpoint(summary: Path) -> dict[str, list[str]]:
@@ -95,7 +98,7 @@ def test_growing_run_audits_only_new_checkpoints(plan, tmp_path):
 
     save_checkpoint(run_dir, 5000, 0.005)
     results, rows = audit(plan, run_dir, out)
-    assert [r.ref.name for r in results] == ["step_005000.pt"]  # only the new one evaluated
+    assert [r.checkpoint for r in results] == ["step_005000.pt"]  # only the new one evaluated
     assert {row["checkpoint"] for row in rows} == {f"step_{s:06d}.pt" for s in (*STEPS, 5000)}
     after = lines_by_checkpoint(out / "summary.csv")
     assert set(after) - set(before) == {"step_005000.pt"}
@@ -115,13 +118,13 @@ def test_failures_are_not_cached(plan, tmp_path):
     assert [r.status for r in results] == ["ok", "corrupt"]
     save_checkpoint(run_dir, 20, 0.1)  # repaired
     results, _ = audit(plan, run_dir, out)
-    assert [(r.ref.name, r.status) for r in results] == [("step_000020.pt", "ok")]
+    assert [(r.checkpoint, r.status) for r in results] == [("step_000020.pt", "ok")]
 
 
 def test_interrupted_audit_resumes(plan, tmp_path, monkeypatch):
     run_dir = make_run(tmp_path, "ctrlc", {**STEPS, 5000: 0.005})
     out = tmp_path / "out"
-    real, calls = audit_command.audit_checkpoint, []
+    real, calls = runner_module.audit_checkpoint, []
 
     def interrupted_at_third(plan, ref, **kwargs):
         calls.append(ref.name)
@@ -129,13 +132,13 @@ def test_interrupted_audit_resumes(plan, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(plan, ref, **kwargs)
 
-    monkeypatch.setattr(audit_command, "audit_checkpoint", interrupted_at_third)
+    monkeypatch.setattr(runner_module, "audit_checkpoint", interrupted_at_third)
     with pytest.raises(KeyboardInterrupt):
         audit(plan, run_dir, out)
-    monkeypatch.setattr(audit_command, "audit_checkpoint", real)
+    monkeypatch.setattr(runner_module, "audit_checkpoint", real)
     assert set(lines_by_checkpoint(out / "summary.csv")) == {"step_000010.pt", "step_000100.pt"}
     results, _ = audit(plan, run_dir, out)
-    assert [r.ref.name for r in results] == ["step_001000.pt", "step_005000.pt"]
+    assert [r.checkpoint for r in results] == ["step_001000.pt", "step_005000.pt"]
 
 
 def test_sigkilled_audit_resumes(config_path, plan, tmp_path):
@@ -154,7 +157,7 @@ def test_sigkilled_audit_resumes(config_path, plan, tmp_path):
 
     save_checkpoint(run_dir, 5000, 0.005)  # training re-saved it
     results, _ = audit(plan, run_dir, out)
-    assert [(r.ref.name, r.status) for r in results] == [("step_005000.pt", "ok")]
+    assert [(r.checkpoint, r.status) for r in results] == [("step_005000.pt", "ok")]
 
 
 def test_cli_reports_reuse_in_run_json(config_path, tmp_path):

@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from equiaudit.engine import _orbit_inputs, audit_model, evaluate_orbits
-from equiaudit.floor import AT_FLOOR, JITTER, JitterAction, flag, null_orbit_error, unit_roundoff
-from equiaudit.groups import make_rotation_set
-from helpers import LinearMap, RadialScaling, random_matrix, vector_dataset, vector_spec
+from equiaudit.engine import _orbit_inputs, evaluate_orbits
+from equiaudit.floor import AT_FLOOR, JITTER, JitterAction, flag, unit_roundoff
+from equiaudit.groups import make_group, make_rotation_set
+from equiaudit.random import SampleRandom
+from helpers import LinearMap, RadialScaling, random_matrix, run_audit, vector_dataset, vector_spec
 
 
 class ScaledIdentity(torch.nn.Module):
@@ -40,10 +41,8 @@ def _ree_and_floor(model, *, dtype=torch.float32, autocast=None, n=48, k=8):
     data["target"] = data["pos"] * 0.5
     spec = dataclasses.replace(vector_spec("point"), autocast=autocast)
     model = model.to(dtype)
-    rotations = make_rotation_set("so3", k).sample(n, torch.Generator().manual_seed(0))
-    summary = audit_model(model, data, rotations, spec).compute(n_bootstrap=0)["total"]
-    floor = null_orbit_error(model, data, spec)["total"] / summary.loss_aug
-    return summary.rel_equiv_error, floor
+    total = run_audit(model, data, spec, k=k, sampling="haar", float_floor=True).total
+    return total.rel_equiv_error, total.float_floor
 
 
 def test_unit_roundoff():
@@ -55,8 +54,8 @@ def test_unit_roundoff():
 def test_actions_run_in_float64_and_cast_once():
     """The model sees float32(R·x computed in float64); its outputs are mapped back in float64."""
     data = vector_dataset(4, 5)
-    rotations = make_rotation_set("so3", 3).sample(4, torch.Generator().manual_seed(0))
-    spec = vector_spec("vector")
+    rotations = make_rotation_set("so3", 3).sample(4, 0)
+    spec = dataclasses.replace(vector_spec("vector"), group=make_group("so3", 3))
     inputs = _orbit_inputs(data, rotations, spec, torch.float32)["pos"]
     expected = torch.einsum("bkij,bnj->bkni", rotations, data["pos"]).reshape(12, 5, 3).float()
     assert inputs.dtype == torch.float32 and torch.equal(inputs, expected)
@@ -79,14 +78,15 @@ def test_actions_run_in_float64_and_cast_once():
 
 
 def test_jitter_copies_differ_by_rounding_only():
-    g = torch.Generator().manual_seed(0)
-    jitter = JitterAction(unit_roundoff(torch.float32), g, centres_points=False)
+    jitter = JitterAction(unit_roundoff(torch.float32), SampleRandom(0), centres_points=False)
     pos, energy = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
-    copies = jitter.act("vector", pos, torch.zeros(2, 5))
+    copy_ids = torch.arange(10).reshape(2, 5)
+    copies = jitter.act("vector", pos, copy_ids)
     relative = (copies - pos.unsqueeze(1)).abs() / pos.norm(dim=-1, keepdim=True).unsqueeze(1)  # to each vector's norm
     assert 0 < relative.max() <= unit_roundoff(torch.float32)
-    assert torch.equal(jitter.act("scalar", energy, torch.zeros(2, 5)), energy.unsqueeze(1).expand(2, 5))
-    back = jitter.act_inverse("vector", copies, None)
+    assert torch.equal(jitter.act("vector", pos[1:], copy_ids[1:]), copies[1:])  # a copy's jitter is its own
+    assert torch.equal(jitter.act("scalar", energy, copy_ids), energy.unsqueeze(1).expand(2, 5))
+    back = jitter.act_inverse("vector", copies, copy_ids)
     assert 0 < ((back - copies).abs() / copies.norm(dim=-1, keepdim=True)).max() <= 2 * JITTER * unit_roundoff(torch.float64)  # + its own rounding
 
 
@@ -116,10 +116,10 @@ def test_flag_rule():
 
 def test_floor_is_reported_for_every_audit_with_a_flag(tmp_path):
     """Through the config: model.autocast: bf16 and the summary's float_floor / flag columns."""
-    from equiaudit.audit import audit_checkpoint, prepare_audit
     from equiaudit.io.checkpoints import CheckpointRef
     from equiaudit.io.config import parse_config
     from equiaudit.io.data import save_npz
+    from equiaudit.runner import audit_checkpoint, open_audit
 
     data = vector_dataset(16, 5)
     save_npz(tmp_path / "data.npz", {"pos": data["pos"].numpy(), "target": data["pos"].numpy()})
@@ -134,9 +134,9 @@ def test_floor_is_reported_for_every_audit_with_a_flag(tmp_path):
             "group": {"name": "so3", "rotations": 4},
             "bootstrap": 20,
         })
-        plan = prepare_audit(config, device="cpu")
-        torch.save(plan.model.state_dict(), tmp_path / "m.pt")
-        results[name] = audit_checkpoint(plan, CheckpointRef(tmp_path / "m.pt", "m.pt", "run", 0))
+        audit = open_audit(config, device="cpu")
+        torch.save(audit.model.state_dict(), tmp_path / "m.pt")
+        results[name] = audit_checkpoint(audit, CheckpointRef(tmp_path / "m.pt", "m.pt", "run", 0))
         assert results[name].ok, results[name].message
-        assert results[name].extras["total"]["flag"] == AT_FLOOR
-    assert results["bf16"].extras["total"]["float_floor"] > 1e3 * results["f32"].extras["total"]["float_floor"]
+        assert results[name].total.flag == AT_FLOOR
+    assert results["bf16"].total.float_floor > 1e3 * results["f32"].total.float_floor

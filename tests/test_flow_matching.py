@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from equiaudit.audit import build_orbit_spec
-from equiaudit.engine import audit_model
-from equiaudit.groups import make_rotation_set
-from equiaudit.io.config import parse_config
-from equiaudit.tasks import get_task
+import equiaudit
+from equiaudit.api import settings
+from equiaudit.plan import resolve
 
 
 def _dataset(n=64, atoms=7, seed=0):
@@ -33,13 +31,9 @@ class Velocity(torch.nn.Module):
 
 
 def _audit(model, dataset, k=8, seed=0):
-    preset = get_task("flow_matching")
-    prepared = preset.prepare(dataset, preset.options, torch.Generator().manual_seed(seed))
-    config = parse_config({"task": "flow_matching", "model": {"factory": "x:y"}, "data": {"path": "unused.npz"}})
-    spec = build_orbit_spec(config, preset, prepared)
-    rotations = make_rotation_set("so3", k).sample(len(prepared["pos"]), torch.Generator().manual_seed(seed))
-    summary = audit_model(model, prepared, rotations, spec, batch_size=32).compute(n_bootstrap=100)
-    return prepared, summary
+    options = dict(task="flow_matching", rotations=k, sampling="haar", seed=seed, batch_size=32, bootstrap=100)
+    prepared = resolve(settings(**options), dataset, device="cpu").prepare(dataset).data
+    return prepared, equiaudit.audit(model, dataset, device="cpu", **options)
 
 
 def test_prepared_fields_are_consistent():

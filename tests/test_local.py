@@ -9,9 +9,16 @@ import torch
 
 from equiaudit.actions.voxels import rotate_grid, voxel_centres
 from equiaudit.engine import HeadSpec, OrbitSpec
-from equiaudit.local import grid_lie_derivative, local_equivariance
+from equiaudit.local import grid_lie_derivative
 from equiaudit.rotations import so3_generators
-from helpers import LinearMap, RadialScaling, random_matrix, vector_dataset, vector_spec
+from helpers import LinearMap, RadialScaling, random_matrix, run_audit, vector_dataset, vector_spec
+
+
+def local_equivariance(model, data, spec, batch_size=64):
+    """The audit's local columns per head (and total), through the plan (--local)."""
+    result = run_audit(model, data, spec, k=2, sampling="haar", batch_size=batch_size, local=True)
+    return {h.name: {"local_equiv_error": h.local_equiv_error, "rel_local_equiv_error": h.rel_local_equiv_error}
+            for h in (result.total, *result.heads.values())}
 
 
 def _commutator_answer(matrix: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:

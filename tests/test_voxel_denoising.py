@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from equiaudit.audit import audit_checkpoint, prepare_audit
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.io.checkpoints import CheckpointRef
 from equiaudit.io.config import parse_config
+from equiaudit.runner import audit_checkpoint, open_audit
 
 
 def _atoms(path, n=6, atoms=5, seed=0):
@@ -30,7 +30,7 @@ def _audit(tmp_path, factory, *, group="octahedral", rotations=None, voxel=None,
         "voxel": {"grid_size": 12, "resolution": 0.4, **(voxel or {})},
         "bootstrap": 100,
     })
-    plan = prepare_audit(config, device="cpu")
+    plan = open_audit(config, device="cpu")
     checkpoint = tmp_path / f"{factory}.pt"
     from helpers import conv3d, identity
 
@@ -42,29 +42,29 @@ def _audit(tmp_path, factory, *, group="octahedral", rotations=None, voxel=None,
 def test_identity_is_exact_under_cube_group(tmp_path):
     plan, result = _audit(tmp_path, "identity")
     assert result.ok, result.message
-    assert plan.rotation_set.exact and plan.rotation_set.n_rotations == 24
-    assert plan.dataset["noisy"].shape == (6, 2, 12, 12, 12)  # C and O channels present
-    assert result.summaries["total"].loss_aug > 0.5  # the noise, σ = 0.9
-    assert abs(result.summaries["total"].rel_equiv_error) <= 1e-6
-    assert "interp_floor" not in result.extras.get("total", {})
+    assert plan.plan.group.exact and plan.plan.group.n_elements == 24
+    assert plan.prepared.data["noisy"].shape == (6, 2, 12, 12, 12)  # C and O channels present
+    assert result.total.loss_aug > 0.5  # the noise, σ = 0.9
+    assert abs(result.total.rel_equiv_error) <= 1e-6
+    assert result.total.interp_floor is None
 
 
 def test_random_conv_is_caught_and_its_cube_average_is_not(tmp_path):
     _, raw = _audit(tmp_path, "conv3d")
     _, symmetric = _audit(tmp_path, "conv3d", kwargs={"symmetrize": True})
-    assert raw.summaries["total"].rel_equiv_error > 1e-3
-    assert abs(symmetric.summaries["total"].rel_equiv_error) < 1e-5
+    assert raw.total.rel_equiv_error > 1e-3
+    assert abs(symmetric.total.rel_equiv_error) < 1e-5
 
 
 def test_identity_under_so3_is_all_interpolation_floor(tmp_path):
     plan, result = _audit(tmp_path, "identity", group="so3", rotations=6)
-    total = result.summaries["total"]
-    floor = result.extras["total"]["interp_floor"]
+    total = result.total
+    floor = result.total.interp_floor
     assert total.rel_equiv_error > 1e-3
     assert floor > 1e-3
     # The input's clean part is exact (atoms rotated, then voxelized); the rest is resampling.
     assert floor == pytest.approx(total.rel_equiv_error, rel=0.25)
-    weights = plan.spec.head_weights["denoised"]
+    weights = plan.plan.spec.head_weights["denoised"]
     assert weights.shape == (1, 1, 12, 12, 12) and not weights.all()  # spherical mask on
 
 
@@ -72,7 +72,7 @@ def test_ready_grids_under_so3_floor_equals_ree(tmp_path):
     grids = torch.rand(4, 1, 10, 10, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     np.savez(tmp_path / "grids.npz", grid=grids.numpy())
     _, result = _audit(tmp_path, "identity", group="so3", rotations=4, data=tmp_path / "grids.npz", voxel={"grid_size": None})
-    assert result.extras["total"]["interp_floor"] == pytest.approx(result.summaries["total"].rel_equiv_error, rel=1e-9)
+    assert result.total.interp_floor == pytest.approx(result.total.rel_equiv_error, rel=1e-9)
 
 
 def test_non_cubic_grid_under_cube_group_is_refused(tmp_path):
@@ -98,7 +98,7 @@ def test_wrong_output_shape_fails_the_checkpoint(tmp_path):
 
 
 def test_default_batch_size_shrinks_for_large_grids():
-    from equiaudit.audit import ORBIT_BYTES, default_batch_size
+    from equiaudit.plan import ORBIT_BYTES, default_batch_size
     from equiaudit.engine import HeadSpec, OrbitSpec
 
     grids = OrbitSpec(fields={}, heads=(HeadSpec("denoised", "voxel", "clean"),), inputs=["noisy"])

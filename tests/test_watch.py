@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from equiaudit.audit import prepare_audit
-from equiaudit.cli import audit_command
-from equiaudit.cli.audit_command import open_cache, watch_into
+from equiaudit import runner as runner_module
 from equiaudit.io.cache import SettleTracker, Stamp
 from equiaudit.io.config import load_config
+from equiaudit.runner import Runner, RunEvents, open_audit
 from run_helpers import checkpoint_bytes, make_run, write_config
 
 INTERVAL = 0.2
@@ -55,19 +54,20 @@ def test_watch_picks_up_a_checkpoint_written_in_chunks(tmp_path, monkeypatch):
     config = write_config(tmp_path)
     run_dir = make_run(tmp_path, "live", {10: 0.3})
     out = tmp_path / "out"
-    plan = prepare_audit(load_config(config), device="cpu")
+    plan = open_audit(load_config(config), device="cpu")
     stop, polled, attempts = threading.Event(), [], []
-    real = audit_command.audit_checkpoint
+    real = runner_module.audit_checkpoint
 
     def recorded(*args, **kwargs):
         attempts.append(real(*args, **kwargs))
         return attempts[-1]
 
-    monkeypatch.setattr(audit_command, "audit_checkpoint", recorded)
+    monkeypatch.setattr(runner_module, "audit_checkpoint", recorded)
 
     def watch() -> None:
-        with open_cache(plan, out) as cache:
-            polled.extend(watch_into(plan, [str(run_dir)], out, cache=cache, interval=INTERVAL, stop=stop))
+        events = RunEvents(on_result=polled.append)
+        with Runner(plan, out, events=events) as runner:
+            runner.watch([str(run_dir)], interval=INTERVAL, stop=stop)
 
     thread = threading.Thread(target=watch)
     thread.start()
@@ -87,7 +87,7 @@ def test_watch_picks_up_a_checkpoint_written_in_chunks(tmp_path, monkeypatch):
         thread.join(timeout=30)
     assert not thread.is_alive()
     assert statuses(out / "summary.csv") == {"step_000010.pt": "ok", "step_000100.pt": "ok"}  # never "corrupt"
-    assert [r.ref.name for r in polled if r.ok] == ["step_000010.pt", "step_000100.pt"]
+    assert [r.checkpoint for r in polled if r.ok] == ["step_000010.pt", "step_000100.pt"]
     assert any(r.status == "corrupt" for r in attempts)  # it did see the half-written file, and retried
 
 
@@ -96,12 +96,12 @@ def test_watch_reports_a_corrupt_checkpoint_once_it_is_stable(tmp_path):
     run_dir = make_run(tmp_path, "broken", {10: 0.3})
     (run_dir / "step_000020.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "out"
-    plan = prepare_audit(load_config(config), device="cpu")
-    stop = threading.Event()
-    with open_cache(plan, out) as cache:
+    plan = open_audit(load_config(config), device="cpu")
+    stop, results = threading.Event(), []
+    with Runner(plan, out, events=RunEvents(on_result=results.append)) as runner:
         timer = threading.Timer(8 * INTERVAL, stop.set)
         timer.start()
-        results = watch_into(plan, [str(run_dir)], out, cache=cache, interval=INTERVAL, stop=stop)
+        runner.watch([str(run_dir)], interval=INTERVAL, stop=stop)
     assert statuses(out / "summary.csv") == {"step_000010.pt": "ok", "step_000020.pt": "corrupt"}
     assert [r.status for r in results].count("corrupt") == 1  # reported once, not every poll
 

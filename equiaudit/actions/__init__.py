@@ -1,4 +1,4 @@
-"""Group actions: how each representation is rotated (``g·v``) and rotated back (``g⁻¹·v``).
+"""Group actions on fields: the per-representation kernels behind :mod:`equiaudit.representations`.
 
 One entry point for every caller:
 
@@ -7,24 +7,17 @@ One entry point for every caller:
 * :func:`unrotate` takes an orbit ``(B, K, ...)`` and returns ``R[b, k]⁻¹ · value[b, k]``.
 
 ``point`` fields are centred on their masked centroid before rotating; ``unrotate`` of a
-``point`` output is a plain ``Rᵀ`` (outputs live in the centred frame).
+``point`` output is a plain ``Rᵀ`` (outputs live in the centred frame). The kernels live in
+:mod:`~equiaudit.actions.points` (centring) and :mod:`~equiaudit.actions.voxels` (grids).
 """
 
 from __future__ import annotations
 
 import torch
 
-from equiaudit.actions.points import POINT_REPRESENTATIONS, apply_rotation, centre, masked_centroid
+from equiaudit.actions.points import centre, masked_centroid
 
-__all__ = ["rotate", "unrotate", "centre", "masked_centroid", "REPRESENTATIONS", "check_representation"]
-
-REPRESENTATIONS = POINT_REPRESENTATIONS + ("voxel",)
-
-
-def check_representation(rep: str) -> str:
-    if rep not in REPRESENTATIONS:
-        raise ValueError(f"unknown representation {rep!r}; allowed: {', '.join(REPRESENTATIONS)}")
-    return rep
+__all__ = ["rotate", "unrotate", "centre", "masked_centroid"]
 
 
 def rotate(rep: str, value: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,24 +25,13 @@ def rotate(rep: str, value: torch.Tensor, rotations: torch.Tensor, mask: torch.T
 
     ``mask`` ``(B, N)`` marks valid atoms for centring ``point`` fields.
     """
-    check_representation(rep)
-    k = rotations.shape[1]
-    if rep == "voxel":
-        from equiaudit.actions import voxels
+    from equiaudit.representations import get_representation  # (it imports this package's kernels)
 
-        return voxels.rotate_grid(value, rotations)
-    if rep == "point":
-        value = centre(value, mask)
-    expanded = value.unsqueeze(1).expand(value.shape[0], k, *value.shape[1:])
-    return apply_rotation(rep, expanded, rotations)
+    return get_representation(rep).orbit(value, rotations, mask)
 
 
 def unrotate(rep: str, value: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Map an orbit back to each sample's own frame: ``(B, K, ...)`` → ``R⁻¹ · value``."""
-    check_representation(rep)
-    if rep == "voxel":
-        from equiaudit.actions import voxels
+    from equiaudit.representations import get_representation
 
-        return voxels.unrotate_grid(value, rotations)
-    # For improper R (O(3)) the inverse is still Rᵀ, and det(Rᵀ) = det(R).
-    return apply_rotation(rep, value, rotations.transpose(-1, -2))
+    return get_representation(rep).back(value, rotations)

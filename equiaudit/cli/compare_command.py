@@ -15,24 +15,24 @@ from pathlib import Path
 
 from rich.console import Console
 
-from equiaudit.audit import prepare_audit
-from equiaudit.cli.audit_command import audit_with_progress, open_cache
+from rich.markup import escape
+
+from equiaudit.cli.audit_command import audit_with_progress
 from equiaudit.errors import ConfigError, EquiauditError
 from equiaudit.io.checkpoints import discover_checkpoints
 from equiaudit.io.config import load_config
+from equiaudit.io.layout import OutputFolder
 from equiaudit.report.compare import X_AXES, COMPARE_COLUMNS, compare_rows, compare_table, trajectories, unique_names
 from equiaudit.report.summary import read_rows, write_rows
+from equiaudit.runner import open_audit
 
-__all__ = ["run_compare_command", "COMPARE_FILE", "COMPARE_PLOT"]
-
-COMPARE_FILE = "compare.csv"
-COMPARE_PLOT = "compare.png"
+__all__ = ["run_compare_command"]
 
 
-def _audit_dir(out: Path, run_dir: Path) -> Path:
+def _audit_dir(out: OutputFolder, run_dir: Path) -> OutputFolder:
     """Where a run directory's audit goes: stable across invocations, distinct for distinct runs."""
     digest = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
-    return out / "audits" / f"{run_dir.name}-{digest}"
+    return OutputFolder(out / out.AUDITS / f"{run_dir.name}-{digest}")
 
 
 def _origin(source: Path, run: str, *, audited: bool) -> Path:
@@ -42,13 +42,10 @@ def _origin(source: Path, run: str, *, audited: bool) -> Path:
     return next((p for p in (source, *source.parents) if p.name == run), source) if audited else source
 
 
-def _describe(out_dir: Path) -> tuple[str | None, str | None]:
+def _describe(out_dir: OutputFolder) -> tuple[str | None, str | None]:
     """(task, group) from an audit output's ``run.json``, if there is one."""
-    try:
-        meta = json.loads((out_dir / "run.json").read_text())
-        return meta.get("task"), meta.get("group")
-    except (OSError, ValueError, AttributeError):
-        return None, None
+    meta = out_dir.read_run_json()
+    return meta.get("task"), meta.get("group")
 
 
 def run_compare_command(
@@ -73,29 +70,29 @@ def run_compare_command(
     if not sources:
         raise ConfigError("compare needs at least one audit output or run directory")
     config = load_config(config_path) if config_path is not None else None
-    plan = None
+    folder = OutputFolder(out)
+    audit = None
     runs: list[tuple[str, Path, list[dict]]] = []  # (run name, where it came from, summary rows)
     described: set[tuple[str | None, str | None]] = set()
     failed = 0
     for source in map(Path, sources):
-        if (source / "summary.csv").is_file():
-            audit_out = source
+        if OutputFolder(source).summary.is_file():
+            audit_out, audited = OutputFolder(source), False
         elif source.is_dir():
             if config is None:
                 raise ConfigError(f"{source}: no summary.csv here; give --config to audit it as a checkpoint run")
             refs = discover_checkpoints([source])
-            plan = plan or prepare_audit(config, device=device)
-            audit_out = _audit_dir(out, source)
-            stderr.print(f"auditing {source} ({len(refs)} checkpoint(s)) into {audit_out}", highlight=False)
-            with open_cache(plan, audit_out) as cache:
-                results, _ = audit_with_progress(plan, refs, audit_out, cache=cache, force=force, console=stderr)
+            audit = audit or open_audit(config, device=device)
+            audit_out, audited = _audit_dir(folder, source), True
+            stderr.print(f"auditing {escape(str(source))} ({len(refs)} checkpoint(s)) into {escape(str(audit_out))}", highlight=False)
+            results, _ = audit_with_progress(audit, refs, audit_out, force=force, console=stderr)
             failed += sum(not r.ok for r in results)
         else:
             raise ConfigError(f"{source}: not an audit output (summary.csv) or a checkpoint run directory")
         described.add(_describe(audit_out))
-        rows = read_rows(audit_out / "summary.csv")
+        rows = read_rows(audit_out.summary)
         for name in dict.fromkeys(r["run"] for r in rows):
-            runs.append((name, _origin(source, name, audited=audit_out is not source), [r for r in rows if r["run"] == name]))
+            runs.append((name, _origin(source, name, audited=audited), [r for r in rows if r["run"] == name]))
 
     names = unique_names([(name, origin) for name, origin, _ in runs])
     trajs = [t for label, (_, _, rows) in zip(names, runs) for t in trajectories(rows, x=x, run=label)]
@@ -103,24 +100,24 @@ def run_compare_command(
         raise EquiauditError("nothing to compare: no successfully audited checkpoint with a known step in the sources")
     for label in dict.fromkeys(names):
         if not any(t.run == label for t in trajs):
-            stderr.print(f"[yellow]warning:[/] {label}: no successfully audited checkpoint with a known step", highlight=False)
+            stderr.print(f"[yellow]warning:[/] {escape(label)}: no successfully audited checkpoint with a known step", highlight=False)
     rows = compare_rows(trajs, threshold=threshold, x=x)
     extra = [c for c in rows[0] if c not in COMPARE_COLUMNS]
-    write_rows(out / COMPARE_FILE, rows, columns=COMPARE_COLUMNS + tuple(extra))
+    write_rows(folder / folder.COMPARE, rows, columns=COMPARE_COLUMNS + tuple(extra))
 
     tasks = ", ".join(sorted({t for t, _ in described if t} | ({config.task} if config else set()))) or "unknown task"
     groups = ", ".join(sorted({g for _, g in described if g})) or "unknown group"
     title = f"REE over training · {tasks} · {groups}"
-    written = [out / COMPARE_FILE]
+    written = [folder / folder.COMPARE]
     if plot:
         from equiaudit.report.plot import save_figure, trajectory_figure
 
-        written.append(save_figure(trajectory_figure(trajs, threshold=threshold, x=x, title=title), out / COMPARE_PLOT))
+        written.append(save_figure(trajectory_figure(trajs, threshold=threshold, x=x, title=title), folder / folder.COMPARE_PLOT))
     if output_format == "json":
         print(json.dumps(rows, default=str, indent=2))
     else:
         stdout.print(compare_table(rows, trajs, title=f"{title} · threshold {100 * threshold:g} %"))
-        stdout.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+        stdout.print(f"wrote {escape(', '.join(map(str, written)))}", highlight=False)
     if failed:
         stderr.print(f"{failed} checkpoint(s) failed to audit; the others are compared", highlight=False)
     return 1 if failed else 0

@@ -24,14 +24,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from equiaudit.audit import prepare_audit
+from equiaudit.cli.audit_command import save_trajectory_plot
 from equiaudit.errors import ConfigError
-from equiaudit.cli.audit_command import audit_into, group_label, open_cache, save_trajectory_plot
+from equiaudit.io.atomic import atomic_write_text
 from equiaudit.io.checkpoints import discover_checkpoints, save_checkpoint
 from equiaudit.io.config import load_config
 from equiaudit.io.data import load_dataset, save_npz
+from equiaudit.io.layout import OutputFolder
 from equiaudit.report.compare import compare_rows, trajectories
-from equiaudit.report.summary import atomic_write_text
+from equiaudit.runner import Runner, RunEvents, open_audit
 from equiaudit.report.table import format_interval, format_number, format_percent
 from equiaudit.zoo.recipes import RECIPES, TASKS, Recipe, make_cluster_data, split
 from equiaudit.zoo.train import TrainSettings, log_spaced_steps, train
@@ -127,11 +128,14 @@ def train_task(
 def _audit_task(config_path: Path, device: str, progress: Progress):
     """Audit every checkpoint named by a written config, into the config's folder (cached)."""
     config = load_config(config_path)
-    plan = prepare_audit(config, device=device)
+    audit = open_audit(config, device=device)
     refs = discover_checkpoints([config.checkpoints])
-    with open_cache(plan, config_path.parent) as cache:
-        results, rows = audit_into(plan, refs, config_path.parent, cache=cache, progress=progress)
-    return plan, results, rows
+    bar = progress.add_task(f"auditing {config.task}", total=len(refs))
+    events = RunEvents(on_result=lambda result: progress.advance(bar))
+    with Runner(audit, OutputFolder(config_path.parent), events=events) as runner:
+        results, rows = runner.run(refs)
+    progress.remove_task(bar)
+    return audit, results, rows
 
 
 def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: float) -> Table:
@@ -201,14 +205,14 @@ def run_demo_command(
         baseline = recipe.baseline_recipe()
         with _progress(console) as progress:
             config_path, log = train_task(recipe, out / task, out / "data", steps=n_steps, seed=seed, augment=True, progress=progress)
-            plan, audit_results, rows = _audit_task(config_path, device, progress)
+            audit, audit_results, rows = _audit_task(config_path, device, progress)
             if baseline is not None:
                 base_config, _ = train_task(baseline, out / task / "baseline", out / "data", steps=min(n_steps, baseline.settings.steps),
                                             seed=seed, augment=True, progress=progress)
                 _, base_results, base_rows = _audit_task(base_config, device, progress)
                 audit_results += base_results
         failed += sum(not r.ok for r in audit_results)
-        group = f"{group_label(plan.rotation_set)}, K={plan.rotation_set.n_rotations}, N={plan.n_samples}"
+        group = f"{audit.plan.group.label}, K={audit.plan.group.n_elements}, N={len(audit.prepared)}"
         save_trajectory_plot(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
         console.print(_trajectory_table(task, rows, log, threshold))
         verdict = _verdict(rows, threshold)

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from equiaudit import __version__
 from equiaudit.errors import CheckpointError, ConfigError, DataError, EquiauditError
@@ -46,8 +47,8 @@ class OutputFormat(str, Enum):
 
 
 def fail(message: str, code: int = 2) -> None:
-    """One line on stderr, then exit."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr, then exit. The message is escaped: user text is never markup."""
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -133,6 +134,7 @@ def audit(
         interval=interval,
         plot=plot,
         threshold=threshold,
+        debug=_state["debug"],
     )
     raise typer.Exit(code)
 
@@ -183,6 +185,7 @@ def inspect(
 ):
     """Show a checkpoint's format, detected step, tensor and parameter counts, and key prefix."""
     from rich.table import Table
+    from rich.text import Text
 
     from equiaudit.io.checkpoints import describe_checkpoint
 
@@ -190,9 +193,9 @@ def inspect(
     if output_format is OutputFormat.json:
         print(json.dumps(info, default=str, indent=2))
         return
-    table = Table(show_header=False, title=str(checkpoint))
+    table = Table(show_header=False, title=Text(str(checkpoint)))
     for key, value in info.items():
-        table.add_row(key, str(value))
+        table.add_row(Text(str(key)), Text(str(value)))
     stdout.print(table)
 
 

@@ -145,9 +145,32 @@ class ResultCache:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str) -> CachedResult | None:
-        """What is stored under ``key``, exactly as it was written, or ``None``."""
+        """What is stored under ``key``, exactly as it was written, or ``None`` (also for an
+        entry that cannot be decoded: it is audited again and overwritten)."""
         hit = self._db.execute("SELECT rows, breakdown, breakdown_options FROM results WHERE key = ?", (key,)).fetchone()
-        return CachedResult(json.loads(hit[0]), json.loads(hit[1]), hit[2]) if hit else None
+        if not hit:
+            return None
+        try:
+            return CachedResult(json.loads(hit[0]), json.loads(hit[1]), hit[2])
+        except ValueError:
+            return None
+
+    def _all(self, column: str) -> list[dict]:
+        out = []
+        for (text,) in self._db.execute(f"SELECT {column} FROM results ORDER BY created"):
+            try:
+                out.extend(json.loads(text))
+            except ValueError:
+                continue
+        return out
+
+    def all_rows(self) -> list[dict]:
+        """The summary rows of every stored result, whatever its settings (to rebuild a damaged summary.csv)."""
+        return self._all("rows")
+
+    def all_breakdown(self) -> list[dict]:
+        """The breakdown rows of every stored result (to rebuild a damaged breakdown.csv)."""
+        return self._all("breakdown")
 
     def put(self, key: str, ref: CheckpointRef, rows: Sequence[dict], breakdown: Sequence[dict] = (),
             breakdown_options: str = "") -> None:

@@ -1,14 +1,24 @@
-"""The YAML audit config: parse, validate, resolve paths. The only place config is read.
+"""The audit settings: the YAML config, its keys as Python keywords, validation. The only place config is read.
 
-Every problem raises :class:`~equiaudit.errors.ConfigError` with one line naming the
-key, the bad value and what is allowed. Relative paths are resolved against the
-working directory first, then against the config file's folder.
+One schema serves every face: a YAML file (``equiaudit audit CONFIG``), a mapping, and the
+keyword arguments of :func:`equiaudit.audit` / :class:`equiaudit.EquivarianceMetric`, which
+are the YAML keys with the same names, defaults and checks (nested keys are reached by
+the short names of :data:`KEYWORDS`: ``inputs=`` is ``model.inputs``, ``rotations=`` is
+``group.rotations``, ``samples=`` is ``data.samples``...). Every problem raises
+:class:`~equiaudit.errors.ConfigError` with one line naming the key, the bad value and what
+is allowed. Relative paths are resolved against the working directory first, then against
+the config file's folder.
+
+Size guard: a config is data, but YAML aliases let 800 bytes stand for gigabytes once
+expanded ("billion laughs"); a config whose expansion exceeds :data:`MAX_CONFIG_VALUES`
+values is refused before anything uses it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,32 +26,54 @@ from typing import Any
 
 import yaml
 
-from equiaudit.actions import REPRESENTATIONS
 from equiaudit.errors import ConfigError
-from equiaudit.groups import GROUP_NAMES, SAMPLINGS
-from equiaudit.groups_extra import EXTRA_GROUP_NAMES, GROUP_OPTIONS
+from equiaudit.groups import SAMPLINGS, group_names, group_options
 from equiaudit.metrics import LOSS_NAMES
+from equiaudit.representations import representation_names
+from equiaudit.tasks import task_names, task_sections
 
-__all__ = ["AuditConfig", "ModelConfig", "DataConfig", "HeadConfig", "load_config", "parse_config", "TASK_NAMES"]
+__all__ = [
+    "AuditConfig", "ModelConfig", "DataConfig", "HeadConfig", "load_config", "parse_config", "settings_mapping",
+    "read_yaml", "apply_overrides", "KEYWORDS", "MAX_CONFIG_VALUES", "WEIGHT_SETS",
+]
 
-TASK_NAMES = ("force_field", "flow_matching", "voxel_denoising", "custom")
-TOP_LEVEL_KEYS = (
+BASE_KEYS = (
     "task", "model", "checkpoints", "data", "fields", "heads", "group", "seed",
-    "batch_size", "chunk_size", "bootstrap", "mask", "voxel", "flow", "name",
-    "local", "breakdown",
+    "batch_size", "chunk_size", "bootstrap", "mask", "name", "local", "breakdown",
+    "float_floor", "interp_floor",
 )
 MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
 DATA_KEYS = ("path", "keys", "samples", "subset_seed")
 HEAD_KEYS = ("rep", "target", "loss", "weight", "output", "huber_delta")
-GROUP_KEYS = ("name", "rotations", "sampling") + GROUP_OPTIONS
+CHECKPOINT_KEYS = ("path", "weights", "prefix")
+WEIGHT_SETS = ("auto", "raw", "ema")
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 BREAKDOWN_KEYS = ("by", "elements", "worst", "bins")
+INTERP_FLOOR = ("auto", True, False)
+# Python keywords that name nested keys (everything else is a top-level key of the same name).
+KEYWORDS = {
+    "inputs": "model.inputs", "outputs": "model.outputs", "grad": "model.grad", "dtype": "model.dtype",
+    "autocast": "model.autocast", "factory": "model.factory", "kwargs": "model.kwargs",
+    "rotations": "group.rotations", "sampling": "group.sampling", "radius": "group.radius", "shape": "group.shape",
+    "samples": "data.samples", "keys": "data.keys", "subset_seed": "data.subset_seed",
+    "by": "breakdown.by", "weights": "checkpoints.weights", "prefix": "checkpoints.prefix",
+}
+MAX_CONFIG_VALUES = 100_000
+
+
+def top_level_keys() -> tuple[str, ...]:
+    """The config's top-level keys: the base ones and each task's options section."""
+    return BASE_KEYS + tuple(task_sections())
+
+
+def group_keys() -> tuple[str, ...]:
+    return ("name", "rotations") + group_options()
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    factory: str
+    factory: str | None  # None when the caller passes a built model (Python API)
     kwargs: dict[str, Any] = field(default_factory=dict)
     inputs: list[str] | dict[str, str] | None = None
     outputs: list[str] | None = None
@@ -52,7 +84,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: Path
+    path: Path | None  # None when the caller passes the data (Python API)
     keys: dict[str, str] = field(default_factory=dict)
     samples: int | None = None
     subset_seed: int | None = None
@@ -77,6 +109,8 @@ class AuditConfig:
     model: ModelConfig
     data: DataConfig
     checkpoints: Path | None = None
+    weights: str = "auto"  # checkpoints.weights: which weight set (auto prefers an EMA)
+    prefix: str | None = None  # checkpoints.prefix: add or strip this key prefix
     fields: dict[str, str] = field(default_factory=dict)
     heads: dict[str, HeadConfig] | None = None
     group: str | None = None
@@ -87,19 +121,25 @@ class AuditConfig:
     chunk_size: int = 8192
     bootstrap: int = 1000
     mask: str = "mask"
-    voxel: dict[str, Any] = field(default_factory=dict)
-    flow: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)  # the task's section (flow:, voxel:)
     name: str | None = None
-    group_options: dict[str, Any] = field(default_factory=dict)  # e.g. translation radius
+    group_options: dict[str, Any] = field(default_factory=dict)  # e.g. so3 sampling, translation radius
     local: bool = False
+    float_floor: bool = True
+    interp_floor: str | bool = "auto"
     breakdown: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     def settings_hash(self) -> str:
-        """Hash of everything that changes the numbers (not the checkpoint paths, nor the
-        breakdown options, which add rows to breakdown.csv but change no summary number)."""
+        """Hash of everything that changes the numbers: not the checkpoint paths, nor the
+        breakdown options (they add rows to breakdown.csv but change no summary number);
+        the weight set and prefix count when given."""
         relevant = {k: v for k, v in self.raw.items() if k not in ("checkpoints", "name", "breakdown")}
+        chosen = {k: v for k, v in (self.raw.get("checkpoints") or {}).items() if k in ("weights", "prefix")} \
+            if isinstance(self.raw.get("checkpoints"), Mapping) else {}
+        if chosen:
+            relevant["checkpoints"] = chosen
         blob = json.dumps(relevant, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -137,10 +177,12 @@ def resolve_path(value: str | Path, base: Path | None) -> Path:
     return beside if beside.exists() else path
 
 
-def _parse_model(raw: Any) -> ModelConfig:
+def _parse_model(raw: Any, model_given: bool) -> ModelConfig:
     model = _check_keys("model", raw, MODEL_KEYS)
     factory = model.get("factory")
-    if not isinstance(factory, str) or ":" not in factory:
+    if factory is None and model_given:
+        pass  # the caller built the model; nothing is imported
+    elif not isinstance(factory, str) or ":" not in factory:
         raise ConfigError(
             f"config: model.factory={factory!r} must be 'package.module:callable' or 'path/to/file.py:callable'"
         )
@@ -159,14 +201,17 @@ def _parse_model(raw: Any) -> ModelConfig:
     grad = model.get("grad", False)
     if not isinstance(grad, bool):
         raise ConfigError(f"config: model.grad={grad!r} must be true or false")
+    # A model the caller built keeps its own dtype unless model.dtype says otherwise.
+    dtype = model.get("dtype", None if model_given else "float32")
+    autocast = model.get("autocast")
     return ModelConfig(
         factory=factory,
         kwargs=dict(kwargs),
         inputs=dict(inputs) if isinstance(inputs, Mapping) else inputs,
         outputs=outputs,
         grad=grad,
-        dtype=_choice("model.dtype", model.get("dtype", "float32"), MODEL_DTYPES),
-        autocast=None if model.get("autocast") is None else _choice("model.autocast", _AUTOCAST_ALIASES.get(model["autocast"], model["autocast"]), AUTOCAST_DTYPES),
+        dtype=None if dtype is None else _choice("model.dtype", dtype, MODEL_DTYPES),
+        autocast=None if autocast is None else _choice("model.autocast", _AUTOCAST_ALIASES.get(autocast, autocast), AUTOCAST_DTYPES),
     )
 
 
@@ -178,6 +223,8 @@ def _parse_breakdown(raw: Any) -> dict[str, Any]:
     by = section.get("by", [])
     if isinstance(by, str):
         by = [b.strip() for b in by.split(",") if b.strip()]
+    if isinstance(by, tuple):
+        by = list(by)
     if not isinstance(by, list) or not all(isinstance(b, str) for b in by):
         raise ConfigError(f"config: breakdown.by={by!r} must be a list of split or field names")
     if "elements" in section and not isinstance(section["elements"], str):
@@ -186,6 +233,12 @@ def _parse_breakdown(raw: Any) -> dict[str, Any]:
         if key in section:
             _positive_int(f"breakdown.{key}", section[key])
     return {**section, "by": by}
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config: {key}={value!r} must be a number")
+    return float(value)
 
 
 def _parse_heads(raw: Any) -> dict[str, HeadConfig] | None:
@@ -197,65 +250,124 @@ def _parse_heads(raw: Any) -> dict[str, HeadConfig] | None:
     for name, spec in raw.items():
         spec = _check_keys(f"heads.{name}", spec, HEAD_KEYS)
         if "rep" in spec:
-            _choice(f"heads.{name}.rep", spec["rep"], REPRESENTATIONS)
+            _choice(f"heads.{name}.rep", spec["rep"], representation_names())
         if "loss" in spec:
             _choice(f"heads.{name}.loss", spec["loss"], LOSS_NAMES)
-        for number in ("weight", "huber_delta"):
-            if number in spec and (isinstance(spec[number], bool) or not isinstance(spec[number], (int, float))):
-                raise ConfigError(f"config: heads.{name}.{number}={spec[number]!r} must be a number")
+        if "weight" in spec:
+            weight = _number(f"heads.{name}.weight", spec["weight"])
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ConfigError(f"config: heads.{name}.weight={spec['weight']!r} must be a finite number ≥ 0")
+        if "huber_delta" in spec:
+            delta = _number(f"heads.{name}.huber_delta", spec["huber_delta"])
+            if not (math.isfinite(delta) and delta > 0):
+                raise ConfigError(f"config: heads.{name}.huber_delta={spec['huber_delta']!r} must be a finite number > 0")
+        for text in ("target", "output"):
+            if text in spec and not isinstance(spec[text], str):
+                raise ConfigError(f"config: heads.{name}.{text}={spec[text]!r} must be a field name")
         heads[str(name)] = HeadConfig(**spec)
+    if all(h.weight == 0 for h in heads.values() if h.weight is not None) and all(h.weight is not None for h in heads.values()):
+        raise ConfigError("config: every head has weight 0: the total would be empty; give one head a positive weight")
     return heads
 
 
-def parse_config(raw: Any, source: Path | None = None) -> AuditConfig:
-    """Validate a config mapping (as loaded from YAML)."""
-    top = _check_keys("", raw, TOP_LEVEL_KEYS)
+def _check_size(raw: Any, limit: int = MAX_CONFIG_VALUES) -> None:
+    """Refuse a config that expands to more than ``limit`` values (YAML aliases can make a
+    few hundred bytes stand for gigabytes). Shared sub-objects are counted every time they
+    are reached, as any use of the config (hashing, run.json) would expand them."""
+    count = 0
+    stack = [raw]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(
+                f"config: expands to more than {limit:,} values (YAML aliases such as '*name' repeat what they "
+                "point to); refused before use — write the values out, or shorten the config"
+            )
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, str) and len(node) > limit:
+            raise ConfigError(f"config: a string of {len(node):,} characters; refused (the limit is {limit:,})")
+
+
+def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = False, data_given: bool = False) -> AuditConfig:
+    """Validate a config mapping (as loaded from YAML, or built from keywords).
+
+    ``model_given``/``data_given``: the caller passes the model object / the data (Python
+    API), so ``model.factory`` / ``data.path`` are not required.
+    """
+    _check_size(raw)
+    top = _check_keys("", raw, top_level_keys())
     base = source.parent if source is not None else None
-    task = _choice("task", top.get("task", "custom"), TASK_NAMES)
-    if "model" not in top:
+    task = _choice("task", top.get("task", "custom"), task_names())
+    if "model" not in top and not model_given:
         raise ConfigError("config: missing key 'model' (needs at least model.factory)")
     data = _check_keys("data", top.get("data"), DATA_KEYS)
-    if "path" not in data:
+    if "path" not in data and not data_given:
         raise ConfigError("config: missing key 'data.path'")
     keys = data.get("keys") or {}
     if not isinstance(keys, Mapping):
         raise ConfigError("config: data.keys must be a mapping {field: key_in_file}")
     samples = data.get("samples")
+    subset_seed = data.get("subset_seed")
+    if subset_seed is not None and (isinstance(subset_seed, bool) or not isinstance(subset_seed, int)):
+        raise ConfigError(f"config: data.subset_seed={subset_seed!r} must be an integer")
     fields = top.get("fields") or {}
     if not isinstance(fields, Mapping):
         raise ConfigError("config: 'fields' must be a mapping {field: representation}")
     for name, rep in fields.items():
-        _choice(f"fields.{name}", rep, REPRESENTATIONS)
-    group = _check_keys("group", top.get("group"), GROUP_KEYS)
+        _choice(f"fields.{name}", rep, representation_names())
+    group = top.get("group")
+    group = {"name": group} if isinstance(group, str) else group
+    group = _check_keys("group", group, group_keys())
     if "name" in group:
-        _choice("group.name", group["name"], GROUP_NAMES + EXTRA_GROUP_NAMES)
+        _choice("group.name", group["name"], group_names())
     rotations = group.get("rotations")
     if rotations is not None:
         _positive_int("group.rotations", rotations, minimum=2)
     if group.get("sampling") is not None:
         _choice("group.sampling", group["sampling"], SAMPLINGS)
     checkpoints = top.get("checkpoints")
-    if isinstance(checkpoints, Mapping):
-        checkpoints = _check_keys("checkpoints", checkpoints, ("path",)).get("path")
-    for section in ("voxel", "flow"):
+    checkpoints = {"path": checkpoints} if isinstance(checkpoints, (str, Path)) else checkpoints
+    checkpoints = _check_keys("checkpoints", checkpoints, CHECKPOINT_KEYS)
+    weights = _choice("checkpoints.weights", checkpoints.get("weights", "auto"), WEIGHT_SETS)
+    prefix = checkpoints.get("prefix")
+    if prefix is not None and not isinstance(prefix, str):
+        raise ConfigError(f"config: checkpoints.prefix={prefix!r} must be a key prefix such as 'model.'")
+    sections = task_sections()
+    for section, owner in sections.items():
         if top.get(section) is not None and not isinstance(top[section], Mapping):
             raise ConfigError(f"config: '{section}' must be a mapping")
+        if top.get(section) and owner != task:
+            raise ConfigError(f"config: '{section}' applies to task {owner} only (task is {task})")
     seed = top.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"config: seed={seed!r} must be an integer")
-    local = top.get("local", False)
-    if not isinstance(local, bool):
-        raise ConfigError(f"config: local={local!r} must be true or false")
+    flags = {}
+    for key, default in (("local", False), ("float_floor", True)):
+        flags[key] = top.get(key, default)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"config: {key}={flags[key]!r} must be true or false")
+    interp = top.get("interp_floor", "auto")
+    if interp not in INTERP_FLOOR:
+        raise ConfigError(f"config: interp_floor={interp!r} is not allowed; allowed: auto, true, false")
+    own_section = next((section for section, owner in sections.items() if owner == task), None)
+    path = data.get("path")
     return AuditConfig(
         task=task,
-        model=_parse_model(top["model"]),
+        model=_parse_model(top.get("model") or {}, model_given),
         data=DataConfig(
-            path=resolve_path(data["path"], base),
+            path=None if path is None else resolve_path(path, base),
             keys={str(k): str(v) for k, v in keys.items()},
             samples=None if samples is None else _positive_int("data.samples", samples),
-            subset_seed=data.get("subset_seed"),
+            subset_seed=subset_seed,
         ),
-        checkpoints=None if checkpoints is None else resolve_path(checkpoints, base),
+        checkpoints=None if checkpoints.get("path") is None else resolve_path(checkpoints["path"], base),
+        weights=weights,
+        prefix=prefix,
         fields={str(k): v for k, v in fields.items()},
         heads=_parse_heads(top.get("heads")),
         group=group.get("name"),
@@ -266,19 +378,20 @@ def parse_config(raw: Any, source: Path | None = None) -> AuditConfig:
         chunk_size=_positive_int("chunk_size", top.get("chunk_size", 8192)),
         bootstrap=_positive_int("bootstrap", top.get("bootstrap", 1000), minimum=0),
         mask=str(top.get("mask", "mask")),
-        voxel=dict(top.get("voxel") or {}),
-        flow=dict(top.get("flow") or {}),
-        name=top.get("name"),
-        group_options={k: group[k] for k in GROUP_OPTIONS if k in group},
-        local=local,
+        task_options=dict(top.get(own_section) or {}) if own_section else {},
+        name=None if top.get("name") is None else str(top.get("name")),
+        group_options={k: group[k] for k in group_options() if k in group},
+        local=flags["local"],
+        float_floor=flags["float_floor"],
+        interp_floor=interp,
         breakdown=_parse_breakdown(top.get("breakdown")),
         source=source,
         raw=json.loads(json.dumps(dict(top), default=str)),
     )
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> AuditConfig:
-    """Read and validate a YAML config; ``overrides`` are dotted keys (``group.rotations``)."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file (safe loader: tags such as ``!!python`` are refused)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -288,9 +401,18 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"config: {path} is not valid YAML{where}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {path} ({type(exc).__name__})") from exc
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: {path} must hold a mapping at the top level")
-    raw = dict(raw)
+    _check_size(raw)
+    return dict(raw)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``raw`` with dotted keys (``group.rotations``) set; ``None`` values are skipped.
+    Nested mappings are copied, never modified in place."""
+    raw = json.loads(json.dumps(dict(raw), default=str)) if raw else {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -300,8 +422,45 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
             child = node.get(key)
             if child is None:
                 child = node[key] = {}
+            elif isinstance(child, str) and key == "group":
+                child = node[key] = {"name": child}  # group: so3 → group: {name: so3, ...}
+            elif isinstance(child, str) and key == "checkpoints":
+                child = node[key] = {"path": child}
             elif not isinstance(child, dict):
                 raise ConfigError(f"config: cannot override {dotted}: '{key}' is not a mapping")
             node = child
         node[leaf] = value
-    return parse_config(raw, source=path)
+    return raw
+
+
+def settings_mapping(config: str | Path | Mapping[str, Any] | None, keywords: Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """The raw config of the Python API: ``config`` (a YAML path, a mapping or None) with the
+    keyword arguments on top. Keywords are top-level keys or the short names of :data:`KEYWORDS`;
+    an unknown keyword is a ConfigError naming the allowed ones."""
+    source = None
+    if config is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(config, (str, Path)):
+        source = Path(config)
+        raw = read_yaml(source)
+    elif isinstance(config, Mapping):
+        raw = dict(config)
+    else:
+        raise ConfigError(f"config= must be a YAML path or a mapping, got {type(config).__name__}")
+    _check_size(raw)
+    allowed = top_level_keys() + tuple(KEYWORDS)
+    overrides = {}
+    for key, value in keywords.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown keyword {key}=; allowed: {', '.join(allowed)}")
+        if key == "group" and isinstance(value, str) and isinstance(raw.get("group"), Mapping):
+            overrides["group.name"] = value  # group="so3" beside a config's group section
+        else:
+            overrides[KEYWORDS.get(key, key)] = value
+    return apply_overrides(raw, overrides), source
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> AuditConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``group.rotations``)."""
+    path = Path(path)
+    return parse_config(apply_overrides(read_yaml(path), overrides), source=path)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from equiaudit.errors import ConfigError
+from equiaudit.errors import ConfigError, first_line
 from equiaudit.io.config import resolve_path
 
 __all__ = ["build_model", "load_factory"]
@@ -36,27 +37,49 @@ def load_factory(spec: str, base: Path | None = None):
             sys.modules[name] = module
             try:
                 module_spec.loader.exec_module(module)
-            except Exception:
+            except BaseException as exc:
                 del sys.modules[name]
-                raise
+                raise _factory_error(f"importing {path}", exc) from exc
     else:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
             raise ConfigError(f"config: model.factory module {target!r} cannot be imported ({exc})") from exc
+        except BaseException as exc:
+            raise _factory_error(f"importing {target}", exc) from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ConfigError(f"config: model.factory: {target!r} has no callable {attribute!r}")
     return factory
 
 
+def _factory_error(doing: str, exc: BaseException) -> ConfigError:
+    """A failure of the user's factory code as a config error (exit 2); Ctrl-C passes through."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    if isinstance(exc, SystemExit):
+        return ConfigError(f"config: model.factory: {doing} called sys.exit({exc.code!r}); a factory must return a model")
+    return ConfigError(f"config: model.factory: {doing} raised {type(exc).__name__}: {first_line(exc)}")
+
+
 def build_model(spec: str, kwargs: dict[str, Any] | None = None, base: Path | None = None) -> torch.nn.Module:
-    """Call the factory with ``kwargs``; it must return an ``nn.Module``."""
+    """Call the factory with ``kwargs``; it must return an ``nn.Module``.
+
+    Every failure of the user's code (import errors, exceptions, ``sys.exit``) is a
+    :class:`~equiaudit.errors.ConfigError` naming the factory: the config cannot be audited.
+    """
     factory = load_factory(spec, base)
+    kwargs = dict(kwargs or {})
     try:
-        model = factory(**(kwargs or {}))
+        inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"config: model.factory {spec!r} rejected model.kwargs: {exc}") from exc
+    except ValueError:
+        pass  # no signature to check (a builtin): let the call tell
+    try:
+        model = factory(**kwargs)
+    except BaseException as exc:
+        raise _factory_error(f"calling {spec}", exc) from exc
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"config: model.factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -1,9 +1,9 @@
 """``breakdown.csv`` (DESIGN.md §4) and its terminal tables (``audit --by ...``).
 
-Rows come from :class:`equiaudit.breakdown.BreakdownCollector`, one per checkpoint ×
-split × head × bin; this module adds the checkpoint's identity, merges them into the
-file (rows of the same run, checkpoint and settings are replaced, others kept) and
-renders a split as a rich table.
+Rows come from :func:`equiaudit.breakdown.breakdown_rows` with the checkpoint's identity
+(:meth:`equiaudit.result.AuditResult.breakdown_rows`), one per checkpoint × split × head ×
+bin; they are merged into the file like summary rows
+(:func:`~equiaudit.report.summary.merge_rows`); a split renders as a rich table.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from equiaudit.report.summary import _step_key, read_rows, write_rows
+from equiaudit.report.summary import read_rows, step_key, write_rows
 from equiaudit.report.table import format_number, format_percent
 
-__all__ = ["BREAKDOWN_FILE", "BREAKDOWN_COLUMNS", "breakdown_rows", "merge_breakdown", "write_breakdown", "breakdown_table", "print_breakdowns"]
+__all__ = ["BREAKDOWN_COLUMNS", "write_breakdown", "breakdown_table", "print_breakdowns"]
 
-BREAKDOWN_FILE = "breakdown.csv"
 BREAKDOWN_COLUMNS = (
     "run", "checkpoint", "step", "head", "by", "bin", "loss_aug", "loss_sym", "equiv_error", "rel_equiv_error", "n",
 )
@@ -28,28 +27,14 @@ BREAKDOWN_COLUMNS = (
 EXTRA_COLUMNS = ("weight", "share", "config_hash")
 
 
-def breakdown_rows(result, *, config_hash: str) -> list[dict]:
-    """The rows of one :class:`~equiaudit.audit.CheckpointResult` (none for a failed one)."""
-    base = {"run": result.ref.run, "checkpoint": result.ref.name, "step": result.step, "config_hash": config_hash}
-    return [{**base, **row} for row in result.breakdown]
-
-
-def merge_breakdown(existing: Sequence[dict], new: Sequence[dict]) -> list[dict]:
-    """Existing rows, less those of a (run, checkpoint, settings) that ``new`` has, plus ``new``;
-    ordered by run and step, each checkpoint's rows in their own order."""
-    replaced = {(r["run"], r["checkpoint"], r.get("config_hash", "")) for r in new}
-    kept = [r for r in existing if (r["run"], r["checkpoint"], r.get("config_hash", "")) not in replaced]
-    return sorted([*kept, *new], key=lambda r: (r["run"], _step_key(r), r["checkpoint"]))  # stable
-
-
 def write_breakdown(path: str | Path, rows: Sequence[dict]) -> None:
-    """Merge ``rows`` into the CSV at ``path`` (atomically)."""
-    write_rows(path, merge_breakdown(read_rows(path), rows), BREAKDOWN_COLUMNS + EXTRA_COLUMNS)
+    """Write breakdown rows (already merged: :func:`~equiaudit.report.summary.merge_rows`) atomically."""
+    write_rows(path, rows, BREAKDOWN_COLUMNS + EXTRA_COLUMNS)
 
 
 def breakdown_table(rows: Sequence[dict], by: str, *, title: str | None = None) -> Table:
     """One split of one checkpoint's rows: head, bin, L_aug, REE, share of the error, n."""
-    table = Table(title=title or f"breakdown by {by}", header_style="bold", caption="share: part of the total equivariance error")
+    table = Table(title=Text(title or f"breakdown by {by}"), header_style="bold", caption="share: part of the total equivariance error")
     for name, justify in (("head", "left"), (by, "left"), ("L_aug", "right"), ("REE", "right"), ("share", "right"), ("n", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     previous = None
@@ -58,7 +43,7 @@ def breakdown_table(rows: Sequence[dict], by: str, *, title: str | None = None) 
             table.add_section()
         table.add_row(
             Text(str(row["head"])) if row["head"] != previous else Text(""),
-            str(row["bin"]),
+            Text(str(row["bin"])),
             format_number(row.get("loss_aug")),
             format_percent(row.get("rel_equiv_error")),
             format_percent(row.get("share")),
@@ -73,11 +58,11 @@ def print_breakdowns(console, path: str | Path, splits: Sequence[str], *, config
     rows = [r for r in read_rows(path) if config_hash is None or r.get("config_hash") == config_hash]
     if not rows:
         return
-    last = max(rows, key=lambda r: (_step_key(r), r["run"], r["checkpoint"]))
+    last = max(rows, key=lambda r: (step_key(r), r["run"], r["checkpoint"]))
     latest = [r for r in rows if (r["run"], r["checkpoint"]) == (last["run"], last["checkpoint"])]
     step = f"step {last['step']}" if last.get("step") else last["checkpoint"]
     for by in splits:
         if any(r["by"] == by for r in latest):
             console.print(breakdown_table(latest, by, title=f"breakdown by {by} · {last['run']} · {step}"))
         else:
-            console.print(f"no '{by}' breakdown for this audit (it needs per-atom heads, rotation matrices, voxel heads or that field)", highlight=False)
+            console.print(Text(f"no '{by}' breakdown for this audit (it needs per-atom heads, rotation matrices, voxel heads or that field)"), highlight=False)

@@ -173,7 +173,7 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
     positive = [r for t in trajs for r in t.ree if r > 0]
     low, high = (min(positive), max(positive)) if positive else (1.0, 1.0)
     curves = {(t.run, t.head): t.ree for t in trajs}
-    table = Table(title=title, header_style="bold",
+    table = Table(title=None if title is None else Text(title), header_style="bold",
                   caption=f"REE curve per checkpoint, log scale {format_percent(low)} ▁ … █ {format_percent(high)}")
     for name, justify in (("run", "left"), ("head", "left"), ("≤ threshold at step", "right"), ("final step", "right"),
                           ("final REE", "right"), ("95 % CI", "right"), ("min REE", "right"), ("REE curve", "left")):
@@ -188,8 +188,8 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
         reached = row["first_step_below"] not in (None, "")
         final = _number(row["final_rel_equiv_error"])
         table.add_row(
-            str(row["run"]) if first else "",
-            str(row["head"]),
+            Text(str(row["run"])) if first else "",  # Text: user names are never markup
+            Text(str(row["head"])),
             Text(str(row["first_step_below"]), style="green") if reached else Text(f"never (≤ {format_percent(threshold)})", style="red"),
             str(row["final_step"]),
             Text(format_percent(final), style="green" if final <= threshold else "red"),

@@ -54,7 +54,7 @@ def summary_table(rows: Sequence[dict], *, title: str | None = None, threshold: 
     caption = "REE = equivariance error / augmented loss; CI: 95 % bootstrap over samples"
     if any(r.get("flag") == AT_FLOOR for r in rows):
         caption += "\n* within 10× of the float floor: indistinguishable from exact equivariance at the model's precision"
-    table = Table(title=title, show_lines=False, header_style="bold", caption=caption)
+    table = Table(title=None if title is None else Text(title), show_lines=False, header_style="bold", caption=caption)
     table.add_column("step", justify="right", no_wrap=True, min_width=4)
     table.add_column("checkpoint", no_wrap=True, overflow="ellipsis", max_width=28)
     table.add_column("head", no_wrap=True, min_width=6)
@@ -76,8 +76,8 @@ def summary_table(rows: Sequence[dict], *, title: str | None = None, threshold: 
         status = Text("ok", style="green") if ok else Text(str(row.get("status")), style="red")
         cells = [
             "" if row.get("step") in (None, "") or not first else str(row.get("step")),
-            str(row.get("checkpoint")) if first else "",
-            str(row.get("head")),
+            Text(str(row.get("checkpoint"))) if first else "",  # Text: user names are never markup
+            Text(str(row.get("head"))),
             format_number(row.get("loss_aug")),
             format_number(row.get("loss_sym")),
             Text(format_percent(row.get("rel_equiv_error")) + (" *" if row.get("flag") == AT_FLOOR else ""),

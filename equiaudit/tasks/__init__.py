@@ -1,8 +1,13 @@
-"""Task presets: default fields, heads and model call for the paper's three tasks.
+"""Task presets: default fields, heads and model call for the paper's three tasks. Pure.
 
-A preset is pure: it names representations and, where the task needs it, derives
-fields from the dataset once per audit (``prepare``), seeded, so every checkpoint
-sees the same inputs. The config may override any field or head.
+A preset names representations and, where the task needs it, derives fields from the data
+(``prepare``): flow-matching noise and times, voxelized and noised grids. Every derived
+value of a sample is a pure function of the seed and the sample's id
+(:class:`~equiaudit.random.SampleRandom`), so every checkpoint, every batch size, every
+process sees the same inputs. The config may override any field or head, and the task's
+own options live in its config section (``flow:``, ``voxel:``).
+
+Adding a task is one module here that calls :func:`register_task` (and an import below).
 """
 
 from __future__ import annotations
@@ -13,13 +18,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["TaskPreset", "get_task", "register_task"]
+from equiaudit.random import SampleRandom
+
+__all__ = ["TaskPreset", "get_task", "register_task", "task_names", "task_sections", "CUSTOM"]
 
 Dataset = dict[str, torch.Tensor]
 
 
-def _unchanged(dataset: Dataset, options: Mapping[str, Any], generator: torch.Generator) -> Dataset:
+def _unchanged(dataset: Dataset, options: Mapping[str, Any], random: SampleRandom, ids: torch.Tensor) -> Dataset:
     return dataset
+
+
+def _as_given(options: Mapping[str, Any], dataset: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return dict(options)
 
 
 @dataclass(frozen=True)
@@ -27,12 +38,19 @@ class TaskPreset:
     """Defaults for one task.
 
     Attributes:
+        name: the config's ``task``.
         fields: representation of each input field.
         heads: ``{name: {rep, target, loss, weight}}``.
         inputs: default positional model inputs.
-        group: default rotation group.
-        prepare: ``(dataset, options, generator) -> dataset`` adding derived fields.
-        options: allowed keys of the task's config section and their defaults.
+        group: default group.
+        section: the config section holding the task's options (``flow``, ``voxel``), if any.
+        options: allowed keys of that section and their defaults.
+        resolve_options: ``(options, dataset) -> options`` fixing data-dependent defaults
+            once per audit (e.g. the voxel channels from the elements present), so that
+            every batch is prepared alike.
+        prepare: ``(batch, options, random, ids) -> batch`` adding derived fields to a batch
+            of samples ``(B, ...)`` with ids ``(B,)``; per-sample and seeded, so preparing a
+            whole dataset at once or batch by batch gives the same values.
         orbit_inputs: ``(options, prepared dataset) -> builder | None``; the builder makes
             some fields' orbits itself (see :class:`equiaudit.engine.OrbitSpec`).
     """
@@ -42,11 +60,14 @@ class TaskPreset:
     heads: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     inputs: tuple[str, ...] = ()
     group: str = "so3"
-    prepare: Callable[[Dataset, Mapping[str, Any], torch.Generator], Dataset] = _unchanged
+    section: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    resolve_options: Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], dict[str, Any]] = _as_given
+    prepare: Callable[[Dataset, Mapping[str, Any], SampleRandom, torch.Tensor], Dataset] = _unchanged
     orbit_inputs: Callable[[Mapping[str, Any], Dataset], Callable | None] | None = None
 
 
+CUSTOM = TaskPreset("custom")
 _REGISTRY: dict[str, TaskPreset] = {}
 
 
@@ -55,12 +76,26 @@ def register_task(preset: TaskPreset) -> TaskPreset:
     return preset
 
 
-def get_task(name: str) -> TaskPreset:
-    """The preset for ``name`` (``custom`` has no defaults)."""
+def _registry() -> dict[str, TaskPreset]:
     # Importing the modules registers their presets.
     from equiaudit.tasks import flow_matching, force_field, voxel_denoising  # noqa: F401
-    if name == "custom":
-        return TaskPreset("custom")
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(_REGISTRY) + ['custom'])}")
-    return _REGISTRY[name]
+
+    return {**_REGISTRY, CUSTOM.name: CUSTOM}
+
+
+def task_names() -> tuple[str, ...]:
+    """Every task a config may name, ``custom`` (no defaults) last."""
+    return tuple(_registry())
+
+
+def task_sections() -> dict[str, str]:
+    """``{config section: task}`` for the tasks that have options (``flow: flow_matching`` ...)."""
+    return {preset.section: name for name, preset in _registry().items() if preset.section}
+
+
+def get_task(name: str) -> TaskPreset:
+    """The preset for ``name``; ``ValueError`` naming the allowed tasks otherwise."""
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(registry)}")
+    return registry[name]

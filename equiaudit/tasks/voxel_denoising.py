@@ -23,11 +23,12 @@ import torch
 from equiaudit.actions import rotate
 from equiaudit.actions.voxels import rotate_grid
 from equiaudit.errors import DataError
+from equiaudit.random import SampleRandom
 from equiaudit.rotations import is_signed_permutation
 from equiaudit.tasks import TaskPreset, register_task
 from equiaudit.voxelize import VoxelGridSpec, voxelize
 
-__all__ = ["grid_spec", "prepare_voxels", "atoms_orbit_inputs", "VOXEL_DENOISING"]
+__all__ = ["grid_spec", "resolve_voxel_options", "prepare_voxels", "atoms_orbit_inputs", "VOXEL_DENOISING"]
 
 # VoxMol's channel order; elements outside it follow in ascending order.
 VOXMOL_ORDER = VoxelGridSpec().elements
@@ -49,8 +50,17 @@ def grid_spec(options: Mapping[str, Any], z: torch.Tensor | None, mask: torch.Te
     )
 
 
-def prepare_voxels(dataset: dict[str, torch.Tensor], options: Mapping[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Add ``clean``, ``noise`` and ``noisy`` grids ``(N, C, L, L, L)``."""
+def resolve_voxel_options(options: Mapping[str, Any], dataset: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Fix the channels once per audit: ``voxel.elements`` defaults to the elements in the data."""
+    options = dict(options)
+    if options.get("elements") is None and "grid" not in dataset and "z" in dataset:
+        options["elements"] = list(grid_spec(options, dataset["z"], dataset.get("mask")).elements)
+    return options
+
+
+def prepare_voxels(dataset: dict[str, torch.Tensor], options: Mapping[str, Any], random: SampleRandom, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Add ``clean``, ``noise`` and ``noisy`` grids ``(N, C, L, L, L)``; the noise of a sample
+    is a function of the seed and its id."""
     if "grid" in dataset:
         clean = dataset["grid"]
         if clean.dim() != 5:
@@ -73,7 +83,7 @@ def prepare_voxels(dataset: dict[str, torch.Tensor], options: Mapping[str, Any],
             raise DataError(f"voxelizing the data: {exc}") from exc
     else:
         raise DataError("voxel_denoising needs atoms (pos, z) or ready grids under 'grid' (map them in data.keys)")
-    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).to(clean)
+    noise = random.child("voxel noise").normal(ids, clean.shape[1:]).to(clean)
     return {**dataset, "clean": clean, "noise": noise, "noisy": clean + float(options["noise"]) * noise}
 
 
@@ -111,6 +121,8 @@ VOXEL_DENOISING = register_task(
         heads={"denoised": {"rep": "voxel", "target": "clean", "loss": "mse", "weight": 1.0}},
         inputs=("noisy",),
         group="octahedral",
+        section="voxel",
+        resolve_options=resolve_voxel_options,
         prepare=prepare_voxels,
         orbit_inputs=atoms_orbit_inputs,
         options={

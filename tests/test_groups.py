@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from equiaudit.actions.group_actions import PERMUTATION, TRANSLATION, permutation_index
-from equiaudit.audit import audit_checkpoint, prepare_audit
 from equiaudit.errors import ConfigError
-from equiaudit.groups_extra import O3Set, TranslationSet, make_extra_group
-from equiaudit.io.checkpoints import CheckpointRef
+from equiaudit.groups import make_group
+from equiaudit.groups.o3 import O3Set
+from equiaudit.groups.permutation import PERMUTATION, permutation_index
+from equiaudit.groups.translation import TRANSLATION, TranslationSet
 from equiaudit.io.config import parse_config
+from helpers import audit_config
 
 
 # ----------------------------------------------------------------- models (config factories)
@@ -83,20 +84,17 @@ def _audit(tmp_path, factory, group, *, heads=None, fields=None, inputs=None, kw
         "group": group,
         "bootstrap": 50,
     })
-    plan = prepare_audit(config, device="cpu")
-    checkpoint = tmp_path / "model.pt"
-    torch.save(plan.model.state_dict(), checkpoint)
-    result = audit_checkpoint(plan, CheckpointRef(checkpoint, checkpoint.name, "run", 0))
+    audit, result = audit_config(config, tmp_path)
     assert result.ok, result.message
-    return plan, result
+    return audit, result
 
 
 def _ree(result, head="total"):
-    return result.summaries[head].rel_equiv_error
+    return result[head].rel_equiv_error
 
 
 def _flag(result, head="total"):
-    return result.extras[head]["flag"]
+    return result[head].flag
 
 
 # ------------------------------------------------------------------------------ permutation
@@ -129,7 +127,7 @@ def test_permutation_equivariant_model_reads_at_the_floor_and_an_index_embedding
     _, equivariant = _audit(tmp_path, "PermutationEquivariant", {"name": "permutation", "rotations": 4})
     _, indexed = _audit(tmp_path, "PermutationEquivariant", {"name": "permutation", "rotations": 4},
                         kwargs={"position_embedding": True})
-    assert equivariant.summaries["total"].loss_aug > 0.1
+    assert equivariant.total.loss_aug > 0.1
     assert _ree(equivariant) < 1e-25 and _flag(equivariant) == "at_float_floor"
     assert all(_flag(equivariant, h) == "at_float_floor" for h in ("energy", "forces"))
     assert _ree(indexed) > 1e-3 and _flag(indexed) == ""
@@ -143,7 +141,7 @@ def test_the_same_model_is_not_rotation_equivariant(tmp_path):
 # ------------------------------------------------------------------------------------- o3
 
 def test_o3_elements_are_haar_times_a_fair_sign():
-    elements = O3Set(64).sample(64, torch.Generator().manual_seed(0))
+    elements = O3Set(64).sample(64, 0)
     det = torch.linalg.det(elements)
     assert torch.allclose(det.abs(), torch.ones_like(det))
     assert 0.4 < (det < 0).double().mean() < 0.6
@@ -165,10 +163,10 @@ def test_cross_product_reads_at_the_floor_under_o3_only_as_a_pseudovector(tmp_pa
 # ----------------------------------------------------------------------------- translation
 
 def test_translations_are_bounded_and_act_on_points_only():
-    ball = TranslationSet(8, radius=2.0).sample(500, torch.Generator().manual_seed(0))
+    ball = TranslationSet(8, radius=2.0).sample(500, 0)
     assert ball.shape == (500, 8, 3) and ball.norm(dim=-1).max() <= 2.0
     assert ball.norm(dim=-1).median() > 2.0 * 0.75  # uniform in the ball: median radius 2·2^(-1/3) ≈ 1.59
-    box = TranslationSet(8, radius=0.5, shape="box").sample(100, torch.Generator().manual_seed(0))
+    box = TranslationSet(8, radius=0.5, shape="box").sample(100, 0)
     assert box.abs().max() <= 0.5 and box.norm(dim=-1).max() > 0.5
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     pos = torch.randn(1, 3, 3, dtype=torch.float64)
@@ -203,8 +201,21 @@ def test_bad_group_options_are_config_errors(tmp_path, group, message):
         _audit(tmp_path, "Displacement", group, heads={"forces": {"rep": "vector"}})
 
 
-def test_make_extra_group_defaults():
-    assert make_extra_group("translation", None).n_rotations == 32
-    assert make_extra_group("permutation", 4, n_atoms=5).sample(2, torch.Generator()).shape == (2, 4, 5)
+def test_make_group_defaults():
+    assert make_group("translation", None).n_elements == 32
+    assert make_group("permutation", 4, n_atoms=5).sample(2, 0).shape == (2, 4, 5)
     with pytest.raises(ValueError, match="per-atom data"):
-        make_extra_group("permutation", 4)
+        make_group("permutation", 4)
+    with pytest.raises(ValueError, match="unknown group 'so4'; allowed: so3, octahedral"):
+        make_group("so4", 4)
+
+
+def test_a_sample_gets_the_same_elements_whatever_is_drawn_beside_it():
+    """Elements are a function of (seed, sample id): batches, orders and padding do not matter."""
+    for group in (make_group("so3", 24), make_group("so3", 8, {"sampling": "haar"}), make_group("octahedral", 6),
+                  make_group("o3", 5), make_group("translation", 4)):
+        everything = group.sample(torch.arange(10), 3)
+        assert torch.equal(group.sample(torch.tensor([7, 2]), 3), everything[[7, 2]])
+        assert not torch.equal(group.sample(torch.arange(10), 4), everything)  # another seed
+    keys = make_group("permutation", 4, n_atoms=9).sample(torch.arange(3), 0)
+    assert torch.equal(make_group("permutation", 4, n_atoms=5).sample(torch.arange(3), 0), keys[..., :5])  # padding

@@ -1,0 +1,160 @@
+"""The output folder ``OUT``: the one place its file names are spelled, and how it is written.
+
+::
+
+    OUT/summary.csv       one row per checkpoint × head (the record; rebuilt from the cache if damaged)
+    OUT/breakdown.csv     one row per checkpoint × split × head × bin
+    OUT/run.json          the settings, environment and every checkpoint seen
+    OUT/trajectory.png    REE and losses against step
+    OUT/cache.sqlite      audited results, keyed by checkpoint identity and settings
+    OUT/shards/           array-job shards (``--shard I/N``), merged by ``equiaudit merge``
+    OUT/.equiaudit.lock   held while the CSVs and run.json are merged and rewritten
+
+Several audits may write into one ``OUT`` at once (two halves of a run, a ``--watch``
+beside a manual audit): every update takes the folder's lock, re-reads what is there,
+merges its own rows in and rewrites the files atomically, so no row is ever lost. A
+``summary.csv`` or ``breakdown.csv`` that cannot be parsed (a torn row, garbage) is
+reported and rebuilt from ``cache.sqlite`` rather than blocking every later run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from equiaudit.io.atomic import atomic_write_text
+from equiaudit.result import SUMMARY_COLUMNS
+
+__all__ = ["OutputFolder", "DamagedFile"]
+
+
+class DamagedFile(Exception):
+    """An output CSV that cannot be read back; ``reason`` says where."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_csv(path: Path, required: Sequence[str] = ()) -> list[dict]:
+    """Rows of a CSV written by equiaudit as dicts of strings (empty when absent).
+
+    Raises :class:`DamagedFile` when the header lacks a ``required`` column or a row has
+    more or fewer fields than the header (a torn write by another program, hand edits).
+    """
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DamagedFile(path, f"its header lacks {', '.join(missing)}")
+            rows = []
+            for number, row in enumerate(reader, start=2):
+                if None in row or any(value is None for value in row.values()):
+                    raise DamagedFile(path, f"line {number} has {'more' if None in row else 'fewer'} fields than the header")
+                rows.append(row)
+            return rows
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DamagedFile(path, f"not a readable CSV ({type(exc).__name__})") from None
+
+
+class OutputFolder:
+    """``OUT`` of an audit, compare or merge (see the module docstring)."""
+
+    SUMMARY = "summary.csv"
+    BREAKDOWN = "breakdown.csv"
+    RUN = "run.json"
+    PLOT = "trajectory.png"
+    CACHE = "cache.sqlite"
+    SHARDS = "shards"
+    LOCK = ".equiaudit.lock"
+    COMPARE = "compare.csv"
+    COMPARE_PLOT = "compare.png"
+    AUDITS = "audits"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def summary(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def breakdown(self) -> Path:
+        return self.path / self.BREAKDOWN
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / self.RUN
+
+    @property
+    def plot(self) -> Path:
+        return self.path / self.PLOT
+
+    @property
+    def cache_path(self) -> Path:
+        return self.path / self.CACHE
+
+    @property
+    def shards(self) -> Path:
+        return self.path / self.SHARDS
+
+    def create(self) -> OutputFolder:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock (``flock`` on :attr:`LOCK`; other audits of this folder wait)."""
+        self.create()
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def summary_rows(self, rebuild: Callable[[], list[dict]] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
+        """Rows of ``summary.csv``; a damaged file is reported through ``warn`` and replaced by
+        ``rebuild()`` (the cache's rows), or by nothing."""
+        return self._rows(self.summary, SUMMARY_COLUMNS, rebuild, warn)
+
+    def breakdown_rows(self, rebuild: Callable[[], list[dict]] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
+        from equiaudit.report.breakdown import BREAKDOWN_COLUMNS
+
+        return self._rows(self.breakdown, BREAKDOWN_COLUMNS, rebuild, warn)
+
+    @staticmethod
+    def _rows(path: Path, required, rebuild, warn) -> list[dict]:
+        try:
+            return read_csv(path, required)
+        except DamagedFile as exc:
+            if warn is not None:
+                warn(f"{exc.path} is damaged ({exc.reason}): rebuilt from {exc.path.parent / OutputFolder.CACHE}")
+            return rebuild() if rebuild is not None else []
+
+    def read_run_json(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.run_json.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def write_run_json(self, metadata: dict[str, Any]) -> None:
+        atomic_write_text(self.run_json, json.dumps(metadata, indent=2, default=str) + "\n")

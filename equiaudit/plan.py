@@ -1,0 +1,458 @@
+"""The audit plan: settings + data → everything fixed across checkpoints; and the one evaluation path. Pure.
+
+:func:`resolve` turns validated settings (:class:`~equiaudit.io.config.AuditConfig`) and the
+data's fields into an :class:`AuditPlan`: the orbit spec (fields, heads, how to call the
+model), the group, the task's options, the floors and breakdowns asked for, batch sizes,
+device. It reads no file and builds no model: the CLI's runner, :func:`equiaudit.audit`,
+:class:`equiaudit.EquivarianceMetric` and the training callbacks all build their plan here.
+
+Then every caller evaluates the same way:
+
+* :meth:`AuditPlan.prepare` adds the task's derived fields and draws each sample's group
+  elements — per sample, from the seed and the sample's id (:mod:`equiaudit.random`);
+* :meth:`AuditPlan.evaluate_batch` runs one batch (the orbit forward passes, and where
+  asked the float floor's null orbit, the interpolation round trip, the local metric and
+  the breakdown columns) into :class:`~equiaudit.stats.SampleStats`;
+* :meth:`AuditPlan.evaluate` does that over a prepared dataset, batch by batch;
+* :meth:`AuditPlan.summarize` reduces finalized statistics to an
+  :class:`~equiaudit.result.AuditResult` (bootstrap interval, floors, breakdown rows).
+
+Because statistics are per sample and keyed by id, the pieces of one audit can be made
+anywhere (batches of a loader, ranks, shards) and summarized together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from equiaudit.breakdown import BUILTIN_SPLITS, BreakdownOptions, batch_columns, breakdown_rows, split_fields
+from equiaudit.engine import HeadSpec, OrbitSpec, evaluate_orbits, evaluate_round_trip
+from equiaudit.errors import ConfigError, DataError
+from equiaudit.floor import FLOOR_COPIES, FLOOR_SAMPLES, flag, null_orbit_error
+from equiaudit.groups import GROUPS, Group, make_group
+from equiaudit.io.config import AuditConfig
+from equiaudit.local import local_batch
+from equiaudit.metrics import summarize as summarize_ratio
+from equiaudit.random import SampleRandom, sample_ids
+from equiaudit.representations import get_representation
+from equiaudit.result import AuditResult, HeadResult
+from equiaudit.rotations import is_signed_permutation
+from equiaudit.stats import SampleStats
+from equiaudit.tasks import CUSTOM, TaskPreset, get_task
+
+__all__ = ["AuditPlan", "Prepared", "resolve", "resolve_device", "default_batch_size", "evaluation_mode", "ORBIT_BYTES"]
+
+# Budget for one float64 orbit tensor (B, K, *E) of one head when batch_size is not set:
+# large grids (VoxMol's 64³ × 8 channels) then get small batches instead of running out of memory.
+ORBIT_BYTES = 64 * 2**20
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset ready to evaluate: fields ``(N, ...)`` with the task's derived ones, the
+    samples' ids ``(N,)`` int64 (their position in the audit), group elements
+    ``(N, K, ...)`` and, where known, each sample's index in the data file ``(N,)``."""
+
+    data: dict[str, torch.Tensor]
+    ids: torch.Tensor
+    elements: torch.Tensor
+    index: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(fields, ids, elements, index)`` of consecutive batches."""
+        n = len(self.ids)
+        for start in range(0, n, batch_size):
+            part = slice(start, min(start + batch_size, n))
+            index = None if self.index is None else self.index[part]
+            yield {k: v[part] for k, v in self.data.items()}, self.ids[part], self.elements[part], index
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """Everything that stays fixed across the checkpoints of an audit (see the module docstring).
+
+    Attributes:
+        spec: fields, heads, model call and the group (:class:`~equiaudit.engine.OrbitSpec`).
+        seed: seeds every per-sample draw (elements, task noise, floor jitter) and the bootstrap.
+        batch_size: samples per batch (each batch is one set of forward passes of
+            ``batch_size × K`` inputs, chunked by ``spec.chunk_size``).
+        bootstrap: bootstrap resamples of the interval (0: none).
+        device: where the model runs.
+        task, task_options: the preset and its resolved options (``flow:``, ``voxel:``).
+        float_floor, interp_floor, local: the extra figures to measure.
+        breakdown: what ``breakdown.csv`` splits by (None: no breakdown rows).
+        model_dtype: cast the model's floating parameters to this (None: keep its own).
+        config: the settings the plan was resolved from (hash, ``run.json``), if any.
+    """
+
+    spec: OrbitSpec
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    bootstrap: int = 1000
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    task: TaskPreset = CUSTOM
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    float_floor: bool = True
+    interp_floor: bool = False
+    local: bool = False
+    breakdown: BreakdownOptions | None = None
+    model_dtype: torch.dtype | None = None
+    config: AuditConfig | None = None
+
+    @property
+    def group(self) -> Group:
+        return self.spec.group
+
+    @property
+    def heads(self) -> list[str]:
+        return [h.name for h in self.spec.heads]
+
+    def config_hash(self) -> str | None:
+        return self.config.settings_hash() if self.config is not None else None
+
+    def random(self, stream: str) -> SampleRandom:
+        return SampleRandom.named(self.seed, stream)
+
+    def breakdown_identity(self, fields: Mapping[str, torch.Tensor] | None = None) -> str:
+        """What shapes this plan's breakdown rows (the options, the per-sample fields split
+        by), as a string; ``""`` without a breakdown. The cache keys breakdown rows on it."""
+        if self.breakdown is None:
+            return ""
+        options = dataclasses.asdict(self.breakdown)
+        if fields is not None:
+            options["by"] = split_fields(fields, self.breakdown)
+        return json.dumps(options, sort_keys=True, default=list)
+
+    # ------------------------------------------------------------------ preparing data
+
+    def prepare(self, data: Mapping[str, torch.Tensor], ids: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> Prepared:
+        """The task's derived fields and the group elements of ``data`` ``(N, ...)``.
+
+        ``ids`` ``(N,)``: the samples' ids (default ``0 … N−1``, their order in the data);
+        every derived value of a sample depends on the seed and its id only. ``index``: the
+        samples' indices in the data file, reported by the worst-sample breakdown.
+        """
+        n = len(next(iter(data.values())))
+        ids = sample_ids(n) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+        prepared = self.task.prepare(dict(data), self.task_options, self.random("task"), ids)
+        return Prepared(prepared, ids, self.group.sample(ids, self.random("rotations")), index)
+
+    # ------------------------------------------------------------------ evaluating
+
+    def evaluate(self, model: torch.nn.Module, prepared: Prepared, *, piece: int = 0,
+                 on_batch: Callable[[int, int], None] | None = None,
+                 batches: Callable[[int], bool] | None = None) -> SampleStats:
+        """Statistics of ``model`` on every batch of ``prepared`` (``on_batch(done, total)``
+        reports progress in samples). ``batches(i)`` selects which batches to evaluate (a
+        rank's share of a sharded audit); all of them by default."""
+        stats = SampleStats(self.heads, piece)
+        with evaluation_mode(model):
+            for number, (batch, ids, elements, index) in enumerate(prepared.batches(self.batch_size)):
+                if batches is None or batches(number):
+                    self.evaluate_batch(model, batch, ids, elements, stats=stats, index=index)
+                if on_batch is not None:
+                    on_batch(min((number + 1) * self.batch_size, len(prepared)), len(prepared))
+        return stats
+
+    def evaluate_batch(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], ids: torch.Tensor,
+                       elements: torch.Tensor, *, stats: SampleStats, index: torch.Tensor | None = None) -> SampleStats:
+        """Evaluate one prepared batch (fields ``(B, ...)``, ids ``(B,)``, elements ``(B, K, ...)``,
+        optional file indices ``(B,)``) into ``stats``. The model must be in eval mode on
+        :attr:`device` (see :func:`evaluation_mode`)."""
+        device = self.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        elements = elements.to(device)
+        spec = self.spec
+        results = evaluate_orbits(model, batch, elements, spec)
+        ids = ids.cpu()
+        columns: dict[str, torch.Tensor] = {"id": ids, "origin": stats.origins(len(ids))}
+        if index is not None:
+            columns["index"] = index
+        for head, result in results.items():
+            columns[f"loss_aug/{head}"] = result.loss_aug
+            columns[f"equiv_error/{head}"] = result.equiv_error
+            columns[f"loss_rot/{head}"] = result.loss_per_rotation
+            columns[f"error_rot/{head}"] = result.equiv_error_per_rotation
+        if self.interp_floor:
+            for head, result in evaluate_round_trip(model, batch, elements, spec).items():
+                columns[f"interp/{head}"] = result.equiv_error
+        if self.local:
+            for head, (error, scale) in local_batch(model, batch, spec).items():
+                columns[f"local_error/{head}"] = error
+                columns[f"local_scale/{head}"] = scale
+        if self.breakdown is not None:
+            extra, blocks = batch_columns(batch, elements, results, spec, self.breakdown)
+            columns.update(extra)
+            for block in blocks:
+                row = block.pop("row")
+                stats.tables["units"].add(id=ids[row], origin=columns["origin"][row], **block)
+        stats.tables["samples"].add(**columns)
+        if self.float_floor:
+            chosen = ids < FLOOR_SAMPLES
+            if chosen.any():
+                subset = {k: v[chosen.to(device)] for k, v in batch.items()}
+                errors = null_orbit_error(model, subset, ids[chosen].to(device), spec, seed=self.seed, n_copies=FLOOR_COPIES)
+                stats.tables["floor"].add(id=ids[chosen], origin=columns["origin"][chosen],
+                                          **{f"floor/{h}": e for h, e in errors.items()})
+        return stats
+
+    # ------------------------------------------------------------------ reducing
+
+    def summarize(self, stats: SampleStats, *, seconds: float = 0.0) -> AuditResult:
+        """The figures of finalized-or-not statistics (they are finalized here)."""
+        stats = stats.finalized()
+        samples = stats.tables["samples"].columns()
+        if not samples or len(samples["id"]) == 0:
+            raise DataError("no samples were evaluated: the data is empty")
+        weights = {h.name: h.weight for h in self.spec.heads}
+        per_head = {h: (samples[f"loss_aug/{h}"].double(), samples[f"equiv_error/{h}"].double()) for h in weights}
+        per_head = {"total": (sum(weights[h] * per_head[h][0] for h in weights),
+                              sum(weights[h] * per_head[h][1] for h in weights)), **per_head}
+
+        def weighted(prefix: str, table: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+            if f"{prefix}/{self.heads[0]}" not in table:
+                return None
+            values = {h: table[f"{prefix}/{h}"].double() for h in weights}
+            return {"total": sum(weights[h] * values[h] for h in weights), **values}
+
+        floors = weighted("floor", stats.tables["floor"].columns())
+        interps = weighted("interp", samples)
+        local_errors, local_scales = weighted("local_error", samples), weighted("local_scale", samples)
+        out: dict[str, HeadResult] = {}
+        for name, (aug, error) in per_head.items():
+            s = summarize_ratio(aug, error, n_bootstrap=self.bootstrap, generator=torch.Generator().manual_seed(self.seed))
+            extra: dict[str, Any] = {}
+            if interps is not None:
+                extra["interp_floor"] = interps[name].mean().item() / s.loss_aug if s.loss_aug > 0 else math.nan
+            if floors is not None and len(floors[name]):
+                floor = floors[name].mean().item() / s.loss_aug if s.loss_aug > 0 else math.nan
+                extra["float_floor"], extra["flag"] = floor, flag(s.rel_equiv_error, floor)
+            if local_errors is not None:
+                err, scale = local_errors[name].sum().item(), local_scales[name].sum().item()
+                extra["local_equiv_error"] = err / len(aug)
+                extra["rel_local_equiv_error"] = err / scale if scale > 0 else math.nan
+            out[name] = HeadResult(name, s.loss_aug, s.loss_sym, s.equiv_error, s.rel_equiv_error, s.ci_low, s.ci_high,
+                                   s.n_samples, s.median_rel_equiv_error, **extra)
+        rows = breakdown_rows(stats, self.spec, self.breakdown) if self.breakdown is not None else []
+        total = out.pop("total")
+        return AuditResult(total, out, n_rotations=self.group.n_elements, group=self.group.name, group_label=self.group.label,
+                           config_hash=self.config_hash(), breakdown=rows, seconds=seconds)
+
+    def audit(self, model: torch.nn.Module, prepared: Prepared, **options) -> AuditResult:
+        """:meth:`evaluate` then :meth:`summarize`."""
+        start = time.perf_counter()
+        stats = self.evaluate(model, prepared, **options)
+        return self.summarize(stats, seconds=time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """``model.eval()`` for the audit, restoring every submodule's training flag afterwards
+    (a model audited from a training loop goes back to training as it was)."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# ---------------------------------------------------------------------- resolving
+
+
+def resolve_device(name: str | torch.device | None, model: torch.nn.Module | None = None) -> torch.device:
+    """``auto`` (or None) → the model's own device when it has parameters, else CUDA when
+    available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        if model is not None:
+            param = next((p for p in model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+            if param is not None:
+                return param.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not str(name).startswith("cuda:"):
+        raise ConfigError(f"--device={name!r} is not allowed; allowed: auto, cpu, cuda")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def default_batch_size(fields: Mapping[str, torch.Tensor], spec: OrbitSpec, n_rotations: int) -> int:
+    """At most 64 samples per batch, fewer when one head's orbit would exceed :data:`ORBIT_BYTES`."""
+    largest = max(fields[h.target][0].numel() for h in spec.heads)
+    return int(max(1, min(DEFAULT_BATCH_SIZE, ORBIT_BYTES // (8 * n_rotations * largest))))
+
+
+def _fields_list(fields: Mapping[str, torch.Tensor]) -> str:
+    return ", ".join(map(str, fields))
+
+
+def _heads(config: AuditConfig, preset: TaskPreset, fields: Mapping[str, torch.Tensor]) -> tuple[HeadSpec, ...]:
+    if config.heads is None:
+        heads_raw = {n: dict(h) for n, h in preset.heads.items() if h["target"] in fields}
+    else:
+        heads_raw = {}
+        for name, head in config.heads.items():
+            merged = dict(preset.heads.get(name, {}))
+            merged.update({k: v for k, v in vars(head).items() if v is not None})
+            merged.setdefault("target", name)
+            if "rep" not in merged:
+                raise ConfigError(f"config: heads.{name}.rep is required (no preset default for this head)")
+            heads_raw[name] = merged
+    if not heads_raw:
+        wanted = ", ".join(sorted({h["target"] for h in preset.heads.values()})) or "none"
+        raise ConfigError(f"config: no heads to audit: the data has none of the task's targets ({wanted}); "
+                          f"fields: {_fields_list(fields)}")
+    for name, head in heads_raw.items():
+        if head["target"] not in fields:
+            raise ConfigError(
+                f"config: heads.{name}.target={head['target']!r} is not a field of the data; fields: {_fields_list(fields)}"
+            )
+    return tuple(HeadSpec(name=name, **head) for name, head in heads_raw.items())
+
+
+def _task_options(config: AuditConfig, preset: TaskPreset, fields: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The task's section over the preset's defaults, with data-dependent defaults fixed."""
+    given = config.task_options
+    unknown = sorted(set(given) - set(preset.options))
+    if unknown:
+        raise ConfigError(f"config: unknown key '{preset.section}.{unknown[0]}'; allowed: {', '.join(preset.options)}")
+    return preset.resolve_options({**preset.options, **given}, fields)
+
+
+def _group(config: AuditConfig, preset: TaskPreset, spec: OrbitSpec, fields: Mapping[str, torch.Tensor]) -> Group:
+    name = config.group or preset.group
+    entry = GROUPS.get(name)
+    reps = [*spec.fields.values(), *(h.rep for h in spec.heads)]
+    if entry is not None and not entry.acts_on_grids and any(get_representation(r).grid for r in reps):
+        raise ConfigError(f"config: group: {name} does not act on voxel grids; use so3, o3 or octahedral")
+    mask = fields.get(spec.mask) if spec.mask else None
+    points = [v for f, v in fields.items() if spec.fields.get(f) == "point" and v.dim() == 3]
+    n_atoms = mask.shape[1] if mask is not None else (points[0].shape[1] if points else None)
+    options = dict(config.group_options)
+    if config.sampling is not None:
+        options["sampling"] = config.sampling
+    try:
+        return make_group(name, config.rotations, options, n_atoms=n_atoms)
+    except ValueError as exc:
+        raise ConfigError(f"config: group: {exc}") from exc
+
+
+def _grid_settings(config: AuditConfig, spec: OrbitSpec, preset: TaskPreset, options: Mapping[str, Any],
+                   fields: Mapping[str, torch.Tensor], group: Group) -> tuple[OrbitSpec, bool]:
+    """Voxel grids: the cubic-grid check for cube rotations; under continuous rotations the
+    preset's exact orbit inputs and the spherical mask. Returns the spec and whether the
+    interpolation floor applies (continuous rotations of grids)."""
+    voxel_heads = [h for h in spec.heads if get_representation(h.rep).grid]
+    voxel_fields = [f for f in spec.input_fields if get_representation(spec.fields.get(f, "scalar")).grid]
+    if not voxel_heads and not voxel_fields:
+        return spec, False
+    # Continuous rotations resample grids; signed permutations (cube rotations) move voxels exactly.
+    probe = group.sample(sample_ids(4), SampleRandom(0))
+    continuous = probe.dim() == 4 and probe.shape[-2:] == (3, 3) and not is_signed_permutation(probe)
+    for name in voxel_fields + [h.target for h in voxel_heads]:
+        shape = tuple(fields[name].shape[2:])
+        if len(shape) != 3:
+            raise DataError(f"voxel field {name!r} must be (N, C, D, H, W); got {tuple(fields[name].shape)}")
+        if not continuous and len(set(shape)) != 1:
+            raise ConfigError(
+                f"cube rotations permute voxels and need cubic grids; {name!r} is (D, H, W) = {shape}: use group so3"
+            )
+    use_mask = options.get("spherical_mask", "auto")
+    if use_mask not in ("auto", True, False):
+        raise ConfigError(f"config: voxel.spherical_mask={use_mask!r} is not allowed; allowed: auto, true, false")
+    from equiaudit.actions.voxels import spherical_mask
+
+    weights = {}
+    if use_mask is True or (use_mask == "auto" and continuous):
+        weights = {h.name: spherical_mask(tuple(fields[h.target].shape[2:]))[None, None] for h in voxel_heads}
+    builder = preset.orbit_inputs(options, fields) if preset.orbit_inputs is not None and continuous else None
+    spec = dataclasses.replace(spec, orbit_inputs=builder, head_weights={**spec.head_weights, **weights})
+    return spec, continuous
+
+
+def resolve(
+    config: AuditConfig,
+    fields: Mapping[str, torch.Tensor],
+    *,
+    device: str | torch.device | None = "auto",
+    model: torch.nn.Module | None = None,
+) -> AuditPlan:
+    """The plan for ``config`` on data with these ``fields`` (a dataset or a first batch,
+    ``(N, ...)``, before the task's preparation). Checks every name against the data.
+
+    ``model`` (optional) only informs ``device="auto"`` (its own device).
+    """
+    device = resolve_device(device, model)
+    try:
+        preset = get_task(config.task)
+    except ValueError as exc:
+        raise ConfigError(f"config: task: {exc}") from exc
+    options = _task_options(config, preset, fields)
+    probe_n = min(2, len(next(iter(fields.values()))))
+    probe = {k: v[:probe_n] for k, v in fields.items()}
+    # The task's derived fields (x_t, velocity, noisy grids...) exist only after preparation:
+    # the spec is checked against a prepared probe of two samples.
+    prepared = preset.prepare(dict(probe), options, SampleRandom.named(config.seed, "task"), sample_ids(probe_n))
+    n = len(next(iter(fields.values())))
+    fields = {**fields, **{name: value[:1].expand(n, *value.shape[1:]) for name, value in prepared.items() if name not in probe}}
+    spec_fields = {**preset.fields, **config.fields}
+    heads = _heads(config, preset, fields)
+    inputs = config.model.inputs if config.model.inputs is not None else list(preset.inputs)
+    for field_name in inputs.values() if isinstance(inputs, Mapping) else inputs:
+        if field_name not in fields:
+            raise ConfigError(f"config: model.inputs names {field_name!r}, not a field of the data; fields: {_fields_list(fields)}")
+    autocast = getattr(torch, config.model.autocast) if config.model.autocast else None
+    spec = OrbitSpec(
+        fields=spec_fields,
+        heads=heads,
+        inputs=inputs,
+        outputs=config.model.outputs,
+        mask=config.mask if config.mask in fields else None,
+        grad=config.model.grad,
+        chunk_size=config.chunk_size,
+        autocast=autocast,
+    )
+    group = _group(config, preset, spec, fields)
+    spec = dataclasses.replace(spec, group=group)
+    spec, continuous_grid = _grid_settings(config, spec, preset, options, fields, group)
+    interp = continuous_grid if config.interp_floor == "auto" else bool(config.interp_floor)
+    known = {k: v for k, v in config.breakdown.items() if k in ("elements", "worst", "bins")}
+    breakdown = BreakdownOptions(by=tuple(config.breakdown.get("by", ())), **known)
+    try:
+        split_fields(fields, breakdown)
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}; or one of: {', '.join(BUILTIN_SPLITS)}") from exc
+    batch_size = config.batch_size if "batch_size" in config.raw else default_batch_size(fields, spec, group.n_elements)
+    return AuditPlan(
+        spec=spec,
+        seed=config.seed,
+        batch_size=batch_size,
+        bootstrap=config.bootstrap,
+        device=device,
+        task=preset,
+        task_options=options,
+        float_floor=config.float_floor,
+        interp_floor=interp,
+        local=config.local,
+        breakdown=breakdown,
+        model_dtype=getattr(torch, config.model.dtype) if config.model.dtype else None,
+        config=config,
+    )

@@ -1,0 +1,118 @@
+"""The registry of representations: how a rotation ``R`` acts on each kind of value. Pure math.
+
+A :class:`Representation` knows how to map one sample per row to its orbit under K
+rotations and back:
+
+* ``orbit(value (B, ...), R (B, K, 3, 3), mask) -> (B, K, ...)``: ``out[b, k] = R[b, k] · value[b]``;
+* ``back(orbit (B, K, ...), R) -> (B, K, ...)``: ``R[b, k]⁻¹ · orbit[b, k]``.
+
+Rotations are float64 and may be improper (O(3): ``det R = −1``). Vectors are rows, so
+``R v`` is computed as ``v @ R.T``; the arithmetic runs in the rotations' dtype and is
+cast back to the value's dtype (at most one rounding of the model's input).
+
+Built in: ``scalar`` (invariant), ``point`` (positions: centred on the masked centroid,
+then rotated; outputs live in the centred frame), ``vector`` (``R v``), ``pseudovector``
+(``det(R)·R v``), ``tensor2`` (``R T Rᵀ``), ``voxel`` (scalar fields on grids
+``(C, D, H, W)``, see :mod:`equiaudit.actions.voxels`). Adding a representation is one
+:func:`register_representation` call here plus its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from equiaudit.actions.points import centre
+
+__all__ = ["Representation", "REPRESENTATIONS", "register_representation", "get_representation", "representation_names"]
+
+
+@dataclass(frozen=True)
+class Representation:
+    """How rotations act on one kind of value.
+
+    Attributes:
+        name: the name used in configs (``fields``, ``heads.*.rep``).
+        component_dims: trailing axes of one atom's (or one sample's) value that the
+            rotation mixes: 0 for scalars, 1 for vectors ``(..., 3)``, 2 for ``(..., 3, 3)``.
+            Voxel grids have 0 (each voxel is a scalar; the grid moves as a whole).
+        apply: ``(value (B, K, ...), R (B, K, 3, 3)) -> (B, K, ...)``, the action on a value
+            that already carries the K axis (unused for grids, see ``grid``).
+        centred: the value is a position: centre it on the masked centroid before rotating.
+        grid: values are ``(C, D, H, W)`` grids rotated by resampling (``equiaudit.actions.voxels``).
+    """
+
+    name: str
+    component_dims: int
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    centred: bool = False
+    grid: bool = False
+
+    def orbit(self, value: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``value`` ``(B, ...)`` under ``rotations`` ``(B, K, 3, 3)`` → ``(B, K, ...)``."""
+        if self.grid:
+            from equiaudit.actions import voxels
+
+            return voxels.rotate_grid(value, rotations)
+        if self.centred:
+            value = centre(value, mask)
+        expanded = value.unsqueeze(1).expand(value.shape[0], rotations.shape[1], *value.shape[1:])
+        return self.apply(expanded, rotations)
+
+    def back(self, orbit: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """Map an orbit ``(B, K, ...)`` back to each sample's frame: ``R⁻¹ · orbit``."""
+        if self.grid:
+            from equiaudit.actions import voxels
+
+            return voxels.unrotate_grid(orbit, rotations)
+        # For improper R (O(3)) the inverse is still Rᵀ, and det(Rᵀ) = det(R).
+        return self.apply(orbit, rotations.transpose(-1, -2))
+
+
+def _invariant(value: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+def _vector(value: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bkij,bk...j->bk...i", rotations, value.to(rotations.dtype)).to(value.dtype)
+
+
+def _pseudovector(value: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    out = torch.einsum("bkij,bk...j->bk...i", rotations, value.to(rotations.dtype))
+    det = torch.linalg.det(rotations)
+    return (out * det.reshape(*det.shape, *([1] * (out.dim() - 2)))).to(value.dtype)
+
+
+def _tensor2(value: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bkij,bk...jl,bkml->bk...im", rotations, value.to(rotations.dtype), rotations).to(value.dtype)
+
+
+REPRESENTATIONS: dict[str, Representation] = {}
+
+
+def register_representation(rep: Representation) -> Representation:
+    REPRESENTATIONS[rep.name] = rep
+    return rep
+
+
+def representation_names() -> tuple[str, ...]:
+    return tuple(REPRESENTATIONS)
+
+
+def get_representation(name: str) -> Representation:
+    """The registered representation; ``ValueError`` naming the allowed ones otherwise
+    (an unknown name is never treated as a scalar)."""
+    try:
+        return REPRESENTATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown representation {name!r}; allowed: {', '.join(REPRESENTATIONS)}") from None
+
+
+register_representation(Representation("scalar", 0, _invariant))
+register_representation(Representation("point", 1, _vector, centred=True))
+register_representation(Representation("vector", 1, _vector))
+register_representation(Representation("pseudovector", 1, _pseudovector))
+register_representation(Representation("tensor2", 2, _tensor2))
+register_representation(Representation("voxel", 0, _invariant, grid=True))

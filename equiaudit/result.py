@@ -1,0 +1,149 @@
+"""What an audit returns: :class:`AuditResult` (one model or checkpoint) and its rows. Pure.
+
+The same object comes out of :func:`equiaudit.audit`, :meth:`equiaudit.EquivarianceMetric.compute`,
+the CLI's runner (one per checkpoint) and the training-loop callbacks, and
+:meth:`AuditResult.rows` gives exactly the ``summary.csv`` rows the CLI writes for it:
+``total`` first (``Σ_h w_h · head``), then each head; a failed checkpoint gets a single
+``total`` row with empty numbers and its status.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = ["HeadResult", "AuditResult", "SUMMARY_COLUMNS", "EXTRA_COLUMNS", "MEASURE_COLUMNS"]
+
+SUMMARY_COLUMNS = (
+    "run", "checkpoint", "step", "head", "loss_aug", "loss_sym", "equiv_error", "rel_equiv_error",
+    "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "n_samples", "n_rotations", "group", "status",
+)
+# Always written after the contract's columns, in this order (empty where not measured).
+# `epoch` and `checkpoint_time` (the checkpoint's mtime, Unix seconds) let plots use other x
+# axes; `weights` says which weight set of the checkpoint was audited (raw, ema).
+EXTRA_COLUMNS = ("median_rel_equiv_error", "message", "config_hash", "seconds", "epoch", "checkpoint_time", "weights")
+# Optional per-head figures, in the order they follow the columns above when measured.
+MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "rel_local_equiv_error")
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    """Dataset-level figures of one head, or of the weighted ``total``.
+
+    ``rel_equiv_error`` (REE) is ``equiv_error / loss_aug``, a fraction; ``loss_sym`` is
+    ``loss_aug − equiv_error`` (bias-corrected), so ``loss_aug = loss_sym + equiv_error``.
+    The interval is the 95 % studentized bootstrap over samples. Floors and the local
+    metric are ``None`` when not measured.
+    """
+
+    name: str
+    loss_aug: float
+    loss_sym: float
+    equiv_error: float
+    rel_equiv_error: float
+    rel_equiv_error_ci_low: float
+    rel_equiv_error_ci_high: float
+    n_samples: int
+    median_rel_equiv_error: float
+    interp_floor: float | None = None
+    float_floor: float | None = None
+    flag: str | None = None
+    local_equiv_error: float | None = None
+    rel_local_equiv_error: float | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The head's ``summary.csv`` values (measures only where measured)."""
+        out = {name: getattr(self, name) for name in (
+            "loss_aug", "loss_sym", "equiv_error", "rel_equiv_error", "rel_equiv_error_ci_low",
+            "rel_equiv_error_ci_high", "n_samples", "median_rel_equiv_error")}
+        out.update({name: getattr(self, name) for name in MEASURE_COLUMNS if getattr(self, name) is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """The audit of one model (an in-memory model, or one checkpoint of a run).
+
+    Attributes:
+        total, heads: the figures (``None``/empty when ``status`` is not ``ok``).
+        status, message: ``ok`` or a short failure code, and the one-line reason.
+        n_rotations, group, group_label: K, the group's name and how reports name it.
+        config_hash: the settings' hash (the cache and ``summary.csv`` key on it).
+        breakdown: ``breakdown.csv`` rows without the checkpoint's identity (see
+            :mod:`equiaudit.breakdown`).
+        run, checkpoint, step, epoch, checkpoint_time, weights: the checkpoint's identity
+            when it came from a file (empty for an in-memory model), and the weight set used.
+        seconds: wall time of the audit.
+    """
+
+    total: HeadResult | None
+    heads: Mapping[str, HeadResult] = field(default_factory=dict)
+    status: str = "ok"
+    message: str | None = None
+    n_rotations: int | None = None
+    group: str | None = None
+    group_label: str | None = None
+    config_hash: str | None = None
+    breakdown: list[dict] = field(default_factory=list)
+    run: str = ""
+    checkpoint: str = ""
+    step: int | None = None
+    epoch: int | None = None
+    checkpoint_time: float | None = None
+    weights: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def failed(cls, status: str, message: str, **identity: Any) -> AuditResult:
+        return cls(None, {}, status=status, message=message, **identity)
+
+    def with_identity(self, **identity: Any) -> AuditResult:
+        """The same result with checkpoint identity fields set (``run``, ``step``, ...)."""
+        known = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in identity.items() if k in known})
+
+    def __getitem__(self, head: str) -> HeadResult:
+        """``result["total"]`` or ``result["forces"]``."""
+        if head == "total" and self.total is not None:
+            return self.total
+        return self.heads[head]
+
+    def rows(self) -> list[dict]:
+        """``summary.csv`` rows: ``total`` first, then each head (see the module docstring)."""
+        base = {
+            "run": self.run,
+            "checkpoint": self.checkpoint,
+            "step": self.step,
+            "n_rotations": self.n_rotations,
+            "group": self.group,
+            "status": self.status,
+            "message": self.message,
+            "config_hash": self.config_hash,
+            "seconds": round(self.seconds, 3),
+            "epoch": self.epoch,
+            "checkpoint_time": None if self.checkpoint_time is None else round(self.checkpoint_time, 3),
+            "weights": self.weights,
+        }
+        if not self.ok or self.total is None:
+            return [{**base, "head": "total"}]
+        return [{**base, "head": head.name, **head.columns()} for head in (self.total, *self.heads.values())]
+
+    def breakdown_rows(self) -> list[dict]:
+        """``breakdown.csv`` rows with the checkpoint's identity and the settings hash."""
+        identity = {"run": self.run, "checkpoint": self.checkpoint, "step": self.step, "config_hash": self.config_hash}
+        return [{**identity, **row} for row in self.breakdown]
+
+    def __repr__(self) -> str:
+        if not self.ok or self.total is None:
+            return f"AuditResult(status={self.status!r}, message={self.message!r})"
+        t = self.total
+        ci = "" if math.isnan(t.rel_equiv_error_ci_low) else f" [{100 * t.rel_equiv_error_ci_low:.3g}, {100 * t.rel_equiv_error_ci_high:.3g}]"
+        heads = ", ".join(f"{h.name}: {100 * h.rel_equiv_error:.3g} %" for h in self.heads.values())
+        return (f"AuditResult(REE {100 * t.rel_equiv_error:.3g} %{ci} of L_aug {t.loss_aug:.4g} "
+                f"({self.group_label}, K={self.n_rotations}, N={t.n_samples}); {heads})")

@@ -1,0 +1,350 @@
+"""Auditing checkpoints: the runner behind ``equiaudit audit``, ``compare``, ``demo`` and ``--watch``.
+
+:func:`open_audit` reads what a config names (the data, the model factory), resolves the
+:class:`~equiaudit.plan.AuditPlan` and prepares the data once; :class:`Runner` then audits
+checkpoints with it, one at a time:
+
+* the result cache (``OUT/cache.sqlite``) is consulted first: a checkpoint already audited
+  with the same settings is not evaluated again (``force`` recomputes);
+* each checkpoint is read (``weights_only``), loaded into the model and evaluated by the
+  plan; **any** exception while doing so becomes that checkpoint's status row — a corrupt
+  file, a model that raises, an out-of-memory — and the run goes on (only Ctrl-C and
+  ``SystemExit`` end it);
+* after each checkpoint its rows are merged into ``OUT/summary.csv``, ``breakdown.csv`` and
+  ``run.json`` under the folder's lock, so an interruption loses at most the one in flight
+  and concurrent audits of one folder lose nothing.
+
+:meth:`Runner.watch` keeps doing this as training writes checkpoints. The terminal is not
+touched here: faces pass :class:`RunEvents` callbacks (progress bars, error lines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from equiaudit import __version__
+from equiaudit.errors import CheckpointError, EquiauditError, first_line
+from equiaudit.io.cache import CachedResult, ResultCache, SettleTracker, Stamp, checkpoint_epoch, settings_identity, stamp
+from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints, load_into_model, read_checkpoint
+from equiaudit.io.config import AuditConfig
+from equiaudit.io.data import load_dataset
+from equiaudit.io.layout import OutputFolder
+from equiaudit.io.models import build_model
+from equiaudit.plan import AuditPlan, Prepared, resolve
+from equiaudit.report.breakdown import write_breakdown
+from equiaudit.report.summary import merge_rows, write_rows
+from equiaudit.result import AuditResult
+
+__all__ = ["OpenAudit", "open_audit", "Runner", "RunEvents", "audit_checkpoint", "run_metadata"]
+
+
+@dataclass
+class OpenAudit:
+    """What stays fixed across the checkpoints of a config: plan, model and prepared data."""
+
+    config: AuditConfig
+    plan: AuditPlan
+    model: torch.nn.Module
+    prepared: Prepared
+
+
+def open_audit(config: AuditConfig, *, device: str | torch.device = "auto") -> OpenAudit:
+    """Load the config's data, build its model, resolve the plan and prepare the data."""
+    dataset, index = load_dataset(
+        config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True
+    )
+    plan = resolve(config, dataset, device=device)
+    prepared = plan.prepare(dataset, index=index)
+    model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
+    model = model.to(device=plan.device, dtype=plan.model_dtype)
+    return OpenAudit(config, plan, model, prepared)
+
+
+@dataclass
+class RunEvents:
+    """Optional callbacks of a run (all called in the auditing thread).
+
+    ``on_checkpoint(ref)`` before a checkpoint is evaluated; ``on_batch(done, total)`` as its
+    samples are; ``on_result(result)`` after it; ``on_cached(rows)`` with the summary rows of
+    checkpoints reused from the cache;
+    ``on_error(ref, exc)`` with the exception behind a failed checkpoint (for ``--debug``);
+    ``on_warning(text)`` for things the user should know (a damaged CSV rebuilt...).
+    """
+
+    on_checkpoint: Callable[[CheckpointRef], None] | None = None
+    on_batch: Callable[[int, int], None] | None = None
+    on_result: Callable[[AuditResult], None] | None = None
+    on_cached: Callable[[list[dict]], None] | None = None
+    on_error: Callable[[CheckpointRef, BaseException], None] | None = None
+    on_warning: Callable[[str], None] | None = None
+
+
+def audit_checkpoint(audit: OpenAudit, ref: CheckpointRef, *, on_batch=None,
+                     on_error: Callable[[CheckpointRef, BaseException], None] | None = None) -> AuditResult:
+    """Load one checkpoint into the model and audit it. Never raises for anything the
+    checkpoint, the data or the model does: the failure becomes the result's status."""
+    start = time.perf_counter()
+    identity: dict[str, Any] = {"run": ref.run, "checkpoint": ref.name, "step": ref.step}
+    config, plan = audit.config, audit.plan
+    try:
+        loaded = read_checkpoint(ref.path, map_location=plan.device)
+        if loaded.step is not None:
+            identity["step"] = loaded.step
+        load_into_model(audit.model, loaded)
+        if plan.model_dtype is not None:
+            audit.model.to(dtype=plan.model_dtype)
+        result = plan.audit(audit.model, audit.prepared, on_batch=on_batch)
+        return result.with_identity(**identity, seconds=time.perf_counter() - start)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - one checkpoint's failure must never end the run
+        if on_error is not None:
+            on_error(ref, exc)
+        status, message = _failure(exc, plan)
+        return AuditResult.failed(status, message, n_rotations=plan.group.n_elements, group=plan.group.name,
+                                  group_label=plan.group.label, config_hash=config.settings_hash(),
+                                  seconds=time.perf_counter() - start, **identity)
+
+
+def _failure(exc: BaseException, plan: AuditPlan) -> tuple[str, str]:
+    """The status code and one-line message of a failed checkpoint."""
+    if isinstance(exc, EquiauditError):
+        return exc.status, str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, MemoryError):
+        return "out_of_memory", "out of memory; lower batch_size or chunk_size in the config"
+    reason = first_line(exc)
+    if isinstance(exc, RuntimeError) and "does not require grad" in reason and not plan.spec.grad:
+        reason += " (if the model takes forces by autograd, set model.grad: true)"
+    if isinstance(exc, IndexError) and "index out of range" in reason:
+        reason += " (an atomic number or class index beyond the model's embedding?)"
+    return "model_error", f"the model failed: {type(exc).__name__}: {reason}"
+
+
+def run_metadata(audit: OpenAudit, started: float) -> dict[str, Any]:
+    """``run.json`` less its checkpoint lists: the settings and the environment."""
+    config, plan = audit.config, audit.plan
+    source_hash = None
+    if config.source is not None:
+        try:
+            source_hash = hashlib.sha256(config.source.read_bytes()).hexdigest()
+        except OSError:
+            pass
+    device = plan.device
+    return {
+        "equiaudit_version": __version__,
+        "config_path": str(config.source) if config.source else None,
+        "config": config.raw,
+        "config_hash": config.settings_hash(),
+        "config_file_sha256": source_hash,
+        "task": config.task,
+        "seed": config.seed,
+        "group": plan.group.name,
+        "group_label": plan.group.label,
+        "sampling": getattr(plan.group, "sampling", None),
+        "n_rotations": plan.group.n_elements,
+        "exact_group": plan.group.exact,
+        "n_samples": len(audit.prepared),
+        "batch_size": plan.batch_size,
+        "heads": [{"name": h.name, "rep": h.rep, "target": h.target, "loss": h.loss, "weight": h.weight} for h in plan.spec.heads],
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 3),
+    }
+
+
+class Runner:
+    """Audits checkpoints of one config into one output folder (see the module docstring)."""
+
+    def __init__(self, audit: OpenAudit, out: str | Path | OutputFolder, *, force: bool = False,
+                 events: RunEvents | None = None, use_cache: bool = True):
+        self.audit = audit
+        self.out = out if isinstance(out, OutputFolder) else OutputFolder(out)
+        self.force = force
+        self.events = events or RunEvents()
+        self.out.create()
+        self.cache = ResultCache(self.out.cache_path, settings_identity(audit.config)) if use_cache else None
+        self.breakdown_identity = audit.plan.breakdown_identity(audit.prepared.data)
+        self.started = time.time()
+        self.results: dict[str, AuditResult] = {}  # latest result per checkpoint path, evaluated now
+        self.paths: dict[str, str] = {}
+        self.cached: list[str] = []
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ one checkpoint
+
+    def _lookup(self, ref: CheckpointRef) -> tuple[Stamp | None, str | None, CachedResult | None]:
+        """(stamp, cache key, usable cached result or None). A result whose breakdown was made
+        with other options is not usable."""
+        found = stamp(ref.path)
+        key = self.cache.key(ref, found) if self.cache is not None and found is not None else None
+        hit = self.cache.get(key) if key is not None and not self.force else None
+        if hit is not None and hit.breakdown_options != self.breakdown_identity:
+            hit = None
+        return found, key, hit
+
+    def evaluate(self, ref: CheckpointRef, found: Stamp | None, key: str | None) -> AuditResult:
+        """Audit one checkpoint (never raises for it) and cache it when it succeeded."""
+        if self.events.on_checkpoint:
+            self.events.on_checkpoint(ref)
+        result = audit_checkpoint(self.audit, ref, on_batch=self.events.on_batch, on_error=self.events.on_error)
+        try:
+            epoch = checkpoint_epoch(ref) if result.ok else None
+        except Exception:  # noqa: BLE001 - an unreadable file simply has no known epoch
+            epoch = None
+        result = result.with_identity(epoch=epoch, checkpoint_time=found.mtime if found is not None else None)
+        if result.ok and key is not None:
+            self.cache.put(key, ref, result.rows(), result.breakdown_rows(), self.breakdown_identity)
+        return result
+
+    def record(self, results: Sequence[AuditResult], refs: Sequence[CheckpointRef] = (), cached: Sequence[CachedResult] = ()) -> None:
+        """Merge results (evaluated now) and cached results into the folder's files, under its lock."""
+        for ref, result in zip(refs, results):
+            self.results[str(ref.path)] = result
+        rows = [row for r in results for row in r.rows()] + [row for hit in cached for row in hit.rows]
+        breakdown = [row for r in results for row in r.breakdown_rows()] + [row for hit in cached for row in hit.breakdown]
+        warn = self.events.on_warning
+        with self.out.locked():
+            summary = merge_rows(self.out.summary_rows(self._rebuild_summary, warn), rows)
+            write_rows(self.out.summary, summary)
+            if breakdown or self.out.breakdown.is_file():
+                merged = merge_rows(self.out.breakdown_rows(self._rebuild_breakdown, warn), breakdown, total_first=False)
+                write_breakdown(self.out.breakdown, merged)
+            self.out.write_run_json(self._metadata())
+
+    def _rebuild_summary(self) -> list[dict]:
+        return merge_rows([], self.cache.all_rows()) if self.cache is not None else []
+
+    def _rebuild_breakdown(self) -> list[dict]:
+        return merge_rows([], self.cache.all_breakdown(), total_first=False) if self.cache is not None else []
+
+    def _metadata(self) -> dict[str, Any]:
+        meta = run_metadata(self.audit, self.started)
+        # Reused from OUT/cache.sqlite: audited by an earlier run with the same settings.
+        meta["cached_checkpoints"] = list(self.cached)
+        meta["checkpoints"] = [
+            {"run": r.run, "name": r.checkpoint, "path": path, "step": r.step, "status": r.status, "message": r.message,
+             "weights": r.weights}
+            for path, r in self.results.items()
+        ]
+        return meta
+
+    # ------------------------------------------------------------------ a list of checkpoints
+
+    def run(self, refs: Sequence[CheckpointRef]) -> tuple[list[AuditResult], list[dict]]:
+        """Audit ``refs``; checkpoints found in the cache are not evaluated (their stored rows
+        are written again, unchanged). Returns the results evaluated now and the summary rows
+        of all ``refs``."""
+        todo, cached_refs, cached = [], [], []
+        for ref in refs:
+            try:
+                found, key, hit = self._lookup(ref)
+            except Exception as exc:  # noqa: BLE001 - a file that vanished or cannot be stat'ed
+                found, key, hit = None, None, None
+                self._warn(f"{ref.name}: cache lookup failed ({first_line(exc)}); auditing it")
+            if hit is None:
+                todo.append((ref, found, key))
+            else:
+                cached_refs.append(ref)
+                cached.append(hit)
+        self._record_cached(cached_refs, cached)
+        results, rows = [], [row for hit in cached for row in hit.rows]
+        for ref, found, key in todo:
+            result = self.evaluate(ref, found, key)
+            self.record([result], [ref])
+            results.append(result)
+            rows.extend(result.rows())
+            if self.events.on_result:
+                self.events.on_result(result)
+        return results, merge_rows([], rows)
+
+    def _warn(self, text: str) -> None:
+        if self.events.on_warning:
+            self.events.on_warning(text)
+
+    def _record_cached(self, refs: Sequence[CheckpointRef], cached: Sequence[CachedResult]) -> None:
+        if not cached:
+            return
+        self.cached.extend(str(ref.path) for ref in refs)
+        self.record([], cached=cached)
+        if self.events.on_cached:
+            self.events.on_cached([row for hit in cached for row in hit.rows])
+
+    # ------------------------------------------------------------------ --watch
+
+    def watch(self, paths: Sequence[str], *, interval: float, stop: threading.Event | None = None) -> dict[str, AuditResult]:
+        """Audit the checkpoints of ``paths`` as they appear, polling every ``interval`` seconds,
+        until ``stop`` is set (or KeyboardInterrupt). Returns the latest result of every
+        checkpoint evaluated, by path (a checkpoint first caught half-written and later audited
+        ``ok`` counts as ``ok``; cached ones are ``ok`` by construction).
+
+        A checkpoint is audited once it has settled (:class:`~equiaudit.io.cache.SettleTracker`);
+        a failure is written only when it repeats on the unchanged file, so a checkpoint caught
+        half-written is retried rather than reported as corrupt.
+        """
+        tracker = SettleTracker(interval)
+        handled: set[str] = set()  # cache keys audited, reused or reported in this session
+        latest: dict[str, AuditResult] = {}
+        stop = stop or threading.Event()
+        try:
+            while not stop.is_set():
+                ready, cached_refs, cached = [], [], []
+                for ref in _discover_quietly(paths):
+                    try:
+                        found, key, hit = self._lookup(ref)
+                    except Exception:  # noqa: BLE001 - vanished between discovery and stat
+                        continue
+                    if key is None or key in handled:
+                        continue
+                    if hit is not None:
+                        handled.add(key)
+                        cached_refs.append(ref)
+                        cached.append(hit)
+                    elif tracker.ready(ref.path, found):
+                        ready.append((ref, found, key))
+                self._record_cached(cached_refs, cached)
+                for ref, found, key in ready:
+                    if stop.is_set():
+                        break
+                    result = self.evaluate(ref, found, key)
+                    if not result.ok and not tracker.confirm_failure(ref.path, found):
+                        continue  # maybe still being written: retried at the next poll
+                    handled.add(key)
+                    self.record([result], [ref])
+                    latest[str(ref.path)] = result
+                    if self.events.on_result:
+                        self.events.on_result(result)
+                stop.wait(interval)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends: everything finished is already written
+        return latest
+
+
+def _discover_quietly(paths: Sequence[str]) -> list[CheckpointRef]:
+    """Checkpoints of ``paths``; none yet (training has not written any) is not an error here."""
+    try:
+        return discover_checkpoints(paths)
+    except CheckpointError as exc:
+        if exc.status == "not_found":
+            return []
+        raise

@@ -1,0 +1,145 @@
+"""Per-sample statistics of an audit: what batches produce and every summary is made of. Pure.
+
+An audit's figures (REE and its interval, floors, the local metric, every breakdown) are
+reductions of small per-sample values. They are collected here, batch by batch, in
+:class:`SampleStats`: a few :class:`Table` s whose rows are samples (or atoms, channels)
+tagged with the sample's ``id``. Because nothing else is kept, statistics made in any
+number of pieces — batches of a validation loader, ranks of a ``torch.distributed`` job,
+shards of an array job — combine by concatenation (:meth:`SampleStats.merge`), and
+:meth:`SampleStats.finalized` puts them in id order, so the reductions see exactly the
+numbers one process would have seen.
+
+Every row also carries an ``origin``, unique over the pieces (``piece << 40 | row``):
+when the same sample id was evaluated twice (a ``DistributedSampler`` pads its ranks with
+repeated samples), the first evaluation is kept, in every table alike.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import torch
+
+__all__ = ["Table", "SampleStats", "ORIGIN_SHIFT"]
+
+ORIGIN_SHIFT = 40  # rows per piece: up to 2⁴⁰
+
+
+class Table:
+    """Columns of tensors with a common leading axis, appended batch by batch (on the CPU)."""
+
+    def __init__(self, parts: Mapping[str, list[torch.Tensor]] | None = None):
+        self._parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for name, values in (parts or {}).items():
+            self._parts[name].extend(values)
+
+    def add(self, **columns: torch.Tensor) -> None:
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"columns of one batch must have the same length, got {sorted(lengths)}")
+        for name, value in columns.items():
+            self._parts[name].append(value.detach().cpu())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parts
+
+    def __len__(self) -> int:
+        parts = self._parts.get("id")
+        return sum(len(p) for p in parts) if parts else 0
+
+    def names(self) -> list[str]:
+        return list(self._parts)
+
+    def column(self, name: str) -> torch.Tensor:
+        return torch.cat(self._parts[name]) if self._parts[name] else torch.empty(0)
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        return {name: self.column(name) for name in self._parts}
+
+    @classmethod
+    def concat(cls, tables: Iterable[Table]) -> Table:
+        out = cls()
+        for table in tables:
+            for name, values in table._parts.items():
+                out._parts[name].extend(values)
+        return out
+
+    def select(self, keep: torch.Tensor, order: torch.Tensor | None = None) -> Table:
+        """A one-part table of the rows where ``keep`` (bool, rows) holds, in ``order`` if given."""
+        columns = self.columns()
+        index = keep.nonzero().squeeze(1) if order is None else order[keep[order]]
+        return Table({name: [value[index]] for name, value in columns.items()})
+
+
+class SampleStats:
+    """The per-sample statistics of (part of) an audit.
+
+    Tables (every row has ``id`` (sample id, int64) and ``origin`` (int64)):
+
+    * ``samples``: one row per sample — per head ``loss_aug/<h>``, ``equiv_error/<h>``
+      ``(N,)``, ``loss_rot/<h>``, ``error_rot/<h>`` ``(N, K)``; ``interp/<h>``,
+      ``local_error/<h>``, ``local_scale/<h>`` when measured; breakdown fields
+      (``angle`` ``(N, K)``, ``n_atoms``, ``field/<name>``, ``index`` in the data file);
+    * ``floor``: one row per sample of the float floor's subset — ``floor/<h>`` ``(M,)``;
+    * ``units``: one row per (sample, atom or channel) of each head with an axis 1 —
+      ``head`` (index into :attr:`heads`), ``unit``, ``label``, ``loss``, ``error``, ``weight``.
+    """
+
+    TABLES = ("samples", "floor", "units")
+
+    def __init__(self, heads: Iterable[str], piece: int = 0):
+        self.heads = list(heads)
+        self.piece = piece
+        self.tables = {name: Table() for name in self.TABLES}
+        self._rows = 0
+
+    def origins(self, n: int) -> torch.Tensor:
+        """Fresh origins for ``n`` new sample rows of this piece."""
+        start = self._rows
+        self._rows += n
+        return (self.piece << ORIGIN_SHIFT) + torch.arange(start, start + n, dtype=torch.int64)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.tables["samples"])
+
+    @classmethod
+    def merge(cls, pieces: Iterable[SampleStats]) -> SampleStats:
+        pieces = list(pieces)
+        out = cls(pieces[0].heads if pieces else [])
+        for name in cls.TABLES:
+            out.tables[name] = Table.concat(p.tables[name] for p in pieces)
+        out._rows = sum(p._rows for p in pieces)
+        return out
+
+    def finalized(self) -> SampleStats:
+        """Tables in sample-id order (units: by id, then head, then unit), each sample id
+        once (its first evaluation, by origin)."""
+        samples = self.tables["samples"]
+        out = SampleStats(self.heads, self.piece)
+        if len(samples) == 0:
+            return out
+        ids, origins = samples.column("id"), samples.column("origin")
+        order = torch.from_numpy(_lexsort(ids, origins))
+        first = torch.ones(len(ids), dtype=torch.bool)
+        sorted_ids = ids[order]
+        first[order[1:]] = sorted_ids[1:] != sorted_ids[:-1]
+        kept = origins[first]
+        out.tables["samples"] = samples.select(first, order)
+        for name in ("floor", "units"):
+            table = self.tables[name]
+            if len(table) == 0:
+                continue
+            keep = torch.isin(table.column("origin"), kept)
+            keys = [table.column("id")] + ([table.column("head"), table.column("unit")] if name == "units" else [])
+            out.tables[name] = table.select(keep, torch.from_numpy(_lexsort(*keys)))
+        out._rows = self._rows
+        return out
+
+
+def _lexsort(*keys: torch.Tensor):
+    """Stable row order sorting by the first key, then the next ones (numpy's lexsort takes the last key first)."""
+    import numpy as np
+
+    return np.lexsort([k.numpy() for k in reversed(keys)]).astype(np.int64)
