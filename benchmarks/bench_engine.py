@@ -2,7 +2,8 @@
 
 Times, in one process and interleaved (A B C A B C ...), on the same B·K rotated inputs:
 
-  (a) engine  — `audit_model`: rotate (float64), forward, un-rotate, bias-corrected statistics;
+  (a) engine  — `AuditPlan.evaluate` (the path of every face): rotate (float64), forward,
+                un-rotate, bias-corrected per-sample statistics (no floor, no breakdown);
   (b) naive   — a Python loop: one forward per sample per rotation, then the same statistics;
   (c) forward — one plain batched forward of the B·K pre-rotated inputs (the physical limit).
 
@@ -21,8 +22,9 @@ import time
 import torch
 
 from equiaudit import actions
-from equiaudit.engine import HeadSpec, OrbitSpec, audit_model
-from equiaudit.groups import make_rotation_set
+from equiaudit.engine import HeadSpec, OrbitSpec
+from equiaudit.groups import make_group
+from equiaudit.plan import AuditPlan
 from equiaudit.metrics import orbit_terms, reduce_per_sample
 from equiaudit.zoo import transformer_force_field
 
@@ -37,17 +39,19 @@ def make_problem(batch: int, atoms: int, rotations: int, device: torch.device):
         "forces": torch.randn(batch, atoms, 3, generator=g, dtype=torch.float64),
     }
     data = {k: v.to(device) for k, v in data.items()}
-    rots = make_rotation_set("so3", rotations).sample(batch, g).to(device)
     spec = OrbitSpec(
         fields={"pos": "point", "z": "scalar"},
         heads=(HeadSpec("energy", "scalar", "energy"), HeadSpec("forces", "vector", "forces")),
         inputs=["pos", "z", "mask"],
+        group=make_group("so3", rotations),
     )
-    return data, rots, spec
+    plan = AuditPlan(spec, batch_size=batch, device=device, float_floor=False)
+    prepared = plan.prepare(data)  # the elements are drawn once per audit, not per checkpoint
+    return data, prepared.elements.to(device), plan, prepared
 
 
-def run_engine(model, data, rots, spec, device):
-    return audit_model(model, data, rots, spec, batch_size=len(rots), device=device).per_sample()
+def run_engine(model, plan, prepared):
+    return plan.evaluate(model, prepared).tables["samples"].column("equiv_error/forces")
 
 
 def run_naive(model, data, rots, spec, device):
@@ -104,14 +108,14 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = transformer_force_field(hidden=64, layers=2).to(device).eval()
-    data, rots, spec = make_problem(args.batch, args.atoms, args.rotations, device)
+    data, rots, plan, prepared = make_problem(args.batch, args.atoms, args.rotations, device)
     forward = make_forward(model, data, rots)
 
-    engine = lambda: run_engine(model, data, rots, spec, device)
-    naive = lambda: run_naive(model, data, rots, spec, device)
+    engine = lambda: run_engine(model, plan, prepared)
+    naive = lambda: run_naive(model, data, rots, plan.spec, device)
     if args.naive_repeats:  # same numbers both ways: the engine is the loop, batched
-        engine_forces = engine()["forces"][1]
-        naive_forces = naive()[1]
+        engine_forces = engine()
+        naive_forces = naive()[1].cpu()
         assert torch.allclose(engine_forces, naive_forces, rtol=1e-3, atol=1e-9), "engine and naive loop disagree"
     forward(), engine()  # warm-up
 

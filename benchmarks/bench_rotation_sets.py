@@ -31,8 +31,11 @@ import time
 import torch
 
 from equiaudit import lj
-from equiaudit.engine import HeadSpec, OrbitSpec, audit_model
+import dataclasses
+
+from equiaudit.engine import HeadSpec, OrbitSpec
 from equiaudit.groups import make_rotation_set
+from equiaudit.plan import AuditPlan
 from equiaudit.metrics import summarize
 from equiaudit.zoo import transformer_force_field
 
@@ -75,10 +78,9 @@ def transformer_problem(n_samples: int, sharpness: float = 1.0):
 
 def per_sample(model, data, spec, rotation_set, seed):
     """``(loss_aug, equiv_error)`` per sample ``(N,)`` for the weighted total."""
-    n = len(data["pos"])
-    rotations = rotation_set.sample(n, torch.Generator().manual_seed(seed))
-    accumulator = audit_model(model, data, rotations, spec, batch_size=64, exact=rotation_set.exact, blocks=rotation_set.blocks)
-    return accumulator.per_sample()["total"]
+    plan = AuditPlan(dataclasses.replace(spec, group=rotation_set), seed=seed, float_floor=False)
+    samples = plan.evaluate(model, plan.prepare(data)).finalized().tables["samples"]
+    return samples.column("loss_aug/forces"), samples.column("equiv_error/forces")
 
 
 def measure(model, data, spec, sampling: str, k: int) -> dict[str, float]:

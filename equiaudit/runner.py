@@ -40,8 +40,7 @@ from equiaudit.io.data import load_dataset
 from equiaudit.io.layout import OutputFolder
 from equiaudit.io.models import build_model
 from equiaudit.plan import AuditPlan, Prepared, resolve
-from equiaudit.report.breakdown import write_breakdown
-from equiaudit.report.summary import merge_rows, write_rows
+from equiaudit.report.summary import merge_rows
 from equiaudit.result import AuditResult
 
 __all__ = ["OpenAudit", "open_audit", "Runner", "RunEvents", "audit_checkpoint", "run_metadata"]
@@ -223,20 +222,13 @@ class Runner:
             self.results[str(ref.path)] = result
         rows = [row for r in results for row in r.rows()] + [row for hit in cached for row in hit.rows]
         breakdown = [row for r in results for row in r.breakdown_rows()] + [row for hit in cached for row in hit.breakdown]
-        warn = self.events.on_warning
-        with self.out.locked():
-            summary = merge_rows(self.out.summary_rows(self._rebuild_summary, warn), rows)
-            write_rows(self.out.summary, summary)
-            if breakdown or self.out.breakdown.is_file():
-                merged = merge_rows(self.out.breakdown_rows(self._rebuild_breakdown, warn), breakdown, total_first=False)
-                write_breakdown(self.out.breakdown, merged)
-            self.out.write_run_json(self._metadata())
+        self.out.record(rows, breakdown, metadata=self._metadata(), rebuild=self._from_cache, warn=self.events.on_warning)
 
-    def _rebuild_summary(self) -> list[dict]:
-        return merge_rows([], self.cache.all_rows()) if self.cache is not None else []
-
-    def _rebuild_breakdown(self) -> list[dict]:
-        return merge_rows([], self.cache.all_breakdown(), total_first=False) if self.cache is not None else []
+    def _from_cache(self) -> tuple[list[dict], list[dict]]:
+        """Every stored summary and breakdown row (to rebuild a damaged CSV)."""
+        if self.cache is None:
+            return [], []
+        return self.cache.all_rows(), self.cache.all_breakdown()
 
     def _metadata(self) -> dict[str, Any]:
         meta = run_metadata(self.audit, self.started)

@@ -149,6 +149,25 @@ class OutputFolder:
                 warn(f"{exc.path} is damaged ({exc.reason}): rebuilt from {exc.path.parent / OutputFolder.CACHE}")
             return rebuild() if rebuild is not None else []
 
+    def record(self, rows: Sequence[dict], breakdown: Sequence[dict] = (), *, metadata: dict[str, Any] | None = None,
+               rebuild: Callable[[], tuple[list[dict], list[dict]]] | None = None,
+               warn: Callable[[str], None] | None = None) -> None:
+        """Merge summary and breakdown rows into the folder's CSVs (rows of the same run,
+        checkpoint and settings are replaced, others kept) and write ``metadata`` as
+        ``run.json``, all under the folder's lock. ``rebuild()`` gives ``(summary rows,
+        breakdown rows)`` to start from when a CSV is damaged (the cache's)."""
+        from equiaudit.report.breakdown import write_breakdown
+        from equiaudit.report.summary import merge_rows, write_rows
+
+        with self.locked():
+            summary = merge_rows(self.summary_rows(lambda: rebuild()[0] if rebuild else [], warn), rows)
+            write_rows(self.summary, summary)
+            if breakdown or self.breakdown.is_file():
+                merged = merge_rows(self.breakdown_rows(lambda: rebuild()[1] if rebuild else [], warn), breakdown, total_first=False)
+                write_breakdown(self.breakdown, merged)
+            if metadata is not None:
+                self.write_run_json(metadata)
+
     def read_run_json(self) -> dict[str, Any]:
         try:
             data = json.loads(self.run_json.read_text(encoding="utf-8"))
