@@ -47,6 +47,7 @@ and :func:`landscape_smoothness`, :func:`weight_statistics`, :func:`pearson`,
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -249,9 +250,11 @@ def gradient_split(objective: Objective, params: Sequence[torch.Tensor], *, meth
             then ``autograd.grad(L_sym)`` — two backward passes through one graph.
             ``batched``: one vmapped backward with the two cotangents ``(1, 0)``, ``(0, 1)``
             on ``stack([L_sym, EE])`` (``is_grads_batched=True``). Both give the same
-            numbers; ``two_pass`` was the faster on CPU (``benchmarks/bench_dynamics.py``:
-            the split costs about the forward plus two backward passes; ``batched`` was
-            slower at every size measured and needs every op's backward to vmap).
+            numbers; ``two_pass`` was the faster (``benchmarks/bench_dynamics.py``, 2-core
+            CPU, 3-layer MLP of width 16/64/256: the split costs 3.3/2.8/4.8 forward passes
+            of the objective, a training step's forward + backward 2.2/1.7/3.9; ``batched``
+            was 1.30/1.10/1.17× slower than ``two_pass``, and needs every op's backward to
+            vmap).
 
     Returns:
         :class:`GradientSplit`; gradients are accumulated over batches in float64.
@@ -309,7 +312,7 @@ def _hvp_blocks(
     params: list[torch.Tensor],
     blocks: Mapping[str, torch.Tensor],
     *,
-    batched: bool = True,
+    batched: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One pass over the data: ``{term: H_term @ V}`` for blocks ``V`` ``(p, n)`` float64.
 
@@ -597,7 +600,7 @@ def hessian_eigen(
     tol: float = 1e-4,
     max_iter: int = 50,
     generator: torch.Generator | None = None,
-    batched: bool = True,
+    batched: bool = False,
 ) -> dict[str, HessianEigen]:
     """Top-k eigenpairs of the Hessians of ``L_sym`` and ``EE`` (and/or ``L_aug``) w.r.t. ``params``.
 
@@ -613,8 +616,11 @@ def hessian_eigen(
             :func:`block_lanczos`.
         generator: seeds the start blocks (the same start for every term; default seed 0).
         batched: compute a block's HVPs in one vmapped double backward
-            (``is_grads_batched``); False loops over the block's vectors (for models whose
-            backward does not vmap).
+            (``is_grads_batched``) instead of one double backward per vector (default).
+            Measured (``benchmarks/bench_dynamics.py``, CPU) the loop was faster except for
+            the tiniest MLP (width 64: 9.5 against 12.8 forward passes for a block of 3;
+            width 256: 19.8 against 30.3); the loop also works for models whose backward
+            does not vmap.
 
     Returns:
         ``{term: HessianEigen}``.
@@ -970,10 +976,9 @@ def _subset_weights(
     """Averaging weights ``(S, K)``: row s is ``1/k`` on subset s (counts/k with replacement)."""
     count = k_total**k if with_replacement else math.comb(k_total, k)
     if count <= max_subsets:
-        if with_replacement:
-            index = torch.cartesian_prod(*[torch.arange(k_total)] * k).reshape(-1, k)
-        else:
-            index = torch.combinations(torch.arange(k_total), r=k).reshape(-1, k)
+        # At most max_subsets rows (torch.combinations would build all K^k tuples first).
+        tuples = itertools.product(range(k_total), repeat=k) if with_replacement else itertools.combinations(range(k_total), k)
+        index = torch.tensor(list(tuples), dtype=torch.long).reshape(-1, k)
         exhaustive = True
     else:
         if with_replacement:
