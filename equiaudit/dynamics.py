@@ -374,7 +374,8 @@ def hessian_vector_product(
         ``create_graph`` backward and a double backward per batch; no dense Hessian.
     """
     params = _check_params(params)
-    _term(torch.zeros(()), torch.zeros(()), term)  # validate the name
+    if term not in TERMS:
+        raise ValueError(f"unknown term {term!r}; allowed: {', '.join(TERMS)}")
     v = _flat(vector, params[0].device).unsqueeze(0)
     hv = _hvp_blocks(objective, params, {term: v})[term][0]
     return [t.to(torch.float64) for t in _unflat(hv, params)]
@@ -478,13 +479,15 @@ class _BlockLanczos:
         self.t = t
         values, vectors = torch.linalg.eigh(t)
         values, vectors = values.flip(0), vectors.flip(1)  # descending
-        # The next block and its coupling B = V_next · W: H Q S = Q S Θ + V_nextᵀ B S_last.
-        nxt = self._extend(w) if d < self.n else torch.empty(0, self.n, dtype=torch.float64, device=self.device)
-        coupling = nxt @ w.T  # (p', p)
-        residuals = (coupling @ vectors[d - p :, :]).norm(dim=0) if nxt.shape[0] else torch.zeros(d, dtype=torch.float64, device=self.device)
+        # Lanczos relation: H Qᵀ S = Qᵀ S Θ + Wᵀ S_last (only the newest block has a residual
+        # outside the basis), so Ritz pair i has residual ‖Wᵀ s_i,last‖.
         exhausted = d >= self.n
         if exhausted:
-            residuals = torch.zeros_like(residuals)
+            residuals = torch.zeros(d, dtype=torch.float64, device=self.device)
+            nxt = torch.empty(0, self.n, dtype=torch.float64, device=self.device)
+        else:
+            residuals = (vectors[d - p :, :].T @ w).norm(dim=1)
+            nxt = self._extend(w)
         scale = values.abs().max() if d else torch.tensor(0.0)
         enough = d >= self.k
         converged = bool(enough and (residuals[: self.k] <= self.tol * scale).all())
@@ -627,8 +630,9 @@ def hessian_eigen(
     """
     params = _check_params(params)
     terms = list(dict.fromkeys(terms))
-    for term in terms:
-        _term(torch.zeros(()), torch.zeros(()), term)
+    unknown = [t for t in terms if t not in TERMS]
+    if unknown:
+        raise ValueError(f"unknown term(s) {unknown}; allowed: {', '.join(TERMS)}")
     n, device = _numel(params), params[0].device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     states = {}

@@ -197,16 +197,19 @@ def test_gradients_and_hvps_match_central_differences(mlp_problem):
             torch.testing.assert_close(h, f, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_lanczos_matches_the_dense_hessian_of_an_mlp(mlp_problem, batched):
+@pytest.fixture(scope="module")
+def mlp_dense_hessians(mlp_problem):
+    """The reference: n HVPs (checked against finite differences above), one per basis vector."""
     _, params, objective = mlp_problem
     n = sum(p.numel() for p in params)
     basis = torch.eye(n, dtype=torch.float64)
-    # The reference: n HVPs (checked against finite differences above), one per basis vector.
-    dense = {
-        term: torch.stack([dyn._hvp_blocks(objective, params, {term: basis[i : i + 1]})[term][0] for i in range(n)])
-        for term in ("sym", "equiv")
-    }
+    return {term: dyn._hvp_blocks(objective, params, {term: basis})[term] for term in ("sym", "equiv")}
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_lanczos_matches_the_dense_hessian_of_an_mlp(mlp_problem, mlp_dense_hessians, batched):
+    _, params, objective = mlp_problem
+    dense = mlp_dense_hessians
     found = dyn.hessian_eigen(
         objective, params, 3, tol=1e-10, max_iter=60, generator=torch.Generator().manual_seed(0), batched=batched
     )
@@ -221,6 +224,46 @@ def test_lanczos_matches_the_dense_hessian_of_an_mlp(mlp_problem, batched):
             assert u.norm().item() == pytest.approx(1, abs=1e-10)
             torch.testing.assert_close(h @ u, value * u, rtol=0, atol=1e-7 * h.abs().max().item())
         assert result.n_hvp == result.n_iterations * 3 and result.n_passes == result.n_iterations
+
+
+class ForceField(torch.nn.Module):
+    """Forces ``= −dE/dpos`` by autograd inside the model (a non-invariant energy)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+        self.v = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+
+    def forward(self, pos):
+        if not pos.requires_grad:
+            pos = pos.requires_grad_(True)
+        energy = (torch.tanh(pos @ self.w) @ self.v).sum()
+        return -torch.autograd.grad(energy, pos, create_graph=True)[0]
+
+
+def test_model_with_autograd_inside_matches_central_differences():
+    model = ForceField()
+    params = list(model.parameters())
+    data = vector_dataset(5, 3, seed=4)
+    objective, _ = orbit_objective(model, data, make_rotation_set("so3", 4, "haar"), batch=3)
+    v = dyn.random_direction(params, torch.Generator().manual_seed(0))
+    split = dyn.gradient_split(objective, params)
+    hv = dyn.hessian_vector_product(objective, params, v, "equiv")
+    eps = 1e-5
+    saved = [p.detach().clone() for p in params]
+    _shifted(params, v, eps)
+    plus, plus_grad = _values(objective), dyn.gradient_split(objective, params).grad_equiv
+    _shifted(params, v, -2 * eps)
+    minus, minus_grad = _values(objective), dyn.gradient_split(objective, params).grad_equiv
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    dot = lambda a, b: sum((x * y).sum() for x, y in zip(a, b)).item()
+    assert dot(split.grad_sym, v) == pytest.approx((plus["sym"] - minus["sym"]) / (2 * eps), rel=1e-6)
+    assert dot(split.grad_equiv, v) == pytest.approx((plus["equiv"] - minus["equiv"]) / (2 * eps), rel=1e-6)
+    for h, a, b in zip(hv, plus_grad, minus_grad):
+        torch.testing.assert_close(h, (a - b) / (2 * eps), rtol=1e-5, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- curvature: linear map
