@@ -251,10 +251,11 @@ def gradient_split(objective: Objective, params: Sequence[torch.Tensor], *, meth
             ``batched``: one vmapped backward with the two cotangents ``(1, 0)``, ``(0, 1)``
             on ``stack([L_sym, EE])`` (``is_grads_batched=True``). Both give the same
             numbers; ``two_pass`` was the faster (``benchmarks/bench_dynamics.py``, 2-core
-            CPU, 3-layer MLP of width 16/64/256: the split costs 3.3/2.8/4.8 forward passes
-            of the objective, a training step's forward + backward 2.2/1.7/3.9; ``batched``
-            was 1.30/1.10/1.17× slower than ``two_pass``, and needs every op's backward to
-            vmap).
+            CPU, 3-layer MLP of width 16/64/256, idle machine: the split costs 3.3/2.8/4.8
+            forward passes of the objective, a training step's forward + backward
+            2.2/1.7/3.9; under load, width 64/256: 3.2/3.1 against 2.9/2.9). ``batched``
+            was 1.1–2.1× slower than ``two_pass`` in every run, and needs every op's
+            backward to vmap.
 
     Returns:
         :class:`GradientSplit`; gradients are accumulated over batches in float64.
@@ -620,10 +621,11 @@ def hessian_eigen(
         generator: seeds the start blocks (the same start for every term; default seed 0).
         batched: compute a block's HVPs in one vmapped double backward
             (``is_grads_batched``) instead of one double backward per vector (default).
-            Measured (``benchmarks/bench_dynamics.py``, CPU) the loop was faster except for
-            the tiniest MLP (width 64: 9.5 against 12.8 forward passes for a block of 3;
-            width 256: 19.8 against 30.3); the loop also works for models whose backward
-            does not vmap.
+            Measured (``benchmarks/bench_dynamics.py``, 2-core CPU, block of 3) the loop
+            was faster in 4 of 5 runs (width 64: 9.5 against 12.8 forward passes; width
+            256: 19.8 against 30.3; the exceptions: width 16, 9.0 against 7.3, and width 256
+            on a loaded machine, 24.3 against 21.9); the loop also works for models whose
+            backward does not vmap.
 
     Returns:
         ``{term: HessianEigen}``.
