@@ -24,10 +24,9 @@ import torch
 
 from equiaudit import actions
 from equiaudit import dynamics as dyn
-from equiaudit.engine import audit_model
 from equiaudit.groups import make_rotation_set
 from equiaudit.metrics import elementwise_loss, orbit_terms, reduce_per_sample
-from helpers import LinearMap, RadialScaling, random_matrix, vector_dataset, vector_spec
+from helpers import LinearMap, RadialScaling, random_matrix, run_audit, vector_dataset, vector_spec
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -42,7 +41,7 @@ def orbit_predictions(model, pos, rotations):
 def orbit_objective(model, data, rotation_set, *, seed=0, batch=128, loss="mse"):
     """The objective closure from public pieces: per batch, bias-corrected (L_sym, EE) parts."""
     n = len(data["pos"])
-    rotations = rotation_set.sample(n, torch.Generator().manual_seed(seed))
+    rotations = rotation_set.sample(n, seed)
     blocks = None if rotation_set.exact else rotation_set.blocks
 
     def objective():
@@ -88,10 +87,9 @@ def test_orbit_contribution_sums_to_the_engine_figures():
     rs = make_rotation_set("so3", 24)  # quasi: blocks
     objective, rotations = orbit_objective(model, data, rs, batch=16)
     parts = [(s.item(), e.item()) for s, e in objective()]
-    per_sample = audit_model(model, data, rotations, vector_spec(), batch_size=16, blocks=rs.blocks).per_sample()["out"]
-    aug, error = per_sample
-    assert sum(s for s, _ in parts) == pytest.approx((aug - error).mean().item(), rel=1e-12)
-    assert sum(e for _, e in parts) == pytest.approx(error.mean().item(), rel=1e-12)
+    result = run_audit(model, data, vector_spec(), k=24, elements=rotations, batch_size=16).total
+    assert sum(s for s, _ in parts) == pytest.approx(result.loss_sym, rel=1e-12)
+    assert sum(e for _, e in parts) == pytest.approx(result.equiv_error, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- gradient split
@@ -456,7 +454,7 @@ def test_pearson_and_spearman_on_log_values():
 def linear_orbit(n, atoms, rotation_set, seed=0, matrix=None):
     matrix = random_matrix() if matrix is None else matrix
     data = vector_dataset(n, atoms, seed=seed)
-    rotations = rotation_set.sample(n, torch.Generator().manual_seed(seed + 100))
+    rotations = rotation_set.sample(n, seed + 100)
     with torch.no_grad():
         pred = orbit_predictions(LinearMap(matrix).double(), data["pos"], rotations)
     return matrix, data, pred
@@ -517,10 +515,9 @@ def test_twirl_l1_matches_brute_force_monte_carlo():
     tw = dyn.twirled_loss(pred, data["target"], "l1", ks=ks, max_subsets=64, generator=torch.Generator().manual_seed(1))
     assert not tw.exhaustive[2]  # C(16, 4) = 1820 > 64: sampled subsets
     model = LinearMap(matrix).double()
-    g = torch.Generator().manual_seed(7)
     draws = 64
     for col, k in enumerate(ks):
-        rotations = make_rotation_set("so3", draws * k, "haar").sample(n, g)
+        rotations = make_rotation_set("so3", draws * k, "haar").sample(n, 7 + col)
         with torch.no_grad():
             fresh = orbit_predictions(model, data["pos"], rotations)  # (n, draws·k, A, 3)
         twirled = fresh.reshape(n, draws, k, atoms, 3).mean(2)
