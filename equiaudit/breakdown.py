@@ -38,7 +38,7 @@ import torch
 from equiaudit.engine import HeadBatch, OrbitSpec
 from equiaudit.representations import get_representation
 from equiaudit.rotations import rotation_angle
-from equiaudit.stats import SampleStats
+from equiaudit.stats import SampleStats, with_total
 
 __all__ = ["BUILTIN_SPLITS", "BreakdownOptions", "bin_rows", "field_bins", "split_fields", "unit_values", "batch_columns", "breakdown_rows"]
 
@@ -215,10 +215,9 @@ def breakdown_rows(stats: SampleStats, spec: OrbitSpec, options: BreakdownOption
     weights = {h.name: h.weight for h in spec.heads}
     heads = ["total", *weights]
     n = len(samples["id"])
-    values: dict[str, dict[str, torch.Tensor]] = {}
-    for h in weights:
-        values[h] = {key: samples[f"{key}/{h}"].double() for key in ("loss_aug", "equiv_error", "loss_rot", "error_rot")}
-    values["total"] = {key: sum(weights[h] * values[h][key] for h in weights) for key in ("loss_aug", "equiv_error", "loss_rot", "error_rot")}
+    keys = ("loss_aug", "equiv_error", "loss_rot", "error_rot")
+    by_key = {key: with_total({h: samples[f"{key}/{h}"].double() for h in weights}, weights) for key in keys}
+    values = {head: {key: by_key[key][head] for key in keys} for head in heads}
     total_error = {h: values[h]["equiv_error"].mean().item() for h in heads}
     rows: list[dict] = []
 

@@ -46,7 +46,7 @@ from equiaudit.random import SampleRandom, sample_ids
 from equiaudit.representations import get_representation
 from equiaudit.result import AuditResult, HeadResult
 from equiaudit.rotations import is_signed_permutation
-from equiaudit.stats import SampleStats
+from equiaudit.stats import SampleStats, with_total
 from equiaudit.tasks import CUSTOM, TaskPreset, get_task
 
 __all__ = ["AuditPlan", "Prepared", "resolve", "resolve_device", "default_batch_size", "evaluation_mode", "ORBIT_BYTES"]
@@ -219,21 +219,19 @@ class AuditPlan:
         if not samples or len(samples["id"]) == 0:
             raise DataError("no samples were evaluated: the data is empty")
         weights = {h.name: h.weight for h in self.spec.heads}
-        per_head = {h: (samples[f"loss_aug/{h}"].double(), samples[f"equiv_error/{h}"].double()) for h in weights}
-        per_head = {"total": (sum(weights[h] * per_head[h][0] for h in weights),
-                              sum(weights[h] * per_head[h][1] for h in weights)), **per_head}
 
         def weighted(prefix: str, table: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
             if f"{prefix}/{self.heads[0]}" not in table:
                 return None
-            values = {h: table[f"{prefix}/{h}"].double() for h in weights}
-            return {"total": sum(weights[h] * values[h] for h in weights), **values}
+            return with_total({h: table[f"{prefix}/{h}"].double() for h in weights}, weights)
 
+        augs, errors = weighted("loss_aug", samples), weighted("equiv_error", samples)
         floors = weighted("floor", stats.tables["floor"].columns())
         interps = weighted("interp", samples)
         local_errors, local_scales = weighted("local_error", samples), weighted("local_scale", samples)
         out: dict[str, HeadResult] = {}
-        for name, (aug, error) in per_head.items():
+        for name in augs:
+            aug, error = augs[name], errors[name]
             s = summarize_ratio(aug, error, n_bootstrap=self.bootstrap, generator=torch.Generator().manual_seed(self.seed))
             extra: dict[str, Any] = {}
             if interps is not None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["Table", "SampleStats", "ORIGIN_SHIFT"]
+__all__ = ["Table", "SampleStats", "ORIGIN_SHIFT", "with_total"]
 
 ORIGIN_SHIFT = 40  # rows per piece: up to 2⁴⁰
 
@@ -136,6 +136,12 @@ class SampleStats:
             out.tables[name] = table.select(keep, torch.from_numpy(_lexsort(*keys)))
         out._rows = self._rows
         return out
+
+
+def with_total(per_head: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """``{"total": Σ_h w_h · per_head[h], **per_head}``: the weighted total of the loss
+    ``ℓ = Σ_h w_h ℓ_h`` (not divided by Σ w), for any per-sample (or per-rotation) value."""
+    return {"total": sum(weights[h] * per_head[h] for h in weights), **per_head}
 
 
 def _lexsort(*keys: torch.Tensor):
