@@ -29,9 +29,9 @@ def audited(tmp_path_factory):
 
 
 def csv_series(summary, run: str, head: str = "total") -> dict[str, np.ndarray]:
-    """The columns of one run's head, straight from the CSV, with step > 0 (log axis)."""
+    """The columns of one run's head, straight from the CSV (step 0 included: a symlog axis)."""
     with open(summary, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["run"] == run and r["head"] == head and int(r["step"]) > 0]
+        rows = [r for r in csv.DictReader(handle) if r["run"] == run and r["head"] == head]
     rows.sort(key=lambda r: int(r["step"]))
     return {k: np.array([float(r[k]) for r in rows]) for k in ("step", "rel_equiv_error", "loss_aug", "loss_sym", "equiv_error")}
 
@@ -51,12 +51,30 @@ def test_plotted_data_match_the_csv(audited):
             np.testing.assert_allclose(line.get_ydata(), expected[column], rtol=1e-12)
     (threshold,) = [ln for ln in ree_ax.get_lines() if ln.get_label().startswith("threshold")]
     assert set(threshold.get_ydata()) == {2.0}
-    # Readable at a glance: log–log, labelled axes with units, legend, title.
+    # Readable at a glance: log y, step 0 on a symlog x, labelled axes with units, legend, title.
+    assert 0 in csv_series(summary, "aug")["step"]
     for ax in (ree_ax, loss_ax):
-        assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+        assert (ax.get_xscale(), ax.get_yscale()) == ("symlog", "log")
         assert ax.get_xlabel().startswith("training step") and ax.get_legend() is not None
     assert "(%)" in ree_ax.get_ylabel()
     assert fig._suptitle.get_text() == "custom · so3"
+
+
+def test_tick_labels_do_not_pile_up(audited):
+    """Minor REE labels are drawn only where the axis spans less than a decade (they overlapped before)."""
+    fig = trajectory_figure(trajectories(read_rows(audited / "summary.csv")), threshold=0.02)
+    fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    ree_ax = fig.axes[0]
+    labels = [t for t in ree_ax.yaxis.get_ticklabels(which="both") if t.get_text() and t.get_visible()]
+    lo, hi = ree_ax.get_ylim()
+    inside = [t for t in labels if lo <= t.get_position()[1] <= hi]
+    boxes = sorted((t.get_window_extent().y0, t.get_window_extent().y1) for t in inside)
+    assert len(boxes) >= 2
+    assert all(b0 >= a1 - 1 for (_, a1), (b0, _) in zip(boxes, boxes[1:])), "overlapping tick labels"
+    assert all("×" not in t.get_text() and "$" not in t.get_text() for t in inside)  # plain numbers
 
 
 def test_audit_writes_a_non_trivial_png(audited, tmp_path):

@@ -3,8 +3,11 @@
 Left panel: REE (%) against step (or epoch / hours) on log–log axes, one line per run with
 its 95 % CI band and the threshold marked. Right panel: ``loss_aug`` (solid), ``loss_sym``
 (dashed) and ``equiv_error`` (dotted) per run, so one sees the equivariance share fall
-faster than the loss. Log axes cannot show x ≤ 0 (step 0, the first checkpoint's time):
-those points are left out and the axis label says so.
+faster than the loss. Step 0 (an untrained model, the first checkpoint's time) has no place
+on a log axis: the x axis is then symlog — linear from 0 to the first positive x, log
+beyond — so step 0 is plotted, at the left edge. Tick labels are plain numbers ("2", not
+"2×10⁰"); minor ticks are labelled only where the axis spans less than a decade, so
+labels never pile up.
 
 matplotlib is imported inside the functions (keeps ``equiaudit --help`` fast) and only
 through ``matplotlib.figure.Figure`` — no pyplot, so no GUI backend and no global state.
@@ -22,10 +25,21 @@ from equiaudit.report.compare import X_LABELS, Trajectory
 __all__ = ["trajectory_figure", "save_figure"]
 
 
-def _positive(xs: Sequence[float], *columns: Sequence[float]) -> tuple[list, ...]:
-    """Keep the points with a positive, finite x (log axis)."""
-    keep = [i for i, v in enumerate(xs) if v > 0 and math.isfinite(v)]
+def _finite(xs: Sequence[float], *columns: Sequence[float]) -> tuple[list, ...]:
+    """Keep the points with a finite, non-negative x."""
+    keep = [i for i, v in enumerate(xs) if v >= 0 and math.isfinite(v)]
     return tuple([col[i] for i in keep] for col in (xs, *columns))
+
+
+def _plain_log_formatter():
+    """A log-axis formatter writing plain numbers, labelling minor ticks only on short axes."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:g}"
+
+    return PlainLog
 
 
 def trajectory_figure(
@@ -42,20 +56,19 @@ def trajectory_figure(
     read the plotted data back from ``fig.axes``.
     """
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
     shown = [t for t in trajs if t.head == head]
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ree_ax, loss_ax = fig.subplots(1, 2)
-    dropped = False
+    positive_x = [v for t in shown for v in t.x if v > 0 and math.isfinite(v)]
+    has_zero = any(v == 0 for t in shown for v in t.x)
     for i, t in enumerate(shown):
         color = f"C{i % 10}"
         s = t.series
-        xs, ree, low, high, aug, sym, ee = _positive(
+        xs, ree, low, high, aug, sym, ee = _finite(
             t.x, s["rel_equiv_error"], s["rel_equiv_error_ci_low"], s["rel_equiv_error_ci_high"],
             s["loss_aug"], s["loss_sym"], s["equiv_error"],
         )
-        dropped = dropped or len(xs) < len(t.x)
         ree_ax.plot(xs, [100 * r for r in ree], "o-", color=color, label=t.run, markersize=4)
         # A CI bound of 0 has no place on a log axis: the band then stops at the estimate.
         band_low = [100 * lo if lo > 0 else 100 * r for lo, r in zip(low, ree)]
@@ -64,15 +77,19 @@ def trajectory_figure(
         loss_ax.plot(xs, sym, "--", color=color, label=f"{t.run}: L_sym")
         loss_ax.plot(xs, ee, ":", color=color, label=f"{t.run}: EE = L_aug − L_sym")
     ree_ax.axhline(100 * threshold, color="0.3", linestyle="--", linewidth=1, label=f"threshold {100 * threshold:g} %")
-    xlabel = X_LABELS[x] + (" (0 not shown on a log axis)" if dropped else "")
+    plain = _plain_log_formatter()
     for ax in (ree_ax, loss_ax):
-        ax.set_xscale("log")
+        if has_zero:  # linear up to the first checkpoint after step 0, log beyond
+            ax.set_xscale("symlog", linthresh=min(positive_x, default=1.0), linscale=0.4)
+            ax.set_xlim(left=0)
+        else:
+            ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(X_LABELS[x] + (" (symlog: 0, then log)" if has_zero else ""))
         ax.grid(True, which="major", alpha=0.3)
-    percent = FuncFormatter(lambda v, _: f"{v:g}")  # "2", not "2×10⁰": it is a percentage
-    ree_ax.yaxis.set_major_formatter(percent)
-    ree_ax.yaxis.set_minor_formatter(percent)
+    # "2", not "2×10⁰" (it is a percentage); minor labels only where the axis is short.
+    ree_ax.yaxis.set_major_formatter(plain(labelOnlyBase=False))
+    ree_ax.yaxis.set_minor_formatter(plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     ree_ax.set_ylabel("REE = equivariance error / L_aug (%)")
     ree_ax.set_title(f"relative equivariance error ({head}), 95 % CI")
     ree_ax.legend(fontsize="small")
