@@ -284,7 +284,7 @@ def _read_extxyz(path: Path) -> dict[str, Any]:
     try:
         import ase.io
     except ImportError:
-        raise DataError("reading extxyz needs ASE: pip install 'equiaudit[ase]'") from None
+        raise missing_extra("extxyz", "ase", "ASE") from None
     try:
         frames = ase.io.read(str(path), index=":")
     except Exception as e:
