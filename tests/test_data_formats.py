@@ -148,12 +148,14 @@ def test_ase_db_subset_reads_only_the_rows_kept(tmp_path, monkeypatch):
     assert rows.count <= 7 + 1  # the 7 rows, plus one id lookup
     assert index.tolist() == sorted(index.tolist()) and len(set(index.tolist())) == 7
     _check_padded(part, [samples[i] for i in index.tolist()])
-    # The same samples, in the same order, as a full read and then the same subset.
-    expected = load_dataset(tmp_path / "big.db", samples=7, subset_seed=3)
-    for name in ("energy", "z"):
-        a_max = part["z"].shape[1]
-        torch.testing.assert_close(part[name], expected[name][..., :a_max] if name == "z" else expected[name])
+    # The same samples, in the same order, as a full read then the same subset (padded
+    # only to the largest molecule kept).
+    a = part["pos"].shape[1]
+    for name in ("pos", "z", "forces", "mask"):
+        torch.testing.assert_close(part[name], full[name][index][:, :a])
+        assert not full[name][index][:, a:].any()
     torch.testing.assert_close(part["energy"], full["energy"][index])
+    assert full_index[index].tolist() == index.tolist()
 
     first, first_index = load_dataset(path, samples=4, return_index=True)
     assert first_index.tolist() == [0, 1, 2, 3]
@@ -245,24 +247,47 @@ def test_hostile_ase_db_cannot_run_code(tmp_path):
     pytest.importorskip("ase")
     marker = tmp_path / "executed"
     evil = pickle.dumps(_Payload(marker))
-    path = tmp_path / "evil.db"
-    _write_ase_db(path, _samples(3))
-    con = sqlite3.connect(path)
-    con.execute("UPDATE systems SET data = ? WHERE id = 1", (evil,))  # binary data blob
-    con.execute("UPDATE systems SET data = ? WHERE id = 2",  # JSON: an object array, a fake reducer
-                ('{"q_ref": {"__ndarray__": [[2], "object", ["os", "system"]]}, '
-                 '"py/reduce": [{"py/function": "os.system"}, ["touch x"]]}',))
-    con.execute("UPDATE systems SET calculator_parameters = ?, constraints = ? WHERE id = 3",
-                ('{"py/object": "os.system"}', '[{"name": "exec", "kwargs": {"source": "1"}}]'))
-    con.execute("INSERT INTO information VALUES ('metadata', ?)", (evil,))
-    con.commit()
-    con.close()
-    for keys in (None, {"charges": "q_ref"}):
-        try:
-            load_dataset(path, keys=keys)
-        except DataError as e:
-            assert "\n" not in str(e)
-        assert not marker.exists()
+
+    def planted(name, *statements):
+        path = tmp_path / name
+        _write_ase_db(path, _samples(3))
+        con = sqlite3.connect(path)
+        for sql, args in statements:
+            con.execute(sql, args)
+        con.commit()
+        con.close()
+        return path
+
+    # A pickle as the database's metadata (ASE json.loads it when it opens the file).
+    path = planted("meta.db", ("INSERT INTO information VALUES ('metadata', ?)", (evil,)))
+    with pytest.raises(DataError) as err:
+        load_dataset(path)
+    assert _one_line(err).startswith(f"cannot read {path} with ASE")
+    assert not marker.exists()
+
+    # A pickle as a row's data blob: refused when keys makes the reader decode it.
+    path = planted("data.db", ("UPDATE systems SET data = ? WHERE id = 1", (evil,)))
+    assert set(load_dataset(path)) == {"pos", "z", "energy", "forces", "mask"}  # data not decoded
+    with pytest.raises(DataError) as err:
+        load_dataset(path, keys={"charges": "q_ref"})
+    assert _one_line(err).startswith(f"cannot read {path} with ASE")
+    assert not marker.exists()
+
+    # JSON shaped like code: an object array, a jsonpickle-style reducer, a constraint
+    # naming a builtin, calculator parameters naming a function: all stay data.
+    path = planted(
+        "json.db",
+        ("UPDATE systems SET data = ? WHERE id = 2",
+         ('{"q_ref": {"__ndarray__": [[2], "object", ["os", "system"]]}, '
+          '"py/reduce": [{"py/function": "os.system"}, ["touch x"]]}',)),
+        ("UPDATE systems SET calculator_parameters = ?, constraints = ? WHERE id = 3",
+         ('{"py/object": "os.system"}', '[{"name": "exec", "kwargs": {"source": "1"}}]')),
+    )
+    assert load_dataset(path)["pos"].shape[0] == 3
+    with pytest.raises(DataError) as err:
+        load_dataset(path, keys={"charges": "q_ref"})
+    assert "data entry 'q_ref' is not numeric" in _one_line(err)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------- HDF5
