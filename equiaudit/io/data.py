@@ -561,20 +561,20 @@ def _check_values(
     """
     mask = data.get("mask")
 
-    def fail(field: str, bad: torch.Tensor, tensor: torch.Tensor, rule: str) -> None:
+    def fail(field: str, bad: torch.Tensor, tensor: torch.Tensor, rule: str, per_atom: bool, offset: int = 0) -> None:
         per_sample = bad.reshape(bad.shape[0], -1).any(dim=1)
         if not bool(per_sample.any()):
             return
         i = int(per_sample.nonzero()[0, 0])
         flat = int(bad[i].reshape(-1).nonzero()[0, 0])
         value = tensor[i].reshape(-1)[flat].item()
-        sample = int(file_index[i])
+        sample = int(file_index[offset + i])
         where = ""
         if in_file:
             detail = table.where(sample) if table.where is not None else ""
             where = f" (its index in the file{'; ' + detail if detail else ''})"
         atom = ""
-        if mask is not None and tensor.ndim >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
+        if per_atom:
             atom = f", atom {flat // max(1, int(np.prod(tensor.shape[2:])))}"
         key = mapping.get(field, field)
         source = table.sources.get(key, key)
@@ -584,11 +584,21 @@ def _check_values(
         raise DataError(f"{origin}: {named} is {shown} at sample {sample}{where}{atom}; {rule}{hint}")
 
     if "z" in data and mask is not None and not data["z"].is_floating_point():
-        fail("z", (data["z"] < 0) & mask, data["z"], "atomic numbers must be positive (0 marks padding)")
+        fail("z", (data["z"] < 0) & mask, data["z"], "atomic numbers must be positive (0 marks padding)", True)
+    rule = f"values must be finite and at most {VALUE_LIMIT:g} in magnitude (squares overflow float64)"
     for field, t in data.items():
         if not t.is_floating_point() or t.ndim == 0 or t.shape[0] == 0:
             continue
-        bad = ~(t.abs() <= VALUE_LIMIT)  # NaN compares False: caught with inf and huge values
-        if mask is not None and t.ndim >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
-            bad &= mask.reshape(*mask.shape, *([1] * (t.ndim - 2)))  # padded atoms do not count
-        fail(field, bad, t, f"values must be finite and at most {VALUE_LIMIT:g} in magnitude (squares overflow float64)")
+        per_atom = mask is not None and t.ndim >= 2 and tuple(t.shape[:2]) == tuple(mask.shape)
+        # Blocks of whole samples bound the temporaries for large arrays (voxel grids).
+        rows = max(1, _CHECK_BLOCK // max(1, t[0].numel()))
+        for start in range(0, t.shape[0], rows):
+            block = t[start : start + rows]
+            bad = ~(block.abs() <= VALUE_LIMIT)  # NaN compares False: caught with inf and huge values
+            if per_atom:  # padded atoms do not count
+                bad &= mask[start : start + rows].reshape(*block.shape[:2], *([1] * (t.ndim - 2)))
+            fail(field, bad, block, rule, per_atom, offset=start)
+
+
+# Elements per block of the value checks (2**24 float64 = 128 MiB of input per block).
+_CHECK_BLOCK = 1 << 24

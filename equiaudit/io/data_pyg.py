@@ -15,7 +15,8 @@ their ``__setstate__`` only fills ``__dict__``). PyG's own ``InMemoryDataset.loa
 load fails, which would run a pickle's code. Importing ``torch_geometric`` registers
 its classes in torch's process-wide allowlist; this module undoes that registration
 (when it made the import) so that checkpoints are read under the same allowlist as
-before.
+before. (When other code imported ``torch_geometric`` first, its registration stands;
+it holds PyG's data classes and containers only.)
 
 Graphs are rebuilt with PyG's API (``InMemoryDataset.get``, i.e. ``separate``), only
 those kept by ``samples``. Fields (units as stored):
