@@ -210,7 +210,7 @@ def test_missing_file(tmp_path):
 
 
 def test_unsupported_suffix(tmp_path):
-    path = tmp_path / "d.h5"
+    path = tmp_path / "d.csv"
     path.write_bytes(b"x")
     with pytest.raises(DataError, match="unsupported data format"):
         load_dataset(path)

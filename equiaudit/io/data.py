@@ -11,30 +11,48 @@ fields:
 * ``mask``   (N, A)    bool, True at valid atoms (added whenever ``pos`` or ``z`` is present)
 
 Any other array passes through under its own (or mapped) name, e.g. voxel grids
-``(N, C, D, H, W)``.
+``(N, C, D, H, W)``. Molecules of different sizes are padded to the largest one.
+Units are never converted: values stay in the units the file stores them in.
 
-Formats: ``.npz`` (never unpickles), ``.safetensors``, ``.pt``/``.pth`` holding a
-dict of tensors (``weights_only=True``: pickled code is refused, never run) and
-``.xyz``/``.extxyz`` through the optional ASE dependency.
+Array formats: ``.npz`` (never unpickles), ``.safetensors``, ``.pt``/``.pth`` holding a
+dict of tensors (``weights_only=True``: pickled code is refused, never run), a flat
+HDF5 file of ``(N, ...)`` datasets (``h5py``, ``equiaudit[hdf5]``) and
+``.xyz``/``.extxyz`` (ASE, ``equiaudit[ase]``). Structured formats, each read with the
+field's own library (see their modules for the rules):
+
+* ASE databases ``.db`` (``equiaudit[ase]``) and ``.aselmdb`` (``equiaudit[aselmdb]``):
+  one sample per row, :mod:`equiaudit.io.data_ase`;
+* HDF5 in the SPICE layout (one group per molecule, ``equiaudit[hdf5]``): one sample
+  per conformation, forces = −gradient, :mod:`equiaudit.io.data_hdf5`;
+* PyTorch Geometric (``equiaudit[pyg]``): an ``InMemoryDataset`` folder or file, or a
+  ``.pt`` list of ``Data``; one sample per graph, :mod:`equiaudit.io.data_pyg`.
 
 Which arrays are loaded (``keys`` maps field name -> key in the file):
 
 * ``keys`` empty: a revised-MD17 file (``nuclear_charges``, ``coords``, ``energies``,
   ``forces``) or an original-MD17 file (``z``, ``R``, ``E``, ``F``) is recognised and
-  only its known fields are loaded, under canonical names; any other file gives every
-  numeric array under its own name (non-numeric or 0-d entries, i.e. metadata, are
-  skipped).
+  only its known fields are loaded, under canonical names (a file with three of a
+  layout's four keys is taken for that layout, so a missing position or atom-type key
+  is named); a structured format gives its canonical fields; any other file gives
+  every numeric array under its own name (non-numeric or 0-d entries, i.e. metadata,
+  are skipped).
 * ``keys`` given: the mapped fields, plus the canonical fields the file provides on
-  its own (through the MD17 layouts above or under the canonical name itself:
-  ``pos``, ``z``, ``energy``, ``forces``, ``mask``, ``n_atoms``) unless ``keys``
-  already uses that file key. Nothing else.
+  its own (through the layouts above or under the canonical name itself: ``pos``,
+  ``z``, ``energy``, ``forces``, ``mask``, ``n_atoms``) unless ``keys`` already uses
+  that file key. Nothing else.
+
+Checks on the values of the samples kept (vectorised, on valid atoms only): every
+float field must be finite and at most ``1e150`` in magnitude (a larger value's square
+overflows float64, which made losses inf or REE meaningless); atomic numbers must not
+be negative (0 marks padding). A failure names the field, the sample's index in the
+file and the atom.
 
 Every failure raises :class:`equiaudit.errors.DataError` with a one-line message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +61,7 @@ import torch
 
 from equiaudit.errors import DataError, first_line
 from equiaudit.io.atomic import atomic_write
+from equiaudit.io.data_common import STRUCTURED_FIELDS, NotNumeric, Table, missing_extra, pad
 from equiaudit.io.safe_load import DamagedFile, RefusedPickle, load_weights_only
 
 __all__ = ["load_dataset", "canonical_dataset", "save_npz", "CANONICAL_FIELDS"]
@@ -50,13 +69,19 @@ __all__ = ["load_dataset", "canonical_dataset", "save_npz", "CANONICAL_FIELDS"]
 CANONICAL_FIELDS = ("pos", "z", "energy", "forces", "mask", "n_atoms")
 
 # Known file layouts: canonical field -> key in the file. A layout is recognised when
-# its positions and atom types are both present; energies/forces are optional.
+# its positions and atom types are both present (energies/forces are optional), or
+# when three of its four keys are: then a missing position / atom-type key is named.
 _LAYOUTS: dict[str, dict[str, str]] = {
     "revised MD17": {"pos": "coords", "z": "nuclear_charges", "energy": "energies", "forces": "forces"},
     "MD17": {"pos": "R", "z": "z", "energy": "E", "forces": "F"},
 }
+_ROLE = {"pos": "positions", "z": "atomic numbers"}
 
-_ASE_MISSING = "reading extxyz needs ASE: pip install 'equiaudit[ase]'"
+#: Largest magnitude a float may have: its square (losses) stays far from overflowing
+#: float64 (max 1.8e308) even summed over 1e8 terms.
+VALUE_LIMIT = 1e150
+
+_SUFFIXES = ".npz, .safetensors, .pt/.pth, .xyz/.extxyz, .db, .aselmdb, .h5/.hdf5 or a PyG dataset folder"
 
 
 def load_dataset(
@@ -70,19 +95,25 @@ def load_dataset(
     """Load a dataset file into a dict of tensors with a leading sample axis ``N``.
 
     Args:
-        path: ``.npz``, ``.safetensors``, ``.pt``/``.pth`` or ``.xyz``/``.extxyz`` file.
+        path: ``.npz``, ``.safetensors``, ``.pt``/``.pth``, ``.xyz``/``.extxyz``, an ASE
+            database (``.db``, ``.aselmdb``), an HDF5 file (``.h5``/``.hdf5``/``.hdf``) or a
+            PyTorch Geometric dataset folder (``root`` with ``processed/*.pt``, or the
+            ``processed`` folder itself).
         keys: field name -> key in the file, e.g. ``{"pos": "coords"}`` (see the
             module docstring for which other arrays come along).
         samples: keep this many samples: the first ones, or a seeded random subset
             (indices sorted) when ``subset_seed`` is given. More than the file holds
-            means all of them (no error). ``None``: all.
+            means all of them (no error). ``None``: all. ASE databases, SPICE-layout
+            HDF5 files and PyG datasets read only the samples kept.
         subset_seed: seed of the random subset; ``None`` takes the first samples.
-        return_index: also return each kept sample's index in the file, int64 ``(N,)``.
+        return_index: also return each kept sample's index in the file, int64 ``(N,)``
+            (an ASE database's row order is by row id; HDF5: molecules in the file's
+            group order, then conformations; PyG: the graph's index).
 
     Returns:
         ``{field: tensor}``. Atom types given once per molecule, ``(A,)``, are
         broadcast to ``(N, A)``. ``mask`` (N, A) comes from the file's ``mask``,
-        else ``n_atoms`` (N,) for padded arrays, else ``z > 0``, else all True;
+        else ``n_atoms`` (N,) for padded arrays, else ``z != 0``, else all True;
         ``pos``/``forces``/``z`` are zeroed where ``mask`` is False.
     """
     path = Path(path)
@@ -91,29 +122,44 @@ def load_dataset(
         raise DataError(f"samples must be a positive integer, got {samples!r}")
     if not path.exists():
         raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        raise DataError(f"data path is a directory, expected a file: {path}")
 
-    data = canonical_dataset(_read(path), keys, origin=str(path))
-    n = len(next(iter(data.values())))
-    index = _subset_index(n, samples, subset_seed)
-    data = _subset(data, index)
+    def pick(n: int) -> torch.Tensor | None:
+        return _subset_index(n, samples, subset_seed)
+
+    origin = str(path)
+    table = _read(path, keys, pick)
+    data, mapping = _select(table, keys, origin)
+    data = _canonicalize(data, origin)
+    if table.index is None:
+        n = len(next(iter(data.values())))
+        index = pick(n)
+        data = _subset(data, index)
+        file_index = torch.arange(n) if index is None else index
+    else:
+        file_index = table.index
+    _check_values(data, file_index, origin, mapping, table, in_file=True)
     if return_index:
-        return data, torch.arange(n) if index is None else index
+        return data, file_index
     return data
 
 
 def canonical_dataset(raw: Mapping[str, Any], keys: Mapping[str, str] | None = None, *, origin: str = "data") -> dict[str, torch.Tensor]:
     """Arrays or tensors as a file would hold them (``{key: (N, ...)}``) → the canonical
     in-memory dataset, by the same rules as :func:`load_dataset` (``keys``, layouts, mask,
-    padding, dtypes, checks). ``origin`` names the data in error messages."""
-    return _canonicalize(_select(dict(raw), _check_keys(keys), origin), origin)
+    padding, dtypes, value checks). ``origin`` names the data in error messages."""
+    table = Table(dict(raw))
+    data, mapping = _select(table, _check_keys(keys), origin)
+    data = _canonicalize(data, origin)
+    _check_values(data, torch.arange(len(next(iter(data.values())))), origin, mapping, table, in_file=False)
+    return data
 
 
 def _subset_index(n: int, samples: int | None, seed: int | None) -> torch.Tensor | None:
     """Which of a file's ``n`` samples :func:`load_dataset` keeps (sorted), or None for all.
 
-    The first ``samples``, or a seeded random subset when ``seed`` is given.
+    The first ``samples``, or a seeded random subset when ``seed`` is given. Readers that
+    read only the samples kept call this with the file's sample count, so the subset is
+    the same as that of a full read.
     """
     if samples is None or samples >= n:
         return None
@@ -145,29 +191,34 @@ def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray | torch.Tensor]) 
 
 # --------------------------------------------------------------------------- reading
 
+Pick = Callable[[int], "torch.Tensor | None"]
 
-def _read(path: Path) -> dict[str, Any]:
-    """File -> {key: np.ndarray | torch.Tensor | other}; values that are not arrays are kept
-    as they are so that selection can report them (or skip them as metadata)."""
+
+def _read(path: Path, keys: dict[str, str], pick: Pick) -> Table:
+    """File -> :class:`Table`. Values that are not arrays are kept (as they are, or as
+    :class:`NotNumeric`) so that selection can report them or skip them as metadata."""
+    if path.is_dir():
+        from equiaudit.io.data_pyg import read_pyg_folder
+
+        return read_pyg_folder(path, keys, pick)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return _read_npz(path)
+        return Table(_read_npz(path))
     if suffix == ".safetensors":
-        return _read_safetensors(path)
+        return Table(_read_safetensors(path))
     if suffix in (".pt", ".pth"):
-        return _read_torch(path)
+        return _read_torch(path, keys, pick)
     if suffix in (".xyz", ".extxyz"):
-        return _read_extxyz(path)
-    raise DataError(
-        f"unsupported data format '{suffix or path.name}' for {path}; use .npz, .safetensors, .pt/.pth or .extxyz"
-    )
+        return Table(_read_extxyz(path))
+    if suffix in (".db", ".aselmdb"):
+        from equiaudit.io.data_ase import read_ase_db
 
+        return read_ase_db(path, keys, pick)
+    if suffix in (".h5", ".hdf5", ".hdf"):
+        from equiaudit.io.data_hdf5 import read_hdf5
 
-class _Refused:
-    """Placeholder for an .npz entry that would need unpickling (never loaded)."""
-
-    def __repr__(self) -> str:
-        return "Python objects (not unpickled)"
+        return read_hdf5(path, keys, pick)
+    raise DataError(f"unsupported data format '{suffix or path.name}' for {path}; use {_SUFFIXES}")
 
 
 def _read_npz(path: Path) -> dict[str, Any]:
@@ -180,7 +231,8 @@ def _read_npz(path: Path) -> dict[str, Any]:
                 except ValueError as e:
                     if "allow_pickle" not in str(e):
                         raise
-                    out[key] = _Refused()  # object array: skipped as metadata, refused if mapped
+                    # object array: skipped as metadata, refused if mapped
+                    out[key] = NotNumeric("Python objects (not unpickled)")
             return out
     except Exception as e:  # BadZipFile, OSError, zlib.error, EOFError, ValueError, ...
         # np.load of a file that is neither zip nor .npy falls back to unpickling, which
@@ -199,18 +251,31 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         raise DataError(f"cannot read {path} as .safetensors: {first_line(e)}") from e
 
 
-def _read_torch(path: Path) -> dict[str, Any]:
+def _read_torch(path: Path, keys: dict[str, str], pick: Pick) -> Table:
+    """A dict of tensors, or a PyTorch Geometric file (InMemoryDataset / list of Data),
+    always weights-only. PyG's data classes are allowed only when reading PyG files."""
     try:
         obj = load_weights_only(path, "cpu")
     except RefusedPickle as e:
+        if e.global_name.startswith("torch_geometric."):
+            from equiaudit.io.data_pyg import read_pyg_file
+
+            return read_pyg_file(path, keys, pick)
         raise DataError(
             f"{path} needs arbitrary pickled code ({e.global_name}) to load, refused for safety; save a plain dict of tensors"
         ) from None
     except (OSError, DamagedFile) as e:
         raise DataError(f"cannot read {path} as a torch file: {first_line(e)}") from None
-    if not isinstance(obj, Mapping):
-        raise DataError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors")
-    return {str(k): v for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return Table({str(k): v for k, v in obj.items()})
+    from equiaudit.io.data_pyg import looks_like_pyg, read_pyg_object
+
+    if looks_like_pyg(obj):  # PyG already imported elsewhere: its classes were allowed
+        return read_pyg_object(obj, path, keys, pick)
+    raise DataError(
+        f"{path} holds a {type(obj).__name__}; expected a dict of tensors, "
+        "a PyTorch Geometric InMemoryDataset file or a list of PyG Data"
+    )
 
 
 def _read_extxyz(path: Path) -> dict[str, Any]:
@@ -219,7 +284,7 @@ def _read_extxyz(path: Path) -> dict[str, Any]:
     try:
         import ase.io
     except ImportError:
-        raise DataError(_ASE_MISSING) from None
+        raise missing_extra("extxyz", "ase", "ASE") from None
     try:
         frames = ase.io.read(str(path), index=":")
     except Exception as e:
@@ -227,26 +292,20 @@ def _read_extxyz(path: Path) -> dict[str, Any]:
     if not frames:
         raise DataError(f"{path} holds no structures")
 
-    n = len(frames)
     counts = [len(atoms) for atoms in frames]
     a_max = max(counts)
     out: dict[str, Any] = {
-        "pos": np.zeros((n, a_max, 3)),
-        "z": np.zeros((n, a_max), dtype=np.int64),
-        "mask": np.zeros((n, a_max), dtype=bool),
+        "pos": pad([atoms.get_positions() for atoms in frames], a_max),
+        "z": pad([atoms.get_atomic_numbers().astype(np.int64) for atoms in frames], a_max),
+        "mask": np.arange(a_max)[None, :] < np.asarray(counts)[:, None],
     }
-    for i, atoms in enumerate(frames):
-        a = counts[i]
-        out["pos"][i, :a] = atoms.get_positions()
-        out["z"][i, :a] = atoms.get_atomic_numbers()
-        out["mask"][i, :a] = True
 
     energies = [_frame_energy(atoms) for atoms in frames]
     if all(e is not None for e in energies):
         out["energy"] = np.asarray(energies, dtype=np.float64)
     forces = [_frame_forces(atoms) for atoms in frames]
     if all(f is not None for f in forces):
-        out["forces"] = _pad([np.asarray(f) for f in forces], a_max)
+        out["forces"] = pad([np.asarray(f) for f in forces], a_max)
 
     # Extra per-frame info entries (e.g. REF_energy) and per-atom arrays, present in every
     # frame with one numeric shape, so that `keys` can point at them.
@@ -259,7 +318,7 @@ def _read_extxyz(path: Path) -> dict[str, Any]:
             continue
         vals = [atoms.arrays.get(key) for atoms in frames]
         if all(v is not None and v.dtype.kind in "biuf" and v.shape[1:] == vals[0].shape[1:] for v in vals):
-            out[key] = _pad(vals, a_max)
+            out[key] = pad(vals, a_max)
     return out
 
 
@@ -283,14 +342,6 @@ def _frame_forces(atoms) -> np.ndarray | None:
     return atoms.arrays.get("forces")
 
 
-def _pad(per_frame: list[np.ndarray], a_max: int) -> np.ndarray:
-    """[(A_i, ...)] -> (N, a_max, ...) zero-padded."""
-    out = np.zeros((len(per_frame), a_max, *per_frame[0].shape[1:]), dtype=per_frame[0].dtype)
-    for i, v in enumerate(per_frame):
-        out[i, : len(v)] = v
-    return out
-
-
 # ------------------------------------------------------------------------- selection
 
 
@@ -305,24 +356,45 @@ def _check_keys(keys: Mapping[str, str] | None) -> dict[str, str]:
     return {str(field): key for field, key in keys.items()}
 
 
-def _detect_layout(names: set[str]) -> dict[str, str] | None:
-    for layout in _LAYOUTS.values():
-        if layout["pos"] in names and layout["z"] in names:
-            return {field: key for field, key in layout.items() if key in names}
+def _detect_layout(names: set[str], keys: dict[str, str], origin: str) -> dict[str, str] | None:
+    """The known layout the file's keys match (canonical field -> key present), or None.
+
+    A file holding three of a layout's four keys but not its positions or atom types
+    (and ``keys`` does not supply them) is an error naming the missing key: otherwise it
+    would load as a generic file and fail far downstream (a head "without its target").
+    """
+    for name, layout in _LAYOUTS.items():
+        present = {field: key for field, key in layout.items() if key in names}
+        if "pos" in present and "z" in present:
+            return present
+        if len(present) >= 3:
+            missing = [field for field in ("pos", "z") if field not in present and field not in keys]
+            if missing:
+                field = missing[0]
+                found = ", ".join(present[f] for f in layout if f in present)
+                raise DataError(
+                    f"{origin} looks like a {name} file ({found}) but has no '{layout[field]}' ({_ROLE[field]}); "
+                    f"add it, or map '{field}' to another key with data.keys"
+                )
+            return present
     return None
 
 
-def _select(raw: dict[str, Any], keys: dict[str, str], path: Path) -> dict[str, torch.Tensor]:
-    """Apply the loading rule of the module docstring and convert to tensors."""
+def _select(table: Table, keys: dict[str, str], origin: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Apply the loading rule of the module docstring and convert to tensors.
+
+    Returns the tensors and which file key each field came from.
+    """
+    raw = table.arrays
     names = set(raw)
-    layout = _detect_layout(names)
+    layout = None if table.structured else _detect_layout(names, keys, origin)
 
     if keys:
         for field, key in keys.items():
             if key not in names:
-                origin = f" (mapped from '{field}')" if field != key else ""
-                available = ", ".join(sorted(names)) or "none"
-                raise DataError(f"{path} has no key '{key}'{origin}; keys in the file: {available}")
+                source = f" (mapped from '{field}')" if field != key else ""
+                available = ", ".join(sorted(set(table.names or ()) | names)) or "none"
+                raise DataError(f"{origin} has no key '{key}'{source}; keys in the file: {available}")
         implied = dict(layout or {})
         for field in CANONICAL_FIELDS:
             if field in names and field not in implied:
@@ -331,6 +403,9 @@ def _select(raw: dict[str, Any], keys: dict[str, str], path: Path) -> dict[str, 
         mapping = {f: k for f, k in implied.items() if k not in used and f not in keys}
         mapping.update(keys)
         required = set(keys)
+    elif table.structured:
+        mapping = {field: field for field in STRUCTURED_FIELDS if field in names}
+        required = set(mapping)
     elif layout is not None:
         if "mask" in names:
             layout["mask"] = "mask"
@@ -345,12 +420,12 @@ def _select(raw: dict[str, Any], keys: dict[str, str], path: Path) -> dict[str, 
             if field not in required:
                 continue  # metadata (names, strings, scalars) in a file loaded whole
             what = "has no sample axis" if tensor is not None else f"is not a numeric array ({_describe(raw[key])})"
-            origin = f" (mapped from '{field}')" if field != key else ""
-            raise DataError(f"{path}: key '{key}'{origin} {what}")
+            source = f" (mapped from '{field}')" if field != key else ""
+            raise DataError(f"{origin}: key '{key}'{source} {what}")
         out[field] = tensor
     if not out:
-        raise DataError(f"{path} holds no numeric arrays")
-    return out
+        raise DataError(f"{origin} holds no numeric arrays")
+    return out, {field: key for field, key in mapping.items() if field in out}
 
 
 def _to_tensor(value: Any) -> torch.Tensor | None:
@@ -378,7 +453,7 @@ def _to_tensor(value: Any) -> torch.Tensor | None:
 def _describe(value: Any) -> str:
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return f"dtype {value.dtype}"
-    if isinstance(value, _Refused):
+    if isinstance(value, NotNumeric):
         return repr(value)
     return type(value).__name__
 
@@ -386,7 +461,7 @@ def _describe(value: Any) -> str:
 # ------------------------------------------------------------------- canonical fields
 
 
-def _canonicalize(data: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _canonicalize(data: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """Squeeze energies, broadcast per-molecule atom types, build the mask, zero padding,
     and check shapes and that every field has the same number of samples."""
     pos = data.get("pos")
@@ -428,7 +503,9 @@ def _canonicalize(data: dict[str, torch.Tensor], path: Path) -> dict[str, torch.
     elif "n_atoms" in data and data["n_atoms"].ndim == 1:
         mask = torch.arange(atoms_shape[1]) < data["n_atoms"][:, None]  # padded "object" style
     elif "z" in data:
-        mask = data["z"] > 0  # atomic number 0 marks padding; all True when none
+        # Atomic number 0 marks padding; all True when none. A negative one is not
+        # padding: it stays valid here and the value check refuses it.
+        mask = data["z"] != 0
     else:
         mask = torch.ones(atoms_shape, dtype=torch.bool)
     data["mask"] = mask
@@ -445,7 +522,7 @@ def _canonicalize(data: dict[str, torch.Tensor], path: Path) -> dict[str, torch.
     return data
 
 
-def _check_sample_counts(data: dict[str, torch.Tensor], path: Path) -> None:
+def _check_sample_counts(data: dict[str, torch.Tensor], path: str) -> None:
     counts = {name: t.shape[0] for name, t in data.items()}
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{name}: {n}" for name, n in counts.items())
@@ -460,3 +537,68 @@ def _subset(data: dict[str, torch.Tensor], index: torch.Tensor | None) -> dict[s
     if index is None:
         return data
     return {name: t[index] for name, t in data.items()}  # indexing copies
+
+
+# ---------------------------------------------------------------------- value checks
+
+
+def _check_values(
+    data: dict[str, torch.Tensor],
+    file_index: torch.Tensor,
+    origin: str,
+    mapping: dict[str, str],
+    table: Table,
+    *,
+    in_file: bool,
+) -> None:
+    """Refuse values no audit can use, before any model sees them (vectorised; valid
+    atoms only): non-finite or huge floats (``|x| > VALUE_LIMIT``: squares overflow, so
+    a loss is inf and REE empty or a false 0 %; NaN positions made every checkpoint fail
+    as if the model returned NaN) and negative atomic numbers (silently padding before).
+
+    The message names the field (and its key in the file), the first bad sample's index
+    in the file (``file_index``) and the atom.
+    """
+    mask = data.get("mask")
+
+    def fail(field: str, bad: torch.Tensor, tensor: torch.Tensor, rule: str, per_atom: bool, offset: int = 0) -> None:
+        per_sample = bad.reshape(bad.shape[0], -1).any(dim=1)
+        if not bool(per_sample.any()):
+            return
+        i = int(per_sample.nonzero()[0, 0])
+        flat = int(bad[i].reshape(-1).nonzero()[0, 0])
+        value = tensor[i].reshape(-1)[flat].item()
+        sample = int(file_index[offset + i])
+        where = ""
+        if in_file:
+            detail = table.where(sample) if table.where is not None else ""
+            where = f" (its index in the file{'; ' + detail if detail else ''})"
+        atom = ""
+        if per_atom:
+            atom = f", atom {flat // max(1, int(np.prod(tensor.shape[2:])))}"
+        key = mapping.get(field, field)
+        source = table.sources.get(key, key)
+        named = f"'{field}'" + (f" (from '{source}')" if source != field else "")
+        shown = "NaN" if value != value else (f"{value:g}" if isinstance(value, float) else str(value))
+        hint = "" if field in CANONICAL_FIELDS else "; if it is not needed, leave it out with data.keys"
+        raise DataError(f"{origin}: {named} is {shown} at sample {sample}{where}{atom}; {rule}{hint}")
+
+    if "z" in data and mask is not None and not data["z"].is_floating_point():
+        fail("z", (data["z"] < 0) & mask, data["z"], "atomic numbers must be positive (0 marks padding)", True)
+    rule = f"values must be finite and at most {VALUE_LIMIT:g} in magnitude (squares overflow float64)"
+    for field, t in data.items():
+        if not t.is_floating_point() or t.ndim == 0 or t.shape[0] == 0:
+            continue
+        per_atom = mask is not None and t.ndim >= 2 and tuple(t.shape[:2]) == tuple(mask.shape)
+        # Blocks of whole samples bound the temporaries for large arrays (voxel grids).
+        rows = max(1, _CHECK_BLOCK // max(1, t[0].numel()))
+        for start in range(0, t.shape[0], rows):
+            block = t[start : start + rows]
+            bad = ~(block.abs() <= VALUE_LIMIT)  # NaN compares False: caught with inf and huge values
+            if per_atom:  # padded atoms do not count
+                bad &= mask[start : start + rows].reshape(*block.shape[:2], *([1] * (t.ndim - 2)))
+            fail(field, bad, block, rule, per_atom, offset=start)
+
+
+# Elements per block of the value checks (2**24 float64 = 128 MiB of input per block).
+_CHECK_BLOCK = 1 << 24
