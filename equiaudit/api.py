@@ -23,8 +23,8 @@ import torch
 
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.io.config import AuditConfig, parse_config, settings_mapping
-from equiaudit.io.data import canonical_dataset, load_dataset
-from equiaudit.io.memory import as_dataset, select
+from equiaudit.io.data import canonical_dataset, load_dataset, select
+from equiaudit.io.memory import as_dataset
 from equiaudit.plan import AuditPlan, evaluation_mode, resolve
 from equiaudit.result import AuditResult
 from equiaudit.stats import SampleStats

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from equiaudit.errors import DataError
-from equiaudit.io.data import VALUE_LIMIT, _subset_index, canonical_dataset, load_dataset, save_npz
+from equiaudit.io.data import VALUE_LIMIT, subset_index, canonical_dataset, load_dataset, save_npz
 
 N, A = 10, 3
 
@@ -59,10 +59,10 @@ def test_index_named_is_the_index_in_the_file(tmp_path):
     path = tmp_path / "rmd17.npz"
     save_npz(path, arrays)
     # A subset that holds sample 23 names 23 (not its position in the subset) ...
-    with_23 = next(s for s in range(200) if 23 in _subset_index(40, 10, s).tolist())
+    with_23 = next(s for s in range(200) if 23 in subset_index(40, 10, s).tolist())
     assert "at sample 23 (its index in the file)" in _refused(path, samples=10, subset_seed=with_23)
     # ... and one without it is fine: only the samples kept are audited, so only they are checked.
-    without = next(s for s in range(200) if 23 not in _subset_index(40, 10, s).tolist())
+    without = next(s for s in range(200) if 23 not in subset_index(40, 10, s).tolist())
     assert load_dataset(path, samples=10, subset_seed=without)["forces"].isfinite().all()
 
 

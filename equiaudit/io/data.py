@@ -64,7 +64,7 @@ from equiaudit.io.atomic import atomic_write
 from equiaudit.io.data_common import STRUCTURED_FIELDS, NotNumeric, Table, missing_extra, pad
 from equiaudit.io.safe_load import DamagedFile, RefusedPickle, load_weights_only
 
-__all__ = ["load_dataset", "canonical_dataset", "save_npz", "CANONICAL_FIELDS"]
+__all__ = ["load_dataset", "canonical_dataset", "select", "subset_index", "save_npz", "CANONICAL_FIELDS", "VALUE_LIMIT"]
 
 CANONICAL_FIELDS = ("pos", "z", "energy", "forces", "mask", "n_atoms")
 
@@ -124,7 +124,7 @@ def load_dataset(
         raise DataError(f"data file not found: {path}")
 
     def pick(n: int) -> torch.Tensor | None:
-        return _subset_index(n, samples, subset_seed)
+        return subset_index(n, samples, subset_seed)
 
     origin = str(path)
     table = _read(path, keys, pick)
@@ -154,7 +154,7 @@ def canonical_dataset(raw: Mapping[str, Any], keys: Mapping[str, str] | None = N
     return data
 
 
-def _subset_index(n: int, samples: int | None, seed: int | None) -> torch.Tensor | None:
+def subset_index(n: int, samples: int | None, seed: int | None) -> torch.Tensor | None:
     """Which of a file's ``n`` samples :func:`load_dataset` keeps (sorted), or None for all.
 
     The first ``samples``, or a seeded random subset when ``seed`` is given. Readers that
@@ -537,6 +537,13 @@ def _subset(data: dict[str, torch.Tensor], index: torch.Tensor | None) -> dict[s
     if index is None:
         return data
     return {name: t[index] for name, t in data.items()}  # indexing copies
+
+
+def select(data: dict[str, torch.Tensor], samples: int | None, subset_seed: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The samples :func:`load_dataset` would keep of an in-memory dataset, and their indices ``(N,)``."""
+    n = len(next(iter(data.values())))
+    index = subset_index(n, samples, subset_seed)
+    return _subset(data, index), torch.arange(n) if index is None else index
 
 
 # ---------------------------------------------------------------------- value checks

@@ -10,28 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from equiaudit.errors import DataError
-from equiaudit.io.data import _subset, _subset_index, canonical_dataset
+from equiaudit.io.data import canonical_dataset
 
-__all__ = ["select", "concatenate", "as_dataset", "is_batch"]
+__all__ = ["concatenate", "as_dataset"]
 
 # Canonical per-atom fields (axis 1 is the atom axis); other fields with that axis are found by shape.
 _PER_ATOM = ("pos", "z", "forces", "mask")
-
-
-def is_batch(value: Any) -> bool:
-    """A mapping of field → array/tensor ``(B, ...)``."""
-    return isinstance(value, Mapping) and all(isinstance(v, (torch.Tensor, np.ndarray, list, tuple, int, float)) for v in value.values())
-
-
-def select(dataset: dict[str, torch.Tensor], samples: int | None, subset_seed: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``samples`` of ``dataset`` (the first ones, or a seeded subset) and their indices ``(N,)``."""
-    n = len(next(iter(dataset.values())))
-    index = _subset_index(n, samples, subset_seed)
-    return _subset(dataset, index), torch.arange(n) if index is None else index
 
 
 def concatenate(batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
