@@ -32,7 +32,11 @@ app = typer.Typer(
 # Piped output (CI logs, `| tee`) gets a wide table rather than rich's 80-column default.
 stdout = Console(width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-_state = {"debug": os.environ.get("EQUIAUDIT_DEBUG", "") not in ("", "0")}
+def _debug_from_env() -> bool:
+    return os.environ.get("EQUIAUDIT_DEBUG", "") not in ("", "0")
+
+
+_state = {"debug": _debug_from_env()}
 
 
 class Device(str, Enum):
@@ -91,8 +95,8 @@ def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ):
-    if debug:
-        _state["debug"] = True
+    # Set on every invocation: an app run in-process (tests, notebooks) must not keep an earlier --debug.
+    _state["debug"] = debug or _debug_from_env()
 
 
 @app.command()
