@@ -839,7 +839,7 @@ def _check_keys(named: Mapping, where: str, name: str) -> None:
     if bad:
         types = "/".join(sorted({type(k).__name__ for k in bad}))
         raise CheckpointError(
-            f"{name}: {len(bad)} of the {len(named)} tensors under {where} are keyed by {types}, not by parameter name "
+            f"{name}: {len(bad)} of the {len(named)} tensors in {where} are keyed by {types}, not by parameter name "
             f"(e.g. {_safe_key(bad[0])}); re-save with torch.save(model.state_dict(), path)",
             status="no_weights",
         )
