@@ -76,6 +76,9 @@ _NUMPY_DTYPE_CODES = "?bBhHiIlLqQefdgFDGSU"
 # torch names the refused global as "GLOBAL numpy.core.multiarray._reconstruct was not an
 # allowed global ..." or "Unsupported global: GLOBAL os.system ... whose module ...".
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+)")
+# ... or, for an allowed callable building a refused type: "Can only build Tensor, ... but got
+# <class 'numpy.dtypes.ObjectDType'>", "Trying to call reduce for unrecognized function <f>".
+_TYPE_RE = re.compile(r"(?:but got <class '([^']+)'>|unrecognized function <?([^\s>]+))")
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # protocol 2, then LONG1 of torch's 10-byte magic number
 
@@ -166,18 +169,19 @@ def load_weights_only(
     *,
     mmap: bool = False,
     safe_globals: Sequence[Any] = (),
-    max_bytes: int = MAX_UNCOMPRESSED_BYTES,
+    max_bytes: int | None = None,
 ) -> Any:
     """``torch.load(path, weights_only=True)`` after the checks of the module docstring.
 
     ``safe_globals`` extends the allowlist (torch's, plus numpy's data globals) for this call
     only. ``mmap`` maps zip files instead of reading their tensors (cheap peeks); it is
-    ignored for legacy (non-zip) files, which cannot be mapped. Raises
+    ignored for legacy (non-zip) files, which cannot be mapped. ``max_bytes`` defaults to
+    :data:`MAX_UNCOMPRESSED_BYTES` (read at call time). Raises
     :class:`RefusedPickle`, :class:`TooLarge`, ``OSError`` or :class:`DamagedFile`.
     """
     handle = open_regular(path)
     with handle:
-        is_zip, pickled = _check_and_read_pickle(handle, max_bytes)
+        is_zip, pickled = _check_and_read_pickle(handle, MAX_UNCOMPRESSED_BYTES if max_bytes is None else max_bytes)
         summary = scan_pickle(pickled) if pickled is not None else None
         handle.seek(0)
         try:
@@ -188,10 +192,11 @@ def load_weights_only(
                 source = str(path) if mapped else handle
                 return torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
         except pickle.UnpicklingError as exc:
-            needed = _GLOBAL_RE.search(str(exc))
+            needed = _GLOBAL_RE.search(str(exc)) or _TYPE_RE.search(str(exc))
             if needed:
-                module_like = summary.module_like if summary is not None else False
-                raise RefusedPickle(readable_global(needed.group(1)), module_like) from None
+                module_like = summary is not None and summary.module_like
+                name = next(g for g in needed.groups() if g)
+                raise RefusedPickle(readable_global(name), module_like) from None
             raise DamagedFile(damaged_reason(exc)) from None
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/OSError/... for damaged files
             # The file opened and is regular, so even an OSError (EINVAL from a truncated
@@ -303,15 +308,16 @@ _ATOMS = {
 }
 
 
-def scan_pickle(data: bytes | io.BufferedReader) -> PickleSummary | None:
+def scan_pickle(data: bytes | io.BufferedReader) -> PickleSummary:
     """Walk a pickle's opcodes (nothing is built or called) and bound the cost of loading it.
 
     Every value on the simulated stack carries its *hash weight*: the number of elements
     hashing it visits (a tuple: 1 + its items'; tuples sharing a sub-object count it each
     time, which is exactly the amplification). Dict keys and the arguments of calls and
     BUILDs add their weight to the work; over the budget → :class:`TooLarge`. A legacy
-    torch file (a stream) holds four pickles; all are scanned. Returns ``None`` when the
-    bytes are not a pickle this scan understands: torch then reports the damage itself.
+    torch file (a stream) holds four pickles; all are scanned. A pickle the scan cannot
+    follow (truncated, an opcode outside the weights-only subset torch accepts) raises
+    :class:`DamagedFile`: never let an unscanned pickle through to the unpickler.
     """
     try:
         if isinstance(data, bytes):
@@ -326,8 +332,8 @@ def scan_pickle(data: bytes | io.BufferedReader) -> PickleSummary | None:
         return total
     except TooLarge:
         raise
-    except Exception:  # noqa: BLE001 - not a pickle we can follow; torch.load gives the real error
-        return None
+    except Exception as exc:  # noqa: BLE001 - stack underflow, truncation, a foreign opcode: all damage
+        raise DamagedFile(f"not a readable torch pickle ({damaged_reason(exc)})") from None
 
 
 def _scan_one(stream: Any, size: int) -> PickleSummary:
@@ -375,7 +381,8 @@ def _scan_one(stream: Any, size: int) -> PickleSummary:
                 raise ValueError("stack underflow")
             stack.append(min(cap, 1 + sum(weight(i) for i in items)))
         elif name == "TUPLE":
-            stack.append(min(cap, 1 + sum(weight(i) for i in pop_mark())))
+            items = pop_mark()  # first: it rebinds `stack`
+            stack.append(min(cap, 1 + sum(weight(i) for i in items)))
         elif name == "APPEND":
             item = stack.pop()
             _box(stack[-1]).content = min(cap, stack[-1].content + weight(item))
