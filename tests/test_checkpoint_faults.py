@@ -280,7 +280,7 @@ def test_glob_through_symlink_loops_finds_each_file_once(tmp_path):
     # ... with three, it never ends.
     with pytest.raises(subprocess.TimeoutExpired):
         subprocess.run([sys.executable, "-c", f"import glob; glob.glob({str(run)!r} + '/**/*.pt', recursive=True)"],
-                       capture_output=True, timeout=3)
+                       capture_output=True, timeout=2)
 
     result = bounded(f"""
         refs = discover_checkpoints([{str(run)!r} + "/**/*.pt"])

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from equiaudit.errors import CheckpointError
+from equiaudit.errors import CheckpointError, ConfigError
 from equiaudit.io.atomic import atomic_write
 from equiaudit.io.safe_load import (
     DamagedFile,
@@ -638,7 +638,7 @@ def read_checkpoint(
     beside it (``X-EMA.ckpt``, ``ema_X.pt``) is found on disk.
     """
     if weights not in WEIGHT_CHOICES:
-        raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, not {weights!r}", status="bad_checkpoint")
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, not {weights!r}")
     if isinstance(path_or_ref, CheckpointRef):
         return _read(path_or_ref.path, map_location, weights, path_or_ref.ema_path)
     path = Path(path_or_ref)
