@@ -175,18 +175,12 @@ def compare(
     raise typer.Exit(code)
 
 
-class Weights(str, Enum):
-    auto = "auto"
-    raw = "raw"
-    ema = "ema"
-
-
 @app.command()
 @friendly_errors
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file or checkpoint-N/ folder.")],
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
-    weights: Annotated[Weights, typer.Option("--weights", help="Which weight set to describe: auto prefers EMA weights where present.")] = Weights.auto,
+    weights: Annotated[str, typer.Option("--weights", help="Which weight set to describe: auto (EMA where present, else raw), raw or ema.")] = "auto",
 ):
     """Show a checkpoint's format, step (and where it came from), which weights (raw or EMA, from where), tensor and parameter counts, and key prefix."""
     from rich.markup import escape
@@ -194,40 +188,33 @@ def inspect(
 
     from equiaudit.io.checkpoints import describe_checkpoint
 
-    info = describe_checkpoint(checkpoint, weights=weights.value)
+    info = describe_checkpoint(checkpoint, weights=weights)
     code = 1 if "problem" in info else 0  # readable, but no usable weights: say what is in it
     if output_format is OutputFormat.json:
         print(json.dumps(info, default=str, indent=2))
         raise typer.Exit(code)
+    if "problem" in info:
+        rows = [("problem", info["problem"]), ("status", info["status"]), *(("contents", line) for line in info["contents"])]
+    else:
+        where = {"file": "stored in the file", "name": "from the file name", "epoch": "the epoch: no step stored"}
+        step = "unknown" if info["step"] is None else f"{info['step']} ({where.get(info['step_source'], info['step_source'])})"
+        others = [k for k in info["weight_sets"] if k != info["weights"]]
+        chosen = f"{info['weights']} ({info['weights_source']})" + (f"; {', '.join(others)} weights also present" if others else "")
+        rows = [("format", info["format"]), ("step", step)]
+        rows += [("epoch", str(info["epoch"]))] if info["epoch"] is not None else []
+        rows += [("weights", chosen)] + ([("EMA file", info["ema_file"])] if info.get("ema_file") else [])
+        rows += [
+            ("tensors", f"{info['n_tensors']} ({info['n_parameters']:,} floating-point values)"),
+            ("prefix", info["prefix"] or "none"),
+            ("dtypes", ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items())),
+        ]
+        if "n_ordered_params" in info:
+            rows.append(("parameter list", f"{info['n_ordered_params']} tensors in model.parameters() order"))
     table = Table(show_header=False, title=escape(info["path"]))
-    for key, value in _inspect_rows(info):
+    for key, value in rows:
         table.add_row(key, escape(value))
     stdout.print(table)
     raise typer.Exit(code)
-
-
-def _inspect_rows(info: dict) -> list[tuple[str, str]]:
-    """The table rows of ``equiaudit inspect``: one line each, in words."""
-    if "problem" in info:
-        return [("problem", info["problem"]), ("status", info["status"]), *(("contents", line) for line in info["contents"])]
-    where = {"file": "stored in the file", "name": "from the file name", "epoch": "the epoch: no step stored"}
-    step = "unknown" if info["step"] is None else f"{info['step']} ({where.get(info['step_source'], info['step_source'])})"
-    others = [k for k in info["weight_sets"] if k != info["weights"]]
-    chosen = f"{info['weights']} ({info['weights_source']})" + (f"; {', '.join(others)} weights also present" if others else "")
-    rows = [("format", info["format"]), ("step", step)]
-    if info["epoch"] is not None:
-        rows.append(("epoch", str(info["epoch"])))
-    rows += [("weights", chosen)]
-    if info.get("ema_file"):
-        rows.append(("EMA file", info["ema_file"]))
-    rows += [
-        ("tensors", f"{info['n_tensors']} ({info['n_parameters']:,} floating-point values)"),
-        ("prefix", info["prefix"] or "none"),
-        ("dtypes", ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items())),
-    ]
-    if "n_ordered_params" in info:
-        rows.append(("parameter list", f"{info['n_ordered_params']} tensors in model.parameters() order"))
-    return rows
 
 
 # The demo's tasks (equiaudit.zoo.recipes.TASKS, not imported here to keep --help fast).
