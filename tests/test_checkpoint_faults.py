@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def test_integer_keys_are_a_clean_error_and_inspect_works(tmp_path, obj, where):
     with pytest.raises(CheckpointError) as err:
         read_checkpoint(refs[0])
     assert err.value.status == "no_weights"
-    assert str(err.value).startswith(f"step_3.pt: ") and f"in {where} are keyed by int, not by parameter name" in str(err.value)
+    assert str(err.value).startswith("step_3.pt: ") and f"in {where} are keyed by int, not by parameter name" in str(err.value)
 
     info = describe_checkpoint(tmp_path / "step_3.pt")  # used to raise TypeError
     assert info["status"] == "no_weights" and "keyed by int" in info["problem"]

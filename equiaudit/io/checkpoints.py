@@ -646,7 +646,7 @@ def read_checkpoint(
 
 
 def _read(path: Path, map_location: Any, weights: str, ema_path: Path | None, mmap: bool = False) -> LoadedCheckpoint:
-    name = display_name(path.name)
+    """:func:`read_checkpoint` for a resolved path and EMA sibling (``mmap``: discovery's cheap reads)."""
     if not os.path.lexists(path):
         raise CheckpointError(f"{display_name(path)}: no such file or directory", status="not_found")
     if path.is_dir():
