@@ -74,7 +74,8 @@ class AuditResult:
         breakdown: ``breakdown.csv`` rows without the checkpoint's identity (see
             :mod:`equiaudit.breakdown`).
         run, checkpoint, step, epoch, checkpoint_time, weights: the checkpoint's identity
-            when it came from a file (empty for an in-memory model), and the weight set used.
+            when it came from a file (empty for an in-memory model), and the weight set used
+            (``raw``/``ema``; ``weights_source`` says where it was found, for run.json).
         seconds: wall time of the audit.
     """
 
@@ -93,6 +94,7 @@ class AuditResult:
     epoch: int | None = None
     checkpoint_time: float | None = None
     weights: str | None = None
+    weights_source: str | None = None
     seconds: float = 0.0
 
     @property

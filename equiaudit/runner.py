@@ -33,7 +33,7 @@ import torch
 
 from equiaudit import __version__
 from equiaudit.errors import CheckpointError, EquiauditError, first_line
-from equiaudit.io.cache import CachedResult, ResultCache, SettleTracker, Stamp, checkpoint_epoch, settings_identity, stamp
+from equiaudit.io.cache import CachedResult, ResultCache, SettleTracker, Stamp, settings_identity, stamp
 from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints, load_into_model, read_checkpoint
 from equiaudit.io.config import AuditConfig
 from equiaudit.io.data import load_dataset
@@ -95,10 +95,13 @@ def audit_checkpoint(audit: OpenAudit, ref: CheckpointRef, *, on_batch=None,
     identity: dict[str, Any] = {"run": ref.run, "checkpoint": ref.name, "step": ref.step}
     config, plan = audit.config, audit.plan
     try:
-        loaded = read_checkpoint(ref.path, map_location=plan.device)
+        # The ref, not its path: discovery paired EMA siblings with their raw twins.
+        loaded = read_checkpoint(ref, map_location=plan.device, weights=config.weights)
         if loaded.step is not None:
             identity["step"] = loaded.step
-        load_into_model(audit.model, loaded)
+        identity["epoch"] = loaded.epoch if loaded.epoch is not None else ref.epoch
+        identity["weights"], identity["weights_source"] = loaded.weights, loaded.weights_source
+        load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
         if plan.model_dtype is not None:
             audit.model.to(dtype=plan.model_dtype)
         result = plan.audit(audit.model, audit.prepared, on_batch=on_batch)
@@ -207,11 +210,7 @@ class Runner:
         if self.events.on_checkpoint:
             self.events.on_checkpoint(ref)
         result = audit_checkpoint(self.audit, ref, on_batch=self.events.on_batch, on_error=self.events.on_error)
-        try:
-            epoch = checkpoint_epoch(ref) if result.ok else None
-        except Exception:  # noqa: BLE001 - an unreadable file simply has no known epoch
-            epoch = None
-        result = result.with_identity(epoch=epoch, checkpoint_time=found.mtime if found is not None else None)
+        result = result.with_identity(checkpoint_time=found.mtime if found is not None else None)
         if result.ok and key is not None:
             self.cache.put(key, ref, result.rows(), result.breakdown_rows(), self.breakdown_identity)
         return result
@@ -232,11 +231,13 @@ class Runner:
 
     def _metadata(self) -> dict[str, Any]:
         meta = run_metadata(self.audit, self.started)
+        meta["weights"] = self.audit.config.weights
+        meta["prefix"] = self.audit.config.prefix
         # Reused from OUT/cache.sqlite: audited by an earlier run with the same settings.
         meta["cached_checkpoints"] = list(self.cached)
         meta["checkpoints"] = [
-            {"run": r.run, "name": r.checkpoint, "path": path, "step": r.step, "status": r.status, "message": r.message,
-             "weights": r.weights}
+            {"run": r.run, "name": r.checkpoint, "path": path, "step": r.step, "epoch": r.epoch, "status": r.status,
+             "message": r.message, "weights": r.weights, "weights_source": r.weights_source}
             for path, r in self.results.items()
         ]
         return meta

@@ -111,7 +111,7 @@ def test_read_and_load_every_file_format(tmp_path, name):
     assert ckpt.format == fmt
     assert ckpt.step == step
     model = tiny_model(seed=2)
-    assert load_into_model(model, ckpt) == prefix
+    assert load_into_model(model, ckpt) == (f"stripped '{prefix}'" if prefix else None)
     assert_same_weights(model, state)
 
 
@@ -152,7 +152,7 @@ def test_lightning_module_with_extra_attributes_picks_the_network(tmp_path):
     sd = {**prefixed(state, "model."), **prefixed(ema, "ema."), "loss_fn.pos_weight": torch.ones(2)}
     torch.save({"state_dict": sd, "global_step": 10, "pytorch-lightning_version": "2.4.0"}, tmp_path / "a.ckpt")
     model = tiny_model(seed=0)
-    assert load_into_model(model, read_checkpoint(tmp_path / "a.ckpt")) == "model."
+    assert load_into_model(model, read_checkpoint(tmp_path / "a.ckpt")) == "stripped 'model.'"
     assert_same_weights(model, state)
 
 
@@ -171,7 +171,9 @@ def test_steps_from_names_and_ordering(tmp_path):
     names = ["step_000100.pt", "ckpt_1000.pt", "epoch=3-step=1200.ckpt", "model-epoch10.pt",
              "val_loss=0.12-step=50.ckpt", "final.pt"]
     for name in names:
-        torch.save(weights(), run / name)  # raw state_dicts: the step can only come from the name
+        # raw state_dicts: the step can only come from the name (final.pt differs, or it would
+        # be listed as a copy of the last stepped checkpoint)
+        torch.save(weights(5 if name == "final.pt" else 0), run / name)
     for junk in ["metrics.csv", "config.json", "train.log", "training_args.bin"]:
         (run / junk).write_text("x")
     hf_folder(run, 500)
@@ -233,7 +235,7 @@ def test_truncated_message_is_short_and_specific(tmp_path):
     torch.save(weights(), tmp_path / "step_000300.pt")
     data = (tmp_path / "step_000300.pt").read_bytes()
     (tmp_path / "step_000300.pt").write_bytes(data[:-40])
-    with pytest.raises(CheckpointError, match=r"truncated or corrupt: PytorchStreamReader failed") as err:
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt: truncated zip archive") as err:
         read_checkpoint(tmp_path / "step_000300.pt")
     assert "internal miniz" not in str(err.value)  # torch's advice paragraphs are dropped
 
@@ -282,26 +284,31 @@ def test_files_folders_globs_and_multiple_runs(tmp_path):
 
 def test_hf_output_dir_is_a_run(tmp_path):
     out = tmp_path / "out"
-    hf_folder(out, 1000)
-    hf_folder(out, 500)
-    save_file(weights(), out / "model.safetensors")  # the final model saved beside the checkpoints
+    hf_folder(out, 1000, seed=1)
+    hf_folder(out, 500, seed=2)
+    save_file(weights(3), out / "model.safetensors")  # a final model unlike any checkpoint
     torch.save({}, out / "training_args.bin")
     refs = discover_checkpoints([out])
     assert [(r.name, r.step) for r in refs] == [("checkpoint-500", 500), ("checkpoint-1000", 1000),
                                                  ("model.safetensors", None)]
+    # save_model() after the last step writes the same weights: listed once, as that step.
+    save_file(weights(1), out / "model.safetensors")
+    refs = discover_checkpoints([out])
+    assert [(r.name, r.step, r.aliases) for r in refs] == [
+        ("checkpoint-500", 500, ()), ("checkpoint-1000", 1000, ("model.safetensors",))]
 
 
 @pytest.mark.parametrize("arg, match", [
     ("missing.pt", "no such file or directory"),
     ("empty_run", "no checkpoints found"),
     ("run_*/nothing_*.pt", "no checkpoints found"),
-    ("nested", r"subfolders are not searched: pass .*nested[/\\]checkpoints"),
+    ("nested", r"subfolders are not searched: pass .*nested[/\\]seed_0"),
 ])
 def test_not_found(tmp_path, arg, match):
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "notes.txt").write_text("x")
-    (tmp_path / "nested" / "checkpoints").mkdir(parents=True)
-    torch.save(weights(), tmp_path / "nested" / "checkpoints" / "a.ckpt")
+    (tmp_path / "nested" / "seed_0").mkdir(parents=True)  # (a `checkpoints/` subfolder is searched)
+    torch.save(weights(), tmp_path / "nested" / "seed_0" / "a.ckpt")
     with pytest.raises(CheckpointError, match=match) as err:
         discover_checkpoints([str(tmp_path / arg)])
     assert err.value.status == "not_found"
@@ -446,6 +453,12 @@ def test_describe_checkpoint(tmp_path):
         "path": str(tmp_path / "x.pt"),
         "format": "training_dict",
         "step": 12,
+        "step_source": "file",
+        "epoch": None,
+        "weights": "raw",
+        "weights_source": "state_dict",
+        "weight_sets": ["raw"],
+        "ema_file": None,
         "n_tensors": 7,
         "n_parameters": 3 * 4 + 4 + 4 * 4,  # linear + BN weight/bias/mean/var; num_batches_tracked is int
         "prefix": "module.",

@@ -39,13 +39,15 @@ def audit_title(audit: OpenAudit) -> str:
 
 
 def save_trajectory_plot(out: OutputFolder | Path, *, title: str, threshold: float) -> Path:
-    """``OUT/trajectory.png`` from every ``ok`` row of ``OUT/summary.csv``."""
-    from equiaudit.report.compare import trajectories
+    """``OUT/trajectory.png`` from every ``ok`` row of ``OUT/summary.csv``; against epochs
+    when the checkpoints store only epochs (their step *is* the epoch)."""
+    from equiaudit.report.compare import epochs_only, trajectories
     from equiaudit.report.plot import save_figure, trajectory_figure
 
     out = out if isinstance(out, OutputFolder) else OutputFolder(out)
-    trajs = trajectories(read_rows(out.summary))
-    return save_figure(trajectory_figure(trajs, threshold=threshold, title=title), out.plot)
+    rows = read_rows(out.summary)
+    x = "epoch" if epochs_only(rows) else "step"
+    return save_figure(trajectory_figure(trajectories(rows, x=x), threshold=threshold, title=title, x=x), out.plot)
 
 
 def _events(progress: Progress | None, console: Console, debug: bool, n_samples: int) -> RunEvents:
@@ -113,10 +115,30 @@ def _stop_on_signals():
             signal.signal(sig, handler)
 
 
+_WEIGHTS = {"auto": "EMA where a checkpoint has it, else raw", "raw": "raw weights", "ema": "EMA weights"}
+
+
 def _banner(audit: OpenAudit) -> str:
     plan, config = audit.plan, audit.config
+    prefix = f", key prefix {escape(repr(config.prefix))}" if config.prefix is not None else ""
     return (f"task [bold]{escape(config.task)}[/] on {len(audit.prepared)} samples × {plan.group.n_elements} rotations "
-            f"({escape(plan.group.label)}) on {plan.device}")
+            f"({escape(plan.group.label)}) on {plan.device}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}")
+
+
+def say_discovered(refs, skipped, console: Console) -> None:
+    """What discovery chose for the user: files folded into a stepped checkpoint, EMA
+    siblings paired with their raw twins, epochs standing in for steps, files not opened."""
+    for ref in refs:
+        if ref.aliases:
+            console.print(f"  {escape(', '.join(ref.aliases))} = {escape(ref.name)} (same weights; audited once)", highlight=False)
+        if ref.ema_path is not None:
+            console.print(f"  {escape(ref.name)}: EMA weights in {escape(ref.ema_path.name)} (one checkpoint, two weight sets)",
+                          highlight=False)
+    epochs = sorted({ref.run for ref in refs if ref.step_source == "epoch"})
+    if epochs:
+        console.print(f"  {escape(', '.join(epochs))}: no step stored, the epoch stands in for it", highlight=False)
+    for name, reason in skipped:
+        console.print(f"[yellow]skipped:[/] {escape(str(name))}: {escape(str(reason))}", highlight=False)
 
 
 def run_audit_command(
@@ -145,7 +167,8 @@ def run_audit_command(
         raise ConfigError(f"--interval={interval} must be a positive number of seconds")
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
-    refs = [] if watch else discover_checkpoints(paths)  # in watch mode the run may still be empty
+    skipped: list = []
+    refs = [] if watch else discover_checkpoints(paths, skipped=skipped)  # in watch mode the run may still be empty
     audit = open_audit(config, device=device)
     folder = OutputFolder(out)
     title = audit_title(audit)
@@ -171,6 +194,7 @@ def run_audit_command(
         stderr.print(f"stopped watching: {len(latest)} checkpoint(s) audited; results in {escape(str(folder.summary))}", highlight=False)
     else:
         stderr.print(f"auditing {len(refs)} checkpoint(s) of {_banner(audit)}", highlight=False)
+        say_discovered(refs, skipped, stderr)
         results, rows = audit_with_progress(audit, refs, folder, force=force, console=stderr, debug=debug)
         render(rows)
         breakdown = audit.plan.breakdown

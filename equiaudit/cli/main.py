@@ -116,6 +116,8 @@ def audit(
     threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
     local: Annotated[bool, typer.Option("--local", help="Add the local (Lie-derivative) equivariance error: local_equiv_error, rel_local_equiv_error.")] = False,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Which weights of each checkpoint: auto (EMA where present, as most trainers evaluate), raw or ema (checkpoints.weights).")] = None,
+    prefix: Annotated[Optional[str], typer.Option("--prefix", help="Key prefix to strip from (or add to) the checkpoints' keys, e.g. 'model.' (checkpoints.prefix); matched automatically when unambiguous.")] = None,
     by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
@@ -128,7 +130,8 @@ def audit(
         config_path=config,
         checkpoint_args=checkpoints or [],
         out=out,
-        overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by},
+        overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by,
+                   "checkpoints.weights": weights, "checkpoints.prefix": prefix},
         device=device.value,
         output_format=output_format.value,
         stdout=stdout,
@@ -186,21 +189,41 @@ def compare(
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file or checkpoint-N/ folder.")],
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
+    weights: Annotated[str, typer.Option("--weights", help="Which weight set to describe: auto (EMA where present, else raw), raw or ema.")] = "auto",
 ):
-    """Show a checkpoint's format, detected step, tensor and parameter counts, and key prefix."""
+    """Show a checkpoint's format, step (and where it came from), which weights (raw or EMA, from where), tensor and parameter counts, and key prefix."""
     from rich.table import Table
     from rich.text import Text
 
     from equiaudit.io.checkpoints import describe_checkpoint
 
-    info = describe_checkpoint(checkpoint)
+    info = describe_checkpoint(checkpoint, weights=weights)
+    code = 1 if "problem" in info else 0  # readable, but no usable weights: say what is in it
     if output_format is OutputFormat.json:
         print(json.dumps(info, default=str, indent=2))
-        return
-    table = Table(show_header=False, title=Text(str(checkpoint)))
-    for key, value in info.items():
-        table.add_row(Text(str(key)), Text(str(value)))
+        raise typer.Exit(code)
+    if "problem" in info:
+        rows = [("problem", info["problem"]), ("status", info["status"]), *(("contents", line) for line in info["contents"])]
+    else:
+        where = {"file": "stored in the file", "name": "from the file name", "epoch": "the epoch: no step stored"}
+        step = "unknown" if info["step"] is None else f"{info['step']} ({where.get(info['step_source'], info['step_source'])})"
+        others = [k for k in info["weight_sets"] if k != info["weights"]]
+        chosen = f"{info['weights']} ({info['weights_source']})" + (f"; {', '.join(others)} weights also present" if others else "")
+        rows = [("format", info["format"]), ("step", step)]
+        rows += [("epoch", str(info["epoch"]))] if info["epoch"] is not None else []
+        rows += [("weights", chosen)] + ([("EMA file", info["ema_file"])] if info.get("ema_file") else [])
+        rows += [
+            ("tensors", f"{info['n_tensors']} ({info['n_parameters']:,} floating-point values)"),
+            ("prefix", info["prefix"] or "none"),
+            ("dtypes", ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items())),
+        ]
+        if "n_ordered_params" in info:
+            rows.append(("parameter list", f"{info['n_ordered_params']} tensors in model.parameters() order"))
+    table = Table(show_header=False, title=Text(str(info["path"])))
+    for key, value in rows:
+        table.add_row(key, Text(str(value)))  # Text: names and keys from the file are never markup
     stdout.print(table)
+    raise typer.Exit(code)
 
 
 # The demo's tasks (equiaudit.zoo.recipes.TASKS, not imported here to keep --help fast).

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from equiaudit import __version__
-from equiaudit.io.checkpoints import CheckpointRef, _read_step, _step_from_name
+from equiaudit.io.checkpoints import CheckpointRef
 from equiaudit.io.config import AuditConfig, resolve_path
 
-__all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "CachedResult", "ResultCache", "SettleTracker", "checkpoint_epoch"]
+__all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "CachedResult", "ResultCache", "SettleTracker"]
 
 CACHE_FILE = "cache.sqlite"
 SCHEMA_VERSION = 2
@@ -95,13 +95,10 @@ def settings_identity(config: AuditConfig) -> dict[str, Any]:
     }
 
 
-def checkpoint_epoch(ref: CheckpointRef) -> int | None:
-    """The epoch stored in a checkpoint (read cheaply) or named in its file name, if any."""
-    try:
-        epoch = _read_step(ref.path)[1]
-    except Exception:  # noqa: BLE001 - an unreadable file simply has no known epoch
-        epoch = None
-    return epoch if epoch is not None else _step_from_name(ref.name)[1]
+def _path_text(path: Path) -> str:
+    """An absolute path as text SQLite and JSON can store: bytes that are not UTF-8 (a file
+    name with ``0xff``) are written as ``\\xff`` escapes (``backslashreplace``)."""
+    return os.fsencode(os.path.abspath(path)).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -141,7 +138,11 @@ class ResultCache:
         return db
 
     def key(self, ref: CheckpointRef, found: Stamp) -> str:
-        identity = [os.path.abspath(ref.path), found.size, found.mtime_ns, self.settings]
+        """The result's key: the checkpoint's path, size and mtime (and its EMA sibling's,
+        whose change must re-audit it), and the settings."""
+        sibling = stamp(ref.ema_path) if ref.ema_path is not None else None
+        identity = [_path_text(ref.path), found.size, found.mtime_ns, self.settings,
+                    [_path_text(ref.ema_path), sibling.size, sibling.mtime_ns] if sibling is not None else None]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str) -> CachedResult | None:
@@ -178,7 +179,7 @@ class ResultCache:
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, os.path.abspath(ref.path), ref.run, ref.name, self.settings["config_hash"], __version__,
+                (key, _path_text(ref.path), ref.run, ref.name, self.settings["config_hash"], __version__,
                  json.dumps(list(rows)), json.dumps(list(breakdown)), breakdown_options, time.time()),
             )
 

@@ -21,7 +21,7 @@ from rich.text import Text
 from equiaudit.report.table import format_interval, format_percent
 
 __all__ = [
-    "X_AXES", "X_LABELS", "COMPARE_COLUMNS", "Trajectory", "trajectories", "compare_rows",
+    "X_AXES", "X_LABELS", "COMPARE_COLUMNS", "Trajectory", "epochs_only", "trajectories", "compare_rows",
     "unique_names", "sparkline", "compare_table",
 ]
 
@@ -56,6 +56,12 @@ class Trajectory:
     @property
     def ree(self) -> list[float]:
         return self.series["rel_equiv_error"]
+
+
+def epochs_only(rows: Sequence[dict]) -> bool:
+    """Every ``ok`` row's step is its epoch: the checkpoints stored no step (plot against epochs)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("step") not in (None, "")]
+    return bool(ok) and all(str(r.get("epoch")) == str(r.get("step")) for r in ok)
 
 
 def trajectories(rows: Sequence[dict], *, x: str = "step", run: str | None = None) -> list[Trajectory]:
