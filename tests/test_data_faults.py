@@ -192,3 +192,11 @@ def test_ase_db_inf_energy_names_the_row(tmp_path):
         atoms.calc = SinglePointCalculator(atoms, energy=energy)
         db.write(atoms)
     assert _refused(path).startswith(f"{path}: 'energy' is inf at sample 2 (its index in the file; row id 3)")
+
+
+def test_a_torch_data_file_with_non_string_keys_is_refused_without_stringifying_them(tmp_path):
+    import torch
+
+    torch.save({0: torch.zeros(3, 2, 3), "z": torch.ones(3, 2)}, tmp_path / "ints.pt")
+    with pytest.raises(DataError, match=r"keys must be field names \(strings\); found a int key"):
+        load_dataset(tmp_path / "ints.pt")

@@ -267,7 +267,11 @@ def _read_torch(path: Path, keys: dict[str, str], pick: Pick) -> Table:
     except (OSError, DamagedFile) as e:
         raise DataError(f"cannot read {path} as a torch file: {first_line(e)}") from None
     if isinstance(obj, Mapping):
-        return Table({str(k): v for k, v in obj.items()})
+        # Never str() an arbitrary key from a file (a shared tuple can stand for gigabytes).
+        bad = next((k for k in obj if not isinstance(k, str)), None)
+        if bad is not None:
+            raise DataError(f"{path}: keys must be field names (strings); found a {type(bad).__name__} key")
+        return Table(dict(obj))
     from equiaudit.io.data_pyg import looks_like_pyg, read_pyg_object
 
     if looks_like_pyg(obj):  # PyG already imported elsewhere: its classes were allowed
