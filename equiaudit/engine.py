@@ -95,7 +95,8 @@ class HeadBatch:
 
     ``weight`` is the element weight of the per-sample reduction (valid-atom mask, voxel
     mask or None); ``*_per_rotation`` ``(B, K)`` are the per-sample values split over the
-    K group elements (their mean over K is the per-sample value).
+    K group elements (their mean over K is the per-sample value). ``pred`` and ``target``
+    are kept only when asked (``keep_predictions``: test-time twirling needs the orbit).
     """
 
     terms: OrbitTerms
@@ -104,6 +105,8 @@ class HeadBatch:
     weight: torch.Tensor | None = None
     loss_per_rotation: torch.Tensor | None = None
     equiv_error_per_rotation: torch.Tensor | None = None
+    pred: torch.Tensor | None = None  # (B, K, *E) orbit predictions mapped back, when kept
+    target: torch.Tensor | None = None  # (B, *E) the target they were compared with, when kept
 
 
 def model_dtype(model: Callable) -> torch.dtype:
@@ -209,7 +212,7 @@ def head_weight(head: HeadSpec, spec: OrbitSpec, mask: torch.Tensor | None, term
     return None
 
 
-def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec) -> HeadBatch:
+def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec, keep: bool = False) -> HeadBatch:
     """Reduce orbit predictions ``(B, K, ...)`` (in the sample's frame) against the target."""
     mask = batch.get(spec.mask) if spec.mask else None
     target = batch[head.target]
@@ -235,6 +238,8 @@ def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec)
         weight=weight,
         loss_per_rotation=per_rotation(terms.loss_per_rotation),
         equiv_error_per_rotation=per_rotation(terms.equiv_error_per_rotation),
+        pred=pred if keep else None,
+        target=target if keep else None,
     )
 
 
@@ -245,6 +250,7 @@ def evaluate_orbits(
     spec: OrbitSpec,
     *,
     differentiable: bool = False,
+    keep_predictions: bool = False,
 ) -> dict[str, HeadBatch]:
     """Evaluate every head on the orbits of one batch: ``P[b, k] = g⁻¹·f(g·x[b])``.
 
@@ -254,6 +260,7 @@ def evaluate_orbits(
         rotations: the group elements ``(B, K, ...)`` (rotations ``(B, K, 3, 3)`` float64),
             same device; the spec's group says how they act and how to correct the mean.
         differentiable: keep the graph to the model's parameters (gradients of L_sym and EE).
+        keep_predictions: return the orbit predictions ``(B, K, *E)`` in each HeadBatch.
 
     Returns:
         ``{head: HeadBatch}``, per-sample values ``(B,)`` in float64.
@@ -265,7 +272,7 @@ def evaluate_orbits(
         out = head_output(head, outputs[head.output_name], batch[head.target], b * k)
         mask = batch.get(spec.mask) if spec.mask else None
         pred = spec.group.action.act_inverse(head.rep, out.double().reshape(b, k, *out.shape[1:]), rotations, mask)
-        results[head.name] = _head_statistics(head, pred, batch, spec)
+        results[head.name] = _head_statistics(head, pred, batch, spec, keep_predictions)
     return results
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from equiaudit import dynamics as dyn
+from equiaudit.analysis import DynamicsOptions
 from equiaudit.breakdown import BUILTIN_SPLITS, BreakdownOptions, batch_columns, breakdown_rows, split_fields
 from equiaudit.engine import HeadSpec, OrbitSpec, evaluate_orbits, evaluate_round_trip
 from equiaudit.errors import ConfigError, DataError
@@ -71,6 +73,13 @@ class Prepared:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def head(self, n: int | None) -> Prepared:
+        """The first ``n`` samples (all of them for None)."""
+        if n is None or n >= len(self.ids):
+            return self
+        return Prepared({k: v[:n] for k, v in self.data.items()}, self.ids[:n], self.elements[:n],
+                        None if self.index is None else self.index[:n])
+
     def batches(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """``(fields, ids, elements, index)`` of consecutive batches."""
         n = len(self.ids)
@@ -94,6 +103,7 @@ class AuditPlan:
         task, task_options: the preset and its resolved options (``flow:``, ``voxel:``).
         float_floor, interp_floor, local: the extra figures to measure.
         breakdown: what ``breakdown.csv`` splits by (None: no breakdown rows).
+        dynamics: gradients, curvature, landscape, twirling (``--dynamics``; None: none).
         model_dtype: cast the model's floating parameters to this (None: keep its own).
         config: the settings the plan was resolved from (hash, ``run.json``), if any.
     """
@@ -109,6 +119,7 @@ class AuditPlan:
     interp_floor: bool = False
     local: bool = False
     breakdown: BreakdownOptions | None = None
+    dynamics: DynamicsOptions | None = None
     model_dtype: torch.dtype | None = None
     config: AuditConfig | None = None
 
@@ -127,14 +138,39 @@ class AuditPlan:
         return SampleRandom.named(self.seed, stream)
 
     def breakdown_identity(self, fields: Mapping[str, torch.Tensor] | None = None) -> str:
-        """What shapes this plan's breakdown rows (the options, the per-sample fields split
-        by), as a string; ``""`` without a breakdown. The cache keys breakdown rows on it."""
-        if self.breakdown is None:
+        """What shapes this plan's extra rows (breakdown options and the per-sample fields split
+        by; the dynamics options), as a string; ``""`` with neither. The cache keys the
+        breakdown, dynamics and twirl rows it stores on it."""
+        if self.breakdown is None and self.dynamics is None:
             return ""
-        options = dataclasses.asdict(self.breakdown)
-        if fields is not None:
+        options = dataclasses.asdict(self.breakdown) if self.breakdown is not None else {}
+        if fields is not None and self.breakdown is not None:
             options["by"] = split_fields(fields, self.breakdown)
+        if self.dynamics is not None:
+            options["dynamics"] = dataclasses.asdict(self.dynamics)
         return json.dumps(options, sort_keys=True, default=list)
+
+    @property
+    def twirl_ks(self) -> tuple[int, ...]:
+        """The k of test-time twirling: 1, 2, 4, … K (empty when not asked)."""
+        return dyn.default_ks(self.group.n_elements) if self.dynamics is not None and self.dynamics.twirl else ()
+
+    def objective(self, model: torch.nn.Module, prepared: Prepared, *, samples: int | None = None):
+        """The audit as a differentiable objective (:data:`equiaudit.dynamics.HeadObjective`):
+        a closure yielding, per batch of the first ``samples`` samples, ``{head: (L_sym part,
+        EE part)}`` — per-sample values summed and divided by the number of samples, so the
+        parts add up to the dataset's ``L_sym`` and bias-corrected ``EE`` of each head. The
+        same samples, elements and evaluation as :meth:`evaluate`, with the graph kept."""
+        part = prepared.head(samples)
+        n = len(part)
+
+        def closure():
+            for batch, _, elements, _ in part.batches(self.batch_size):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                results = evaluate_orbits(model, batch, elements.to(self.device), self.spec, differentiable=True)
+                yield {h: ((r.loss_aug - r.equiv_error).sum() / n, r.equiv_error.sum() / n) for h, r in results.items()}
+
+        return closure
 
     # ------------------------------------------------------------------ preparing data
 
@@ -177,7 +213,8 @@ class AuditPlan:
         batch = {k: v.to(device) for k, v in batch.items()}
         elements = elements.to(device)
         spec = self.spec
-        results = evaluate_orbits(model, batch, elements, spec)
+        ks = self.twirl_ks
+        results = evaluate_orbits(model, batch, elements, spec, keep_predictions=bool(ks))
         ids = ids.cpu()
         columns: dict[str, torch.Tensor] = {"id": ids, "origin": stats.origins(len(ids))}
         if index is not None:
@@ -187,6 +224,15 @@ class AuditPlan:
             columns[f"equiv_error/{head}"] = result.equiv_error
             columns[f"loss_rot/{head}"] = result.loss_per_rotation
             columns[f"error_rot/{head}"] = result.equiv_error_per_rotation
+        for head_spec in spec.heads if ks else ():
+            result = results[head_spec.name]
+            try:
+                twirl = dyn.twirled_loss(result.pred, result.target, head_spec.loss, ks=ks, weight=result.weight,
+                                         exact=spec.group.exact, blocks=None if spec.group.exact else spec.group.blocks,
+                                         huber_delta=head_spec.huber_delta, generator=torch.Generator().manual_seed(self.seed))
+            except ValueError:
+                continue  # a non-quadratic loss on blocked (quasi) rotations: no unbiased twirl (use sampling: haar)
+            columns[f"twirl/{head_spec.name}"] = twirl.loss_twirled
         if self.interp_floor:
             for head, result in evaluate_round_trip(model, batch, elements, spec).items():
                 columns[f"interp/{head}"] = result.equiv_error
@@ -246,15 +292,43 @@ class AuditPlan:
             out[name] = HeadResult(name, s.loss_aug, s.loss_sym, s.equiv_error, s.rel_equiv_error, s.ci_low, s.ci_high,
                                    s.n_samples, s.median_rel_equiv_error, **extra)
         rows = breakdown_rows(stats, self.spec, self.breakdown) if self.breakdown is not None else []
+        twirl = self._twirl_rows(weighted("twirl", samples), augs, errors, out)
         total = out.pop("total")
         return AuditResult(total, out, n_rotations=self.group.n_elements, group=self.group.name, group_label=self.group.label,
-                           config_hash=self.config_hash(), breakdown=rows, seconds=seconds)
+                           config_hash=self.config_hash(), breakdown=rows, twirl=twirl, seconds=seconds)
 
-    def audit(self, model: torch.nn.Module, prepared: Prepared, **options) -> AuditResult:
-        """:meth:`evaluate` then :meth:`summarize`."""
+    def _twirl_rows(self, twirled: dict[str, torch.Tensor] | None, augs: Mapping[str, torch.Tensor],
+                    errors: Mapping[str, torch.Tensor], results: Mapping[str, HeadResult]) -> list[dict]:
+        """``twirl.csv`` rows: per head and k, the held-out loss of the k-rotation average."""
+        if twirled is None:
+            return []
+        rows = []
+        for head, values in twirled.items():  # values (N, n_k); augs, errors (N,)
+            r = results[head]
+            losses = values.mean(0)
+            share = dyn.share_of_equiv_error_removed(augs[head], values, errors[head])
+            smallest = dyn.smallest_k_removing(self.twirl_ks, share, 0.9)
+            for k, loss, removed in zip(self.twirl_ks, losses.tolist(), share.tolist()):
+                rows.append({"head": head, "k": k, "loss_twirled": loss, "share_of_equiv_error_removed": removed,
+                             "loss_aug": r.loss_aug, "loss_sym": r.loss_sym, "equiv_error": r.equiv_error,
+                             "smallest_k_90": smallest})
+        return rows
+
+    def audit(self, model: torch.nn.Module, prepared: Prepared, *, step: int | None = None, **options) -> AuditResult:
+        """:meth:`evaluate` then :meth:`summarize`; with :attr:`dynamics`, also the gradient
+        split, curvature and (at the steps asked, or always for ``landscape: true``) the
+        landscape of this model (:func:`equiaudit.analysis.checkpoint_dynamics`)."""
+        from equiaudit.analysis import checkpoint_dynamics
+
         start = time.perf_counter()
         stats = self.evaluate(model, prepared, **options)
-        return self.summarize(stats, seconds=time.perf_counter() - start)
+        result = self.summarize(stats, seconds=time.perf_counter() - start)
+        wants = self.dynamics is not None and (self.dynamics.gradients or self.dynamics.hessian or self.dynamics.landscape_at(step))
+        if wants:
+            found = checkpoint_dynamics(self, model, prepared, self.dynamics, step=step)
+            result = dataclasses.replace(result, dynamics=found.rows, landscape=found.landscape,
+                                         seconds=time.perf_counter() - start)
+        return result
 
 
 @contextlib.contextmanager
@@ -451,6 +525,7 @@ def resolve(
         interp_floor=interp,
         local=config.local,
         breakdown=breakdown,
+        dynamics=None if config.dynamics is None else DynamicsOptions(**config.dynamics),
         model_dtype=getattr(torch, config.model.dtype) if config.model.dtype else None,
         config=config,
     )

@@ -73,6 +73,9 @@ class AuditResult:
         config_hash: the settings' hash (the cache and ``summary.csv`` key on it).
         breakdown: ``breakdown.csv`` rows without the checkpoint's identity (see
             :mod:`equiaudit.breakdown`).
+        twirl, dynamics: ``twirl.csv`` and ``dynamics.csv`` rows without the identity
+            (``--dynamics``); landscape: the grid and its metadata when one was drawn
+            (:mod:`equiaudit.analysis`).
         run, checkpoint, step, epoch, checkpoint_time, weights: the checkpoint's identity
             when it came from a file (empty for an in-memory model), and the weight set used
             (``raw``/``ema``; ``weights_source`` says where it was found, for run.json).
@@ -88,6 +91,9 @@ class AuditResult:
     group_label: str | None = None
     config_hash: str | None = None
     breakdown: list[dict] = field(default_factory=list)
+    twirl: list[dict] = field(default_factory=list)
+    dynamics: list[dict] = field(default_factory=list)
+    landscape: dict[str, Any] | None = None
     run: str = ""
     checkpoint: str = ""
     step: int | None = None
@@ -136,10 +142,20 @@ class AuditResult:
             return [{**base, "head": "total"}]
         return [{**base, "head": head.name, **head.columns()} for head in (self.total, *self.heads.values())]
 
+    def _identity(self) -> dict[str, Any]:
+        return {"run": self.run, "checkpoint": self.checkpoint, "step": self.step, "config_hash": self.config_hash}
+
     def breakdown_rows(self) -> list[dict]:
         """``breakdown.csv`` rows with the checkpoint's identity and the settings hash."""
-        identity = {"run": self.run, "checkpoint": self.checkpoint, "step": self.step, "config_hash": self.config_hash}
-        return [{**identity, **row} for row in self.breakdown]
+        return [{**self._identity(), **row} for row in self.breakdown]
+
+    def twirl_rows(self) -> list[dict]:
+        """``twirl.csv`` rows with the checkpoint's identity."""
+        return [{**self._identity(), **row} for row in self.twirl]
+
+    def dynamics_rows(self) -> list[dict]:
+        """``dynamics.csv`` rows with the checkpoint's identity."""
+        return [{**self._identity(), **row} for row in self.dynamics]
 
     def __repr__(self) -> str:
         if not self.ok or self.total is None:

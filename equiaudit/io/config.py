@@ -40,7 +40,7 @@ __all__ = [
 BASE_KEYS = (
     "task", "model", "checkpoints", "data", "fields", "heads", "group", "seed",
     "batch_size", "chunk_size", "bootstrap", "mask", "name", "local", "breakdown",
-    "float_floor", "interp_floor",
+    "float_floor", "interp_floor", "dynamics",
 )
 MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
 DATA_KEYS = ("path", "keys", "samples", "subset_seed")
@@ -50,6 +50,7 @@ WEIGHT_SETS = ("auto", "raw", "ema")
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 BREAKDOWN_KEYS = ("by", "elements", "worst", "bins")
+DYNAMICS_KEYS = ("gradients", "twirl", "hessian", "params", "track_params", "landscape", "grid", "samples", "tol", "max_iter")
 INTERP_FLOOR = ("auto", True, False)
 # Python keywords that name nested keys (everything else is a top-level key of the same name).
 KEYWORDS = {
@@ -58,6 +59,8 @@ KEYWORDS = {
     "rotations": "group.rotations", "sampling": "group.sampling", "radius": "group.radius", "shape": "group.shape",
     "samples": "data.samples", "keys": "data.keys", "subset_seed": "data.subset_seed",
     "by": "breakdown.by", "weights": "checkpoints.weights", "prefix": "checkpoints.prefix",
+    "hessian": "dynamics.hessian", "params": "dynamics.params", "track_params": "dynamics.track_params",
+    "landscape": "dynamics.landscape", "twirl": "dynamics.twirl",
 }
 MAX_CONFIG_VALUES = 100_000
 
@@ -127,15 +130,17 @@ class AuditConfig:
     local: bool = False
     float_floor: bool = True
     interp_floor: str | bool = "auto"
+    dynamics: dict[str, Any] | None = None  # the dynamics section, normalised (None: not asked)
     breakdown: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     def settings_hash(self) -> str:
         """Hash of everything that changes the numbers: not the checkpoint paths, nor the
-        breakdown options (they add rows to breakdown.csv but change no summary number);
+        breakdown and dynamics options (they add rows to breakdown.csv, dynamics.csv, twirl.csv
+        but change no summary number; the cache tells them apart by their own identity);
         the weight set and prefix count when given."""
-        relevant = {k: v for k, v in self.raw.items() if k not in ("checkpoints", "name", "breakdown")}
+        relevant = {k: v for k, v in self.raw.items() if k not in ("checkpoints", "name", "breakdown", "dynamics")}
         chosen = {k: v for k, v in (self.raw.get("checkpoints") or {}).items() if k in ("weights", "prefix")} \
             if isinstance(self.raw.get("checkpoints"), Mapping) else {}
         if chosen:
@@ -233,6 +238,46 @@ def _parse_breakdown(raw: Any) -> dict[str, Any]:
         if key in section:
             _positive_int(f"breakdown.{key}", section[key])
     return {**section, "by": by}
+
+
+def _parse_dynamics(raw: Any) -> dict[str, Any] | None:
+    """``dynamics: true`` (gradients and twirling), ``false``/absent (None), or a mapping."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    section = _check_keys("dynamics", raw, DYNAMICS_KEYS)
+    out: dict[str, Any] = {}
+    for key in ("gradients", "twirl"):
+        out[key] = section.get(key, True)
+        if not isinstance(out[key], bool):
+            raise ConfigError(f"config: dynamics.{key}={out[key]!r} must be true or false")
+    out["hessian"] = _positive_int("dynamics.hessian", section.get("hessian", 0), minimum=0)
+    for key in ("params", "track_params"):
+        value = section.get(key, [])
+        value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config: dynamics.{key}={section.get(key)!r} must be a parameter-name glob or a list of them")
+        out[key] = tuple(value)
+    landscape = section.get("landscape", ())
+    if isinstance(landscape, str):
+        landscape = [int(v) for v in landscape.split(",") if v.strip().isdigit()] if landscape.strip() else []
+    if isinstance(landscape, bool):
+        out["landscape"] = landscape
+    elif isinstance(landscape, int):
+        out["landscape"] = (landscape,)
+    elif isinstance(landscape, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in landscape):
+        out["landscape"] = tuple(landscape)
+    else:
+        raise ConfigError(f"config: dynamics.landscape={section.get('landscape')!r} must be true or a list of steps")
+    out["grid"] = _positive_int("dynamics.grid", section.get("grid", 20), minimum=3)
+    samples = section.get("samples")
+    out["samples"] = None if samples is None else _positive_int("dynamics.samples", samples)
+    out["tol"] = _number("dynamics.tol", section.get("tol", 1e-3))
+    if not 0 < out["tol"] < 1:
+        raise ConfigError(f"config: dynamics.tol={out['tol']!r} must be in (0, 1)")
+    out["max_iter"] = _positive_int("dynamics.max_iter", section.get("max_iter", 40))
+    return out
 
 
 def _number(key: str, value: Any) -> float:
@@ -384,6 +429,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         local=flags["local"],
         float_floor=flags["float_floor"],
         interp_floor=interp,
+        dynamics=_parse_dynamics(top.get("dynamics")),
         breakdown=_parse_breakdown(top.get("breakdown")),
         source=source,
         raw=json.loads(json.dumps(dict(top), default=str)),
@@ -426,6 +472,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None)
                 child = node[key] = {"name": child}  # group: so3 → group: {name: so3, ...}
             elif isinstance(child, str) and key == "checkpoints":
                 child = node[key] = {"path": child}
+            elif isinstance(child, bool) and key == "dynamics":
+                child = node[key] = {} if child else {"gradients": False, "twirl": False}
             elif not isinstance(child, dict):
                 raise ConfigError(f"config: cannot override {dotted}: '{key}' is not a mapping")
             node = child
