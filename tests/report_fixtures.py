@@ -26,6 +26,7 @@ REE = {RUN: {0: 0.5, 10: 0.08, 100: 0.03, 1000: 0.012}, RUN_B: {10: 0.3, 100: 0.
 HEAD_FACTOR = {"total": 1.0, "forces": 0.9, "energy": 1.6}
 LOSS_AUG = {0: 2.0, 10: 1.2, 100: 0.9, 1000: 0.7}
 FAILED_STEP = 3000  # RUN_B's last checkpoint failed
+AT_FLOOR_ROW = (RUN, 1000, "energy")  # flagged as within 10× of its float floor (shown with a *)
 T_BINS = ("0", "0.2", "0.5", "0.99")
 KS = (1, 2, 4, 8, 16)
 
@@ -46,7 +47,7 @@ def summary_rows() -> list[dict]:
                     "equiv_error": aug * r, "rel_equiv_error": r, "rel_equiv_error_ci_low": 0.9 * r, "rel_equiv_error_ci_high": 1.1 * r,
                     "n_samples": 64, "n_rotations": 16, "group": "so3", "status": "ok", "median_rel_equiv_error": r,
                     "config_hash": "abc123", "seconds": 1.5, "epoch": step // 10, "checkpoint_time": 1.7e9 + step,
-                    "weights": "ema", "float_floor": 1e-9, "flag": "at_float_floor" if r < 1e-6 else "",
+                    "weights": "ema", "float_floor": 1e-9, "flag": "at_float_floor" if (run, step, head) == AT_FLOOR_ROW else "",
                 })
     rows.append({"run": RUN_B, "checkpoint": ckpt(FAILED_STEP), "step": FAILED_STEP, "head": "total", "status": "load_error",
                  "message": FAILED_MESSAGE, "config_hash": "abc123"})

@@ -165,7 +165,7 @@ def test_per_t_figure_plots_one_line_per_t():
     bins = ["0.99", "0", "0.5", "0.2"]  # ordered by value on the plot
     rows = []
     for i, step in enumerate(STEPS):
-        for j, t in enumerate(bins):
+        for t in bins:
             rows.append({"run": "fm", "checkpoint": f"ck{step}", "step": str(step), "head": "total", "by": "t", "bin": t,
                          "rel_equiv_error": repr(0.3 / (i + 1) * (1 + float(t)))})
         rows.append({"run": "fm", "checkpoint": f"ck{step}", "step": str(step), "head": "total", "by": "n_atoms", "bin": "13",

@@ -41,7 +41,7 @@ from equiaudit.report.table import _float
 
 __all__ = [
     "dynamics_figure", "landscape_figure", "twirl_figure", "per_t_figure", "plot_text", "series_label",
-    "select_checkpoints",
+    "select_checkpoints", "landscape_grid",
 ]
 
 SYMLOG_NOTE = " (symlog: 0, then log)"
