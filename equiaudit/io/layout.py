@@ -6,6 +6,11 @@
     OUT/breakdown.csv     one row per checkpoint × split × head × bin
     OUT/run.json          the settings, environment and every checkpoint seen
     OUT/trajectory.png    REE and losses against step
+    OUT/dynamics.csv      gradient split and curvature per checkpoint × head (dynamics.png)
+    OUT/correlations.csv  correlations of log REE with the dynamics' figures, per run × head
+    OUT/twirl.csv         test-time twirling: loss of the k-rotation average per checkpoint × head × k (twirl.png)
+    OUT/landscape/        <checkpoint>.csv (L_sym and EE on an α, β grid) and <checkpoint>.json
+    OUT/report.html       one self-contained page of everything above
     OUT/cache.sqlite      audited results, keyed by checkpoint identity and settings
     OUT/shards/           array-job shards (``--shard I/N``), merged by ``equiaudit merge``
     OUT/.equiaudit.lock   held while the CSVs and run.json are merged and rewritten
@@ -80,6 +85,13 @@ class OutputFolder:
     COMPARE = "compare.csv"
     COMPARE_PLOT = "compare.png"
     AUDITS = "audits"
+    DYNAMICS = "dynamics.csv"
+    TWIRL = "twirl.csv"
+    LANDSCAPE = "landscape"
+    REPORT = "report.html"
+    CORRELATIONS = "correlations.csv"
+    DYNAMICS_PLOT = "dynamics.png"
+    TWIRL_PLOT = "twirl.png"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
