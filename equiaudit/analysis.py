@@ -36,7 +36,9 @@ from equiaudit import dynamics as dyn
 __all__ = ["DynamicsOptions", "CheckpointDynamics", "select_params", "checkpoint_dynamics", "trajectory_correlations",
            "DYNAMICS_COLUMNS"]
 
-DYNAMICS_COLUMNS = ("run", "checkpoint", "step", "head", "grad_norm_sym", "grad_norm_equiv", "grad_norm_ratio", "grad_cosine")
+DYNAMICS_COLUMNS = ("run", "checkpoint", "step", "head", "grad_norm_sym", "grad_norm_equiv", "grad_norm_ratio", "grad_cosine",
+                    "grad_norm_aug", "loss_sym", "equiv_error", "rel_equiv_error", "hessian_top_sym", "hessian_top_equiv",
+                    "config_hash")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-__all__ = ["HeadResult", "AuditResult", "SUMMARY_COLUMNS", "EXTRA_COLUMNS", "MEASURE_COLUMNS"]
+__all__ = ["HeadResult", "AuditResult", "SUMMARY_COLUMNS", "EXTRA_COLUMNS", "MEASURE_COLUMNS", "TWIRL_COLUMNS"]
 
 SUMMARY_COLUMNS = (
     "run", "checkpoint", "step", "head", "loss_aug", "loss_sym", "equiv_error", "rel_equiv_error",
@@ -24,6 +24,9 @@ SUMMARY_COLUMNS = (
 # `epoch` and `checkpoint_time` (the checkpoint's mtime, Unix seconds) let plots use other x
 # axes; `weights` says which weight set of the checkpoint was audited (raw, ema).
 EXTRA_COLUMNS = ("median_rel_equiv_error", "message", "config_hash", "seconds", "epoch", "checkpoint_time", "weights")
+# twirl.csv: the held-out loss of the k-rotation average, per checkpoint, head and k.
+TWIRL_COLUMNS = ("run", "checkpoint", "step", "head", "k", "loss_twirled", "share_of_equiv_error_removed",
+                 "loss_aug", "loss_sym", "equiv_error", "smallest_k_90", "config_hash")
 # Optional per-head figures, in the order they follow the columns above when measured.
 MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "rel_local_equiv_error")
 
@@ -142,20 +145,20 @@ class AuditResult:
             return [{**base, "head": "total"}]
         return [{**base, "head": head.name, **head.columns()} for head in (self.total, *self.heads.values())]
 
-    def _identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Any]:
         return {"run": self.run, "checkpoint": self.checkpoint, "step": self.step, "config_hash": self.config_hash}
 
     def breakdown_rows(self) -> list[dict]:
         """``breakdown.csv`` rows with the checkpoint's identity and the settings hash."""
-        return [{**self._identity(), **row} for row in self.breakdown]
+        return [{**self.identity(), **row} for row in self.breakdown]
 
     def twirl_rows(self) -> list[dict]:
         """``twirl.csv`` rows with the checkpoint's identity."""
-        return [{**self._identity(), **row} for row in self.twirl]
+        return [{**self.identity(), **row} for row in self.twirl]
 
     def dynamics_rows(self) -> list[dict]:
         """``dynamics.csv`` rows with the checkpoint's identity."""
-        return [{**self._identity(), **row} for row in self.dynamics]
+        return [{**self.identity(), **row} for row in self.dynamics]
 
     def __repr__(self) -> str:
         if not self.ok or self.total is None:

@@ -104,7 +104,7 @@ def audit_checkpoint(audit: OpenAudit, ref: CheckpointRef, *, on_batch=None,
         load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
         if plan.model_dtype is not None:
             audit.model.to(dtype=plan.model_dtype)
-        result = plan.audit(audit.model, audit.prepared, on_batch=on_batch)
+        result = plan.audit(audit.model, audit.prepared, step=identity["step"], on_batch=on_batch)
         return result.with_identity(**identity, seconds=time.perf_counter() - start)
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -212,22 +212,36 @@ class Runner:
         result = audit_checkpoint(self.audit, ref, on_batch=self.events.on_batch, on_error=self.events.on_error)
         result = result.with_identity(checkpoint_time=found.mtime if found is not None else None)
         if result.ok and key is not None:
-            self.cache.put(key, ref, result.rows(), result.breakdown_rows(), self.breakdown_identity)
+            extra = {"dynamics": result.dynamics_rows(), "twirl": result.twirl_rows(),
+                     "landscape": [result.identity(), result.landscape] if result.landscape is not None else None}
+            self.cache.put(key, ref, result.rows(), result.breakdown_rows(), self.breakdown_identity, extra)
         return result
 
     def record(self, results: Sequence[AuditResult], refs: Sequence[CheckpointRef] = (), cached: Sequence[CachedResult] = ()) -> None:
         """Merge results (evaluated now) and cached results into the folder's files, under its lock."""
         for ref, result in zip(refs, results):
             self.results[str(ref.path)] = result
-        rows = [row for r in results for row in r.rows()] + [row for hit in cached for row in hit.rows]
-        breakdown = [row for r in results for row in r.breakdown_rows()] + [row for hit in cached for row in hit.breakdown]
-        self.out.record(rows, breakdown, metadata=self._metadata(), rebuild=self._from_cache, warn=self.events.on_warning)
+        out = self.out
+        tables = {
+            out.SUMMARY: [row for r in results for row in r.rows()] + [row for hit in cached for row in hit.rows],
+            out.BREAKDOWN: [row for r in results for row in r.breakdown_rows()] + [row for hit in cached for row in hit.breakdown],
+            out.DYNAMICS: [row for r in results for row in r.dynamics_rows()] + [row for hit in cached for row in hit.extra.get("dynamics", [])],
+            out.TWIRL: [row for r in results for row in r.twirl_rows()] + [row for hit in cached for row in hit.extra.get("twirl", [])],
+        }
+        landscapes = [(r.identity(), r.landscape) for r in results if r.landscape is not None]
+        landscapes += [_as_landscape(hit.extra["landscape"]) for hit in cached if hit.extra.get("landscape")]
+        out.record(tables, metadata=self._metadata(), landscapes=landscapes, rebuild=self._from_cache, warn=self.events.on_warning)
 
-    def _from_cache(self) -> tuple[list[dict], list[dict]]:
-        """Every stored summary and breakdown row (to rebuild a damaged CSV)."""
+    def _from_cache(self, name: str) -> list[dict]:
+        """Every stored row of one of the folder's CSVs (to rebuild a damaged one)."""
         if self.cache is None:
-            return [], []
-        return self.cache.all_rows(), self.cache.all_breakdown()
+            return []
+        out = self.out
+        if name == out.SUMMARY:
+            return self.cache.all_rows()
+        if name == out.BREAKDOWN:
+            return self.cache.all_breakdown()
+        return self.cache.all_extra({out.DYNAMICS: "dynamics", out.TWIRL: "twirl"}[name])
 
     def _metadata(self) -> dict[str, Any]:
         meta = run_metadata(self.audit, self.started)
@@ -331,6 +345,13 @@ class Runner:
         except KeyboardInterrupt:
             pass  # Ctrl-C is how a watch ends: everything finished is already written
         return latest
+
+
+def _as_landscape(stored: list) -> tuple[dict, dict[str, Any]]:
+    """A cached ``[identity, grid]`` with the grid's arrays as tensors again."""
+    identity, grid = stored
+    arrays = {k: torch.tensor(grid[k], dtype=torch.float64) for k in ("alpha", "beta", "loss_sym", "equiv_error")}
+    return identity, {**grid, **arrays}
 
 
 def _discover_quietly(paths: Sequence[str]) -> list[CheckpointRef]:

@@ -20,12 +20,12 @@ from equiaudit.io.checkpoints import discover_checkpoints
 from equiaudit.io.config import load_config
 from equiaudit.io.layout import OutputFolder
 from equiaudit.report.breakdown import print_breakdowns
-from equiaudit.report.summary import read_rows
+from equiaudit.report.products import write_products
 from equiaudit.report.table import summary_table
 from equiaudit.result import AuditResult
 from equiaudit.runner import OpenAudit, Runner, RunEvents, open_audit
 
-__all__ = ["run_audit_command", "audit_with_progress", "save_trajectory_plot", "progress_bars", "audit_title"]
+__all__ = ["run_audit_command", "audit_with_progress", "progress_bars", "audit_title"]
 
 
 def progress_bars(console: Console) -> Progress:
@@ -36,18 +36,6 @@ def progress_bars(console: Console) -> Progress:
 def audit_title(audit: OpenAudit) -> str:
     group = audit.plan.group
     return f"{audit.config.task} · {group.label} · K={group.n_elements} · N={len(audit.prepared)}"
-
-
-def save_trajectory_plot(out: OutputFolder | Path, *, title: str, threshold: float) -> Path:
-    """``OUT/trajectory.png`` from every ``ok`` row of ``OUT/summary.csv``; against epochs
-    when the checkpoints store only epochs (their step *is* the epoch)."""
-    from equiaudit.report.compare import epochs_only, trajectories
-    from equiaudit.report.plot import save_figure, trajectory_figure
-
-    out = out if isinstance(out, OutputFolder) else OutputFolder(out)
-    rows = read_rows(out.summary)
-    x = "epoch" if epochs_only(rows) else "step"
-    return save_figure(trajectory_figure(trajectories(rows, x=x), threshold=threshold, title=title, x=x), out.plot)
 
 
 def _events(progress: Progress | None, console: Console, debug: bool, n_samples: int) -> RunEvents:
@@ -179,8 +167,7 @@ def run_audit_command(
             print(json.dumps(rows, default=str, indent=None if watch else 2), flush=True)
         else:
             stdout.print(summary_table(rows, title=title, threshold=threshold))
-        if plot:
-            save_trajectory_plot(folder, title=title, threshold=threshold)
+        write_products(folder, title=title, threshold=threshold, plot=plot)
 
     if watch:
         stderr.print(f"watching {escape(', '.join(paths))} every {interval:g} s: {_banner(audit)}; Ctrl-C to stop", highlight=False)
@@ -202,7 +189,8 @@ def run_audit_command(
             print_breakdowns(stdout, folder.breakdown, breakdown.by, config_hash=config.settings_hash())
         failed = sum(not r.ok for r in results)
     if output_format != "json":
-        written = [folder.summary, folder.run_json] + ([folder.plot] if plot else [])
+        written = [folder.summary, folder.run_json] + ([folder.plot] if plot else []) + [folder / folder.REPORT]
+        written += [folder / name for name in (folder.DYNAMICS, folder.TWIRL) if (folder / name).is_file()]
         stdout.print(f"wrote {escape(', '.join(map(str, written)))}", highlight=False)
     if failed:
         stderr.print(f"{failed} checkpoint(s) failed; the others were audited and written", highlight=False)

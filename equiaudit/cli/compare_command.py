@@ -113,6 +113,9 @@ def run_compare_command(
         from equiaudit.report.plot import save_figure, trajectory_figure
 
         written.append(save_figure(trajectory_figure(trajs, threshold=threshold, x=x, title=title), folder / folder.COMPARE_PLOT))
+    from equiaudit.report.html import write_report
+
+    written.append(write_report(folder, title=title, threshold=threshold))
     if output_format == "json":
         print(json.dumps(rows, default=str, indent=2))
     else:

@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from equiaudit.cli.audit_command import save_trajectory_plot
 from equiaudit.errors import ConfigError
 from equiaudit.io.atomic import atomic_write_text
 from equiaudit.io.checkpoints import discover_checkpoints, save_checkpoint
@@ -32,6 +31,7 @@ from equiaudit.io.config import load_config
 from equiaudit.io.data import load_dataset, save_npz
 from equiaudit.io.layout import OutputFolder
 from equiaudit.report.compare import compare_rows, trajectories
+from equiaudit.report.products import write_products
 from equiaudit.runner import Runner, RunEvents, open_audit
 from equiaudit.report.table import format_interval, format_number, format_percent
 from equiaudit.zoo.recipes import RECIPES, TASKS, Recipe, make_cluster_data, split
@@ -213,7 +213,7 @@ def run_demo_command(
                 audit_results += base_results
         failed += sum(not r.ok for r in audit_results)
         group = f"{audit.plan.group.label}, K={audit.plan.group.n_elements}, N={len(audit.prepared)}"
-        save_trajectory_plot(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
+        write_products(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
         console.print(_trajectory_table(task, rows, log, threshold))
         verdict = _verdict(rows, threshold)
         seconds = time.perf_counter() - start

@@ -116,6 +116,12 @@ def audit(
     threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
     local: Annotated[bool, typer.Option("--local", help="Add the local (Lie-derivative) equivariance error: local_equiv_error, rel_local_equiv_error.")] = False,
+    dynamics: Annotated[bool, typer.Option("--dynamics", help="Also the gradient split of L_sym and EE per head (OUT/dynamics.csv) and test-time twirling (OUT/twirl.csv).")] = False,
+    hessian: Annotated[Optional[int], typer.Option("--hessian", help="Top-K Hessian eigenvalues of L_sym and EE by Lanczos (implies --dynamics).")] = None,
+    params: Annotated[Optional[str], typer.Option("--params", help="Glob(s), comma-separated, of the parameters the gradients and Hessians are taken over (default: all).")] = None,
+    track_params: Annotated[Optional[str], typer.Option("--track-params", help="Glob(s), comma-separated, of parameters whose variance is recorded and correlated with REE.")] = None,
+    landscape: Annotated[Optional[str], typer.Option("--landscape", help="Steps (comma-separated) at which to draw the L_sym / EE landscape along two Hessian eigendirections (OUT/landscape/).")] = None,
+    landscape_grid: Annotated[Optional[int], typer.Option("--landscape-grid", help="N of the N×N landscape grid (default 20).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Which weights of each checkpoint: auto (EMA where present, as most trainers evaluate), raw or ema (checkpoints.weights).")] = None,
     prefix: Annotated[Optional[str], typer.Option("--prefix", help="Key prefix to strip from (or add to) the checkpoints' keys, e.g. 'model.' (checkpoints.prefix); matched automatically when unambiguous.")] = None,
     by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
@@ -131,7 +137,8 @@ def audit(
         checkpoint_args=checkpoints or [],
         out=out,
         overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by,
-                   "checkpoints.weights": weights, "checkpoints.prefix": prefix},
+                   "checkpoints.weights": weights, "checkpoints.prefix": prefix,
+                   **_dynamics_overrides(dynamics, hessian, params, track_params, landscape, landscape_grid)},
         device=device.value,
         output_format=output_format.value,
         stdout=stdout,
@@ -144,6 +151,15 @@ def audit(
         debug=_state["debug"],
     )
     raise typer.Exit(code)
+
+
+def _dynamics_overrides(dynamics, hessian, params, track_params, landscape, grid) -> dict:
+    """The ``dynamics.*`` config keys the dynamics flags set (any of them turns the section on)."""
+    keys = {"dynamics.hessian": hessian, "dynamics.params": params, "dynamics.track_params": track_params,
+            "dynamics.landscape": landscape, "dynamics.grid": grid}
+    if not dynamics and all(v is None for v in keys.values()):
+        return {}
+    return {"dynamics": True if dynamics else None, **keys}
 
 
 class XAxis(str, Enum):

@@ -23,7 +23,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from equiaudit.io.config import AuditConfig, resolve_path
 __all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "CachedResult", "ResultCache", "SettleTracker"]
 
 CACHE_FILE = "cache.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     key TEXT PRIMARY KEY,      -- hash of checkpoint identity + settings
@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS results (
     rows TEXT NOT NULL,        -- JSON list of summary.csv rows
     breakdown TEXT NOT NULL,   -- JSON list of breakdown.csv rows
     breakdown_options TEXT NOT NULL,  -- identity of the options those rows were made with
+    extra TEXT NOT NULL,       -- JSON {"dynamics": [...], "twirl": [...], "landscape": {...}} (--dynamics)
     created REAL NOT NULL
 )
 """
@@ -95,6 +96,13 @@ def settings_identity(config: AuditConfig) -> dict[str, Any]:
     }
 
 
+def _jsonable(value):
+    """Tensors (landscape grids) as nested lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
 def _path_text(path: Path) -> str:
     """An absolute path as text SQLite and JSON can store: bytes that are not UTF-8 (a file
     name with ``0xff``) are written as ``\\xff`` escapes (``backslashreplace``)."""
@@ -103,11 +111,13 @@ def _path_text(path: Path) -> str:
 
 @dataclass(frozen=True)
 class CachedResult:
-    """One audited checkpoint as stored: its summary rows, breakdown rows and their options."""
+    """One audited checkpoint as stored: its summary rows, breakdown rows, the identity of the
+    options that shaped the extra rows, and the extra rows (dynamics, twirl, landscape)."""
 
     rows: list[dict]
     breakdown: list[dict]
     breakdown_options: str
+    extra: dict = field(default_factory=dict)
 
 
 class ResultCache:
@@ -148,11 +158,11 @@ class ResultCache:
     def get(self, key: str) -> CachedResult | None:
         """What is stored under ``key``, exactly as it was written, or ``None`` (also for an
         entry that cannot be decoded: it is audited again and overwritten)."""
-        hit = self._db.execute("SELECT rows, breakdown, breakdown_options FROM results WHERE key = ?", (key,)).fetchone()
+        hit = self._db.execute("SELECT rows, breakdown, breakdown_options, extra FROM results WHERE key = ?", (key,)).fetchone()
         if not hit:
             return None
         try:
-            return CachedResult(json.loads(hit[0]), json.loads(hit[1]), hit[2])
+            return CachedResult(json.loads(hit[0]), json.loads(hit[1]), hit[2], json.loads(hit[3]))
         except ValueError:
             return None
 
@@ -173,14 +183,25 @@ class ResultCache:
         """The breakdown rows of every stored result (to rebuild a damaged breakdown.csv)."""
         return self._all("breakdown")
 
+    def all_extra(self, name: str) -> list[dict]:
+        """The ``name`` rows (``dynamics``, ``twirl``) of every stored result."""
+        out = []
+        for (text,) in self._db.execute("SELECT extra FROM results ORDER BY created"):
+            try:
+                out.extend(json.loads(text).get(name, []))
+            except (ValueError, AttributeError):
+                continue
+        return out
+
     def put(self, key: str, ref: CheckpointRef, rows: Sequence[dict], breakdown: Sequence[dict] = (),
-            breakdown_options: str = "") -> None:
-        """Store one checkpoint's rows (and breakdown rows) in a single transaction."""
+            breakdown_options: str = "", extra: dict | None = None) -> None:
+        """Store one checkpoint's rows (breakdown and extra rows) in a single transaction."""
         with self._db:
             self._db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, _path_text(ref.path), ref.run, ref.name, self.settings["config_hash"], __version__,
-                 json.dumps(list(rows)), json.dumps(list(breakdown)), breakdown_options, time.time()),
+                 json.dumps(list(rows)), json.dumps(list(breakdown)), breakdown_options,
+                 json.dumps(extra or {}, default=_jsonable), time.time()),
             )
 
     def __len__(self) -> int:

@@ -477,6 +477,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None)
             elif not isinstance(child, dict):
                 raise ConfigError(f"config: cannot override {dotted}: '{key}' is not a mapping")
             node = child
+        if value is True and isinstance(node.get(leaf), dict):
+            continue  # turning on a section the config already spells out keeps its settings
         node[leaf] = value
     return raw
 

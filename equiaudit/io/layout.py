@@ -29,7 +29,7 @@ import csv
 import fcntl
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,16 +142,6 @@ class OutputFolder:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def summary_rows(self, rebuild: Callable[[], list[dict]] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
-        """Rows of ``summary.csv``; a damaged file is reported through ``warn`` and replaced by
-        ``rebuild()`` (the cache's rows), or by nothing."""
-        return self._rows(self.summary, SUMMARY_COLUMNS, rebuild, warn)
-
-    def breakdown_rows(self, rebuild: Callable[[], list[dict]] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
-        from equiaudit.report.breakdown import BREAKDOWN_COLUMNS
-
-        return self._rows(self.breakdown, BREAKDOWN_COLUMNS, rebuild, warn)
-
     @staticmethod
     def _rows(path: Path, required, rebuild, warn) -> list[dict]:
         try:
@@ -161,24 +151,71 @@ class OutputFolder:
                 warn(f"{exc.path} is damaged ({exc.reason}): rebuilt from {exc.path.parent / OutputFolder.CACHE}")
             return rebuild() if rebuild is not None else []
 
-    def record(self, rows: Sequence[dict], breakdown: Sequence[dict] = (), *, metadata: dict[str, Any] | None = None,
-               rebuild: Callable[[], tuple[list[dict], list[dict]]] | None = None,
+    def table_spec(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+        """``(column order, required columns, total first)`` of one of the folder's row files."""
+        from equiaudit.analysis import DYNAMICS_COLUMNS
+        from equiaudit.report.breakdown import BREAKDOWN_COLUMNS, EXTRA_COLUMNS as BREAKDOWN_EXTRA
+        from equiaudit.result import EXTRA_COLUMNS, TWIRL_COLUMNS
+
+        specs = {
+            self.SUMMARY: (SUMMARY_COLUMNS + EXTRA_COLUMNS, SUMMARY_COLUMNS, True),
+            self.BREAKDOWN: (BREAKDOWN_COLUMNS + BREAKDOWN_EXTRA, BREAKDOWN_COLUMNS, False),
+            self.DYNAMICS: (DYNAMICS_COLUMNS, DYNAMICS_COLUMNS[:4], True),
+            self.TWIRL: (TWIRL_COLUMNS, TWIRL_COLUMNS[:6], False),
+        }
+        return specs[name]
+
+    def rows(self, name: str, rebuild: Callable[[], list[dict]] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
+        """Rows of one of the folder's CSVs (:meth:`table_spec`); a damaged one is reported
+        through ``warn`` and replaced by ``rebuild()`` (the cache's rows), or by nothing."""
+        return self._rows(self.path / name, self.table_spec(name)[1], rebuild, warn)
+
+    def record(self, tables: Mapping[str, Sequence[dict]], *, metadata: dict[str, Any] | None = None,
+               landscapes: Sequence[tuple[dict, dict[str, Any]]] = (),
+               rebuild: Callable[[str], list[dict]] | None = None,
                warn: Callable[[str], None] | None = None) -> None:
-        """Merge summary and breakdown rows into the folder's CSVs (rows of the same run,
-        checkpoint and settings are replaced, others kept) and write ``metadata`` as
-        ``run.json``, all under the folder's lock. ``rebuild()`` gives ``(summary rows,
-        breakdown rows)`` to start from when a CSV is damaged (the cache's)."""
-        from equiaudit.report.breakdown import write_breakdown
+        """Merge rows into the folder's CSVs — ``tables`` maps a file name (:attr:`SUMMARY`,
+        :attr:`BREAKDOWN`, :attr:`DYNAMICS`, :attr:`TWIRL`) to new rows; rows of the same run,
+        checkpoint and settings are replaced, others kept — write each landscape
+        (``(identity row, grid)``) under :attr:`LANDSCAPE`, and ``metadata`` as ``run.json``,
+        all under the folder's lock. ``rebuild(name)`` gives the rows to start from when a
+        CSV is damaged (the cache's). Files whose table is empty and absent are not created."""
         from equiaudit.report.summary import merge_rows, write_rows
 
         with self.locked():
-            summary = merge_rows(self.summary_rows(lambda: rebuild()[0] if rebuild else [], warn), rows)
-            write_rows(self.summary, summary)
-            if breakdown or self.breakdown.is_file():
-                merged = merge_rows(self.breakdown_rows(lambda: rebuild()[1] if rebuild else [], warn), breakdown, total_first=False)
-                write_breakdown(self.breakdown, merged)
+            for name, new in tables.items():
+                path = self.path / name
+                if not new and not path.is_file() and name != self.SUMMARY:
+                    continue
+                columns, _, total_first = self.table_spec(name)
+                existing = self.rows(name, (lambda n=name: rebuild(n)) if rebuild else None, warn)
+                write_rows(path, merge_rows(existing, new, total_first=total_first), columns)
+            for identity, grid in landscapes:
+                self.write_landscape(identity, grid)
             if metadata is not None:
                 self.write_run_json(metadata)
+
+    def landscape_stem(self, run: str, checkpoint: str) -> Path:
+        """``OUT/landscape/<run>--<checkpoint>`` (path separators and control characters replaced)."""
+        safe = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in f"{run}--{checkpoint}")
+        return self.path / self.LANDSCAPE / safe
+
+    def write_landscape(self, identity: dict, grid: dict[str, Any]) -> Path:
+        """``<stem>.csv`` (``alpha, beta, loss_sym, equiv_error``, the N×N grid in long format)
+        and ``<stem>.json`` (checkpoint, step, directions, eigenvalues, span, R² of each surface)."""
+        from equiaudit.report.summary import write_rows
+
+        stem = self.landscape_stem(identity["run"], identity["checkpoint"])
+        alpha, beta = grid["alpha"].tolist(), grid["beta"].tolist()
+        sym, equiv = grid["loss_sym"].tolist(), grid["equiv_error"].tolist()
+        rows = [{"alpha": a, "beta": b, "loss_sym": sym[i][j], "equiv_error": equiv[i][j]}
+                for i, a in enumerate(alpha) for j, b in enumerate(beta)]
+        write_rows(stem.parent / f"{stem.name}.csv", rows, ("alpha", "beta", "loss_sym", "equiv_error"))
+        meta = {"run": identity["run"], "checkpoint": identity["checkpoint"], "step": identity.get("step"),
+                "config_hash": identity.get("config_hash"),
+                **{k: v for k, v in grid.items() if k not in ("alpha", "beta", "loss_sym", "equiv_error")}}
+        atomic_write_text(stem.parent / f"{stem.name}.json", json.dumps(meta, indent=2, default=str) + "\n")
+        return stem
 
     def read_run_json(self) -> dict[str, Any]:
         try:

@@ -1,0 +1,111 @@
+"""--dynamics through the audit (API and CLI): known answers of the linear map, the exact
+model's floor, twirling, the landscape, dynamics.csv / twirl.csv / correlations and the cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import equiaudit
+from equiaudit.cli.main import app
+from helpers import LinearMap, RadialScaling, random_matrix
+from run_helpers import make_run, write_config
+from test_api import SETTINGS, vectors
+
+HAAR = {**SETTINGS, "rotations": 32, "sampling": "haar", "float_floor": False}
+
+
+def known(matrix: torch.Tensor, pos: torch.Tensor) -> dict[str, float]:
+    """f(x) = A x, y = x, MSE over components, s² = mean |x|², c = tr A / 3, B = A − cI:
+    ∇_A L_sym = (2s²(c−1)/9) I and ∇_A EE = (2s²/9) B, so the ratio is ‖B‖_F / (√3 |c−1|) and
+    the cosine 0; the Hessian of EE is (2s²/9) on the 8 traceless directions, that of L_sym
+    2s²/9 along I/√3 and 0 elsewhere."""
+    c = torch.trace(matrix) / 3
+    b = matrix - c * torch.eye(3, dtype=matrix.dtype)
+    s2 = pos.square().sum(-1).mean().item()
+    return {"ratio": (b.norm() / (math.sqrt(3) * abs(c - 1))).item(), "curvature": 2 * s2 / 9}
+
+
+def test_linear_map_gradient_split_and_curvature_match_the_closed_forms():
+    matrix, data = random_matrix(), vectors(256)
+    result = equiaudit.audit(LinearMap(matrix).double(), data, hessian=3, **HAAR)
+    total = result.dynamics[0]
+    assert total["head"] == "total"
+    answer = known(matrix, data["pos"])
+    assert total["grad_norm_ratio"] == pytest.approx(answer["ratio"], rel=0.05)
+    assert abs(total["grad_cosine"]) < 0.05
+    for name in ("hessian_top_equiv", "hessian_equiv_2", "hessian_equiv_3"):  # multiplicity 8
+        assert total[name] == pytest.approx(answer["curvature"], rel=0.05), name
+    assert total["hessian_top_sym"] == pytest.approx(answer["curvature"], rel=0.05)
+    assert abs(total["hessian_sym_2"]) < 0.01 * answer["curvature"]  # one direction only
+    assert total["rel_equiv_error"] == pytest.approx(result.total.rel_equiv_error, rel=1e-9)  # the same objective
+
+
+def test_an_exactly_equivariant_model_has_no_equivariance_gradient():
+    fields = {"fields": {"pos": "point"}, "heads": {"out": {"rep": "point", "target": "y"}}}
+    total = equiaudit.audit(RadialScaling().double(), vectors(64), dynamics=True, **{**HAAR, **fields}).dynamics[0]
+    assert total["grad_norm_sym"] > 1e-3
+    assert total["grad_norm_equiv"] < 1e-12 * total["grad_norm_sym"]
+
+
+def test_twirling_follows_l_sym_plus_ee_over_k():
+    result = equiaudit.audit(LinearMap(random_matrix()).double(), vectors(128), dynamics=True, **HAAR)
+    rows = [r for r in result.twirl if r["head"] == "total"]
+    assert [r["k"] for r in rows] == [1, 2, 4, 8, 16, 32]
+    t = result.total
+    assert rows[0]["loss_twirled"] == pytest.approx(t.loss_aug, rel=1e-12)  # k = 1 is L_aug
+    for r in rows:
+        assert r["loss_twirled"] == pytest.approx(t.loss_sym + t.equiv_error / r["k"], rel=1e-9)
+        assert r["share_of_equiv_error_removed"] == pytest.approx(1 - 1 / r["k"], abs=1e-9)
+    assert rows[0]["smallest_k_90"] == 16  # 1 − 1/k ≥ 0.9 first at k = 16 (of 1, 2, 4, …)
+
+
+def test_the_landscape_of_a_quadratic_problem_is_quadratic_and_parameters_are_restored():
+    model = LinearMap(random_matrix()).double()
+    before = model.matrix.detach().clone()
+    result = equiaudit.audit(model, vectors(64), landscape=True, **{**HAAR, "dynamics": {"grid": 5, "landscape": True}})
+    grid = result.landscape
+    assert grid["loss_sym"].shape == (5, 5) and grid["directions"][0] == "hessian_top"
+    assert grid["r2_sym"] == pytest.approx(1.0, abs=1e-9) and grid["r2_equiv"] == pytest.approx(1.0, abs=1e-9)
+    centre = grid["loss_sym"][2, 2] + grid["equiv_error"][2, 2]
+    assert centre == pytest.approx(result.total.loss_aug, rel=1e-9)  # the grid's centre is the checkpoint
+    assert torch.equal(model.matrix.detach(), before) and model.matrix.grad is None
+
+
+def _csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_writes_dynamics_twirl_correlations_and_a_landscape_and_caches_them(tmp_path):
+    config = write_config(tmp_path, samples=32, rotations=24, bootstrap=20)
+    run = make_run(tmp_path, "aug")
+    out = tmp_path / "out"
+    args = ["audit", str(config), str(run), "--out", str(out), "--dynamics", "--hessian", "2", "--landscape", "1000",
+            "--landscape-grid", "5"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    dynamics = _csv(out / "dynamics.csv")
+    assert {(r["checkpoint"], r["head"]) for r in dynamics} == {(f"step_{s:06d}.pt", h) for s in (0, 10, 100, 1000, 10000)
+                                                              for h in ("total", "out")}
+    assert list(dynamics[0])[:8] == ["run", "checkpoint", "step", "head", "grad_norm_sym", "grad_norm_equiv",
+                                     "grad_norm_ratio", "grad_cosine"]
+    ratios = [float(r["grad_norm_ratio"]) for r in dynamics if r["head"] == "total"]
+    assert ratios == sorted(ratios, reverse=True)  # REE falls along the run, and so does the ratio
+    correlations = {r["y"]: r for r in _csv(out / "correlations.csv") if r["head"] == "total"}
+    assert float(correlations["log grad_norm_ratio"]["spearman"]) == pytest.approx(1.0)
+    assert {r["k"] for r in _csv(out / "twirl.csv")} == {"1", "2", "4", "8", "16", "24"}
+    meta = json.loads((out / "landscape" / "aug--step_001000.pt.json").read_text())
+    assert meta["step"] == 1000 and len(_csv(out / "landscape" / "aug--step_001000.pt.csv")) == 25
+    for name in ("dynamics.png", "twirl.png", "report.html", "landscape/aug--step_001000.pt.png"):
+        assert (out / name).stat().st_size > 1000, name
+    # A rerun reuses everything, dynamics included; no flags: the summary alone is reused too.
+    before = (out / "dynamics.csv").read_text()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "5 checkpoint(s) already audited" in again.output
+    assert (out / "dynamics.csv").read_text() == before
