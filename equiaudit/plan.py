@@ -148,6 +148,9 @@ class AuditPlan:
         ``ids`` ``(N,)``: the samples' ids (default ``0 … N−1``, their order in the data);
         every derived value of a sample depends on the seed and its id only. ``index``: the
         samples' indices in the data file, reported by the worst-sample breakdown.
+
+        A task that evaluates each sample on T rows (``flow.t``) returns ``N·T`` rows with a
+        ``cluster`` field; the result then has ``N·T`` rows, ids ``id·T + j`` and the index repeated.
         """
         n = len(next(iter(data.values())))
         ids = sample_ids(n) if ids is None else torch.as_tensor(ids, dtype=torch.int64)

@@ -150,6 +150,11 @@ def test_end_to_end_audit_with_a_sigma_breakdown():
     rows = [r for r in result.breakdown if r["by"] == "sigma" and r["head"] == "total"]
     assert [r["bin"] for r in rows] == ["0.05", "0.2", "1", "5"]
     assert sum(r["weight"] * r["equiv_error"] for r in rows) == pytest.approx(result.total.equiv_error, rel=1e-12)
+    # λ(σ) scales the element terms: the per-atom and per-rotation splits reproduce the weighted totals too.
+    for by in ("element", "angle", "n_atoms"):
+        split = [r for r in result.breakdown if r["by"] == by and r["head"] == "x1"]
+        assert sum(r["weight"] * r["equiv_error"] for r in split) == pytest.approx(result.total.equiv_error, rel=1e-9)
+        assert sum(r["weight"] * r["loss_aug"] for r in split) == pytest.approx(result.total.loss_aug, rel=1e-9)
     # Per level: EE = λ(σ)·|b|²/3, largest at the smallest σ (λ ~ 1/σ²).
     ee = sum(b * b for b in bias) / 3
     for row, level in zip(rows, LEVELS):
