@@ -109,14 +109,28 @@ def bin_rows(
 def field_bins(values: torch.Tensor, bins: int = 5) -> tuple[torch.Tensor, dict[int, str]]:
     """Bin a per-sample scalar field ``(N,)``: ``(bin id per sample, {id: label})``.
 
-    Integers with few values: one bin per value. Values in ``[0, 1]`` (flow-matching
-    ``t``): ``bins`` uniform bins over ``[0, 1]``. Otherwise ``bins`` quantile bins.
+    Integers with few values: one bin per value. Floats with few values, each taken by
+    several samples (fixed ``flow.t`` or ``diffusion.sigma`` lists): one bin per exact
+    value, in increasing order, labelled by its shortest distinct form (``"0.2"``). Values
+    in ``[0, 1]`` (flow-matching ``t``): ``bins`` uniform bins over ``[0, 1]``. Otherwise
+    ``bins`` quantile bins.
     """
     values = values.detach().cpu()
     if not values.is_floating_point():
         distinct = torch.unique(values)
         if len(distinct) <= _MAX_DISTINCT:
             return values.long(), {int(v): str(int(v)) for v in distinct.tolist()}
+    else:
+        distinct, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+        # Continuous draws never repeat, so "every value repeats" tells a fixed grid apart
+        # (even a small audit of continuous t keeps its uniform bins).
+        if len(distinct) <= _MAX_DISTINCT and bool((counts >= 2).all()):
+            exact = distinct.double().tolist()
+            for digits in range(6, 18):  # the fewest digits (≥ 6) that tell them apart: float32 0.2 → "0.2"
+                labels = [f"{v:.{digits}g}" for v in exact]
+                if len(set(labels)) == len(labels):
+                    break
+            return inverse, dict(enumerate(labels))
     values = values.double()
     if values.min() >= 0 and values.max() <= 1:
         edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)

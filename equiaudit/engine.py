@@ -30,7 +30,11 @@ __all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_ro
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One supervised output: compare model output ``output`` (default ``name``) to ``target``."""
+    """One supervised output: compare model output ``output`` (default ``name``) to ``target``.
+
+    ``sample_weight``: a per-sample field ``(B,)`` multiplying this head's loss, sample by
+    sample (EDM's ``λ(σ)``); set by a task preset. None: every sample weighs the same.
+    """
 
     name: str
     rep: str
@@ -39,6 +43,7 @@ class HeadSpec:
     weight: float = 1.0
     output: str | None = None
     huber_delta: float = 1.0
+    sample_weight: str | None = None
 
     @property
     def output_name(self) -> str:
@@ -222,6 +227,12 @@ def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec,
     group = spec.group
     terms = orbit_terms(pred, target, head.loss, exact=group.exact, blocks=None if group.exact else group.blocks,
                         huber_delta=head.huber_delta)
+    if head.sample_weight is not None:
+        # Scale the element terms (not the reduced values): the per-sample, per-rotation and
+        # per-unit (breakdown) reductions below then all carry the weight alike.
+        scale = batch[head.sample_weight].double()
+        terms = OrbitTerms(*(v * scale.reshape(-1, *[1] * (v.dim() - 1)) for v in
+                             (terms.loss_aug, terms.equiv_error, terms.loss_per_rotation, terms.equiv_error_per_rotation)))
     weight = head_weight(head, spec, mask, terms.loss_aug)
     b, k = pred.shape[:2]
     # The same reduction per (sample, rotation): the weight repeated along K.

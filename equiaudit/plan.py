@@ -57,6 +57,9 @@ __all__ = ["AuditPlan", "Prepared", "resolve", "resolve_device", "default_batch_
 # large grids (VoxMol's 64³ × 8 channels) then get small batches instead of running out of memory.
 ORBIT_BYTES = 64 * 2**20
 DEFAULT_BATCH_SIZE = 64
+# A prepared field (R,) int64: the sample each row comes from, for tasks that evaluate a sample
+# on several rows (flow.t, diffusion.sigma); the interval then resamples clusters, not rows.
+CLUSTER = "cluster"
 
 
 @dataclass(frozen=True)
@@ -181,10 +184,19 @@ class AuditPlan:
         ``ids`` ``(N,)``: the samples' ids (default ``0 … N−1``, their order in the data);
         every derived value of a sample depends on the seed and its id only. ``index``: the
         samples' indices in the data file, reported by the worst-sample breakdown.
+
+        A task that evaluates each sample on T rows (``flow.t``) returns ``N·T`` rows with a
+        ``cluster`` field; the result then has ``N·T`` rows, ids ``id·T + j`` and the index repeated.
         """
         n = len(next(iter(data.values())))
         ids = sample_ids(n) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
         prepared = self.task.prepare(dict(data), self.task_options, self.random("task"), ids)
+        if CLUSTER in prepared:
+            # T consecutive rows per sample (e.g. flow.t): row j of sample `id` is audited as
+            # sample id·T + j, with its own rotations; `cluster` keeps the sample for the interval.
+            repeat = len(prepared[CLUSTER]) // n
+            ids = ids.repeat_interleave(repeat) * repeat + torch.arange(repeat, dtype=torch.int64).repeat(n)
+            index = None if index is None else torch.as_tensor(index).repeat_interleave(repeat)
         return Prepared(prepared, ids, self.group.sample(ids, self.random("rotations")), index)
 
     # ------------------------------------------------------------------ evaluating
@@ -217,7 +229,11 @@ class AuditPlan:
         results = evaluate_orbits(model, batch, elements, spec, keep_predictions=bool(ks))
         ids = ids.cpu()
         columns: dict[str, torch.Tensor] = {"id": ids, "origin": stats.origins(len(ids))}
+        if CLUSTER in batch:
+            columns[CLUSTER] = batch[CLUSTER].cpu()
         if index is not None:
+            if len(index) != len(ids):  # one file index per sample of a task with T rows per sample
+                index = torch.as_tensor(index).repeat_interleave(len(ids) // len(index))
             columns["index"] = index
         for head, result in results.items():
             columns[f"loss_aug/{head}"] = result.loss_aug
@@ -275,9 +291,12 @@ class AuditPlan:
         floors = weighted("floor", stats.tables["floor"].columns())
         interps = weighted("interp", samples)
         local_errors, local_scales = weighted("local_error", samples), weighted("local_scale", samples)
+        clusters = samples.get(CLUSTER)
         out: dict[str, HeadResult] = {}
         for name in augs:
             aug, error = augs[name], errors[name]
+            if clusters is not None:
+                aug, error = _cluster_means(aug, error, clusters)
             s = summarize_ratio(aug, error, n_bootstrap=self.bootstrap, generator=torch.Generator().manual_seed(self.seed))
             extra: dict[str, Any] = {}
             if interps is not None:
@@ -287,7 +306,7 @@ class AuditPlan:
                 extra["float_floor"], extra["flag"] = floor, flag(s.rel_equiv_error, floor)
             if local_errors is not None:
                 err, scale = local_errors[name].sum().item(), local_scales[name].sum().item()
-                extra["local_equiv_error"] = err / len(aug)
+                extra["local_equiv_error"] = err / len(augs[name])  # per row
                 extra["rel_local_equiv_error"] = err / scale if scale > 0 else math.nan
             out[name] = HeadResult(name, s.loss_aug, s.loss_sym, s.equiv_error, s.rel_equiv_error, s.ci_low, s.ci_high,
                                    s.n_samples, s.median_rel_equiv_error, **extra)
@@ -329,6 +348,19 @@ class AuditPlan:
             result = dataclasses.replace(result, dynamics=found.rows, landscape=found.landscape,
                                          seconds=time.perf_counter() - start)
         return result
+
+
+def _cluster_means(aug: torch.Tensor, error: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row values ``(R,)`` summed per cluster ``(C,)``, times ``C/R``.
+
+    Rows of one cluster (one sample at several times) are not independent: the bootstrap
+    must resample clusters. Sums keep ``ΣEE/ΣL`` exactly; the common factor ``C/R`` (which
+    no ratio or studentized interval sees) keeps ``loss_aug``, ``equiv_error`` the per-row means.
+    """
+    distinct, inverse = torch.unique(clusters, return_inverse=True)
+    scale = len(distinct) / len(clusters)
+    sums = torch.zeros(2, len(distinct), dtype=torch.float64).index_add_(1, inverse, torch.stack([aug, error]).double())
+    return sums[0] * scale, sums[1] * scale
 
 
 @contextlib.contextmanager
@@ -376,20 +408,22 @@ def _fields_list(fields: Mapping[str, torch.Tensor]) -> str:
     return ", ".join(map(str, fields))
 
 
-def _heads(config: AuditConfig, preset: TaskPreset, fields: Mapping[str, torch.Tensor]) -> tuple[HeadSpec, ...]:
+def _heads(config: AuditConfig, preset: TaskPreset, fields: Mapping[str, torch.Tensor],
+           options: Mapping[str, Any]) -> tuple[HeadSpec, ...]:
+    preset_heads = preset.default_heads(options)
     if config.heads is None:
-        heads_raw = {n: dict(h) for n, h in preset.heads.items() if h["target"] in fields}
+        heads_raw = {n: dict(h) for n, h in preset_heads.items() if h["target"] in fields}
     else:
         heads_raw = {}
         for name, head in config.heads.items():
-            merged = dict(preset.heads.get(name, {}))
+            merged = dict(preset_heads.get(name, {}))
             merged.update({k: v for k, v in vars(head).items() if v is not None})
             merged.setdefault("target", name)
             if "rep" not in merged:
                 raise ConfigError(f"config: heads.{name}.rep is required (no preset default for this head)")
             heads_raw[name] = merged
     if not heads_raw:
-        wanted = ", ".join(sorted({h["target"] for h in preset.heads.values()})) or "none"
+        wanted = ", ".join(sorted({h["target"] for h in preset_heads.values()})) or "none"
         raise ConfigError(f"config: no heads to audit: the data has none of the task's targets ({wanted}); "
                           f"fields: {_fields_list(fields)}")
     for name, head in heads_raw.items():
@@ -486,7 +520,7 @@ def resolve(
     n = len(next(iter(fields.values())))
     fields = {**fields, **{name: value[:1].expand(n, *value.shape[1:]) for name, value in prepared.items() if name not in probe}}
     spec_fields = {**preset.fields, **config.fields}
-    heads = _heads(config, preset, fields)
+    heads = _heads(config, preset, fields, options)
     inputs = config.model.inputs if config.model.inputs is not None else list(preset.inputs)
     for field_name in inputs.values() if isinstance(inputs, Mapping) else inputs:
         if field_name not in fields:

@@ -81,6 +81,8 @@ class SampleStats:
       ``(N,)``, ``loss_rot/<h>``, ``error_rot/<h>`` ``(N, K)``; ``interp/<h>``,
       ``local_error/<h>``, ``local_scale/<h>`` when measured; breakdown fields
       (``angle`` ``(N, K)``, ``n_atoms``, ``field/<name>``, ``index`` in the data file);
+      ``cluster`` (the sample a row comes from) when the task evaluates a sample on several
+      rows (``flow.t``): the summary then resamples clusters, not rows;
     * ``floor``: one row per sample of the float floor's subset — ``floor/<h>`` ``(M,)``;
     * ``units``: one row per (sample, atom or channel) of each head with an axis 1 —
       ``head`` (index into :attr:`heads`), ``unit``, ``label``, ``loss``, ``error``, ``weight``.

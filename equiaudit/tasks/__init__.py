@@ -53,6 +53,14 @@ class TaskPreset:
             whole dataset at once or batch by batch gives the same values.
         orbit_inputs: ``(options, prepared dataset) -> builder | None``; the builder makes
             some fields' orbits itself (see :class:`equiaudit.engine.OrbitSpec`).
+        heads_for: ``(resolved options) -> heads``, for a task whose heads follow its options
+            (``flow.target``: a ``velocity``, ``x1`` or ``x0`` head); None: ``heads``.
+
+    ``prepare`` may return several rows per sample (``flow.t``: one per listed time): then
+    every sample of the batch has the same number T of consecutive rows and the batch
+    carries ``cluster`` ``(B·T,)`` int64, the id of the sample each row comes from. Each row
+    is then audited as a sample of id ``id·T + j`` (its own rotations), and the interval
+    resamples clusters (:meth:`equiaudit.plan.AuditPlan.summarize`).
     """
 
     name: str
@@ -65,6 +73,11 @@ class TaskPreset:
     resolve_options: Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], dict[str, Any]] = _as_given
     prepare: Callable[[Dataset, Mapping[str, Any], SampleRandom, torch.Tensor], Dataset] = _unchanged
     orbit_inputs: Callable[[Mapping[str, Any], Dataset], Callable | None] | None = None
+    heads_for: Callable[[Mapping[str, Any]], Mapping[str, Mapping[str, Any]]] | None = None
+
+    def default_heads(self, options: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+        """The preset's heads under these (resolved) options."""
+        return self.heads if self.heads_for is None else self.heads_for(options)
 
 
 CUSTOM = TaskPreset("custom")
@@ -78,7 +91,7 @@ def register_task(preset: TaskPreset) -> TaskPreset:
 
 def _registry() -> dict[str, TaskPreset]:
     # Importing the modules registers their presets.
-    from equiaudit.tasks import flow_matching, force_field, voxel_denoising  # noqa: F401
+    from equiaudit.tasks import diffusion, flow_matching, force_field, voxel_denoising  # noqa: F401
 
     return {**_REGISTRY, CUSTOM.name: CUSTOM}
 
