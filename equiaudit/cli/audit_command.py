@@ -22,6 +22,7 @@ from equiaudit.io.layout import OutputFolder
 from equiaudit.report.breakdown import print_breakdowns
 from equiaudit.report.summary import read_rows
 from equiaudit.report.table import summary_table
+from equiaudit.report.tensorboard import require_tensorboard, write_tensorboard
 from equiaudit.result import AuditResult
 from equiaudit.runner import OpenAudit, Runner, RunEvents, open_audit
 
@@ -135,6 +136,7 @@ def run_audit_command(
     plot: bool = True,
     threshold: float = 0.02,
     debug: bool = False,
+    tensorboard: Path | None = None,
 ) -> int:
     """Body of ``equiaudit audit``; returns the exit code."""
     config = load_config(config_path, overrides)
@@ -145,6 +147,8 @@ def run_audit_command(
         raise ConfigError(f"--interval={interval} must be a positive number of seconds")
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
+    if tensorboard is not None:
+        require_tensorboard()  # before the audit, not after it
     refs = [] if watch else discover_checkpoints(paths)  # in watch mode the run may still be empty
     audit = open_audit(config, device=device)
     folder = OutputFolder(out)
@@ -158,6 +162,9 @@ def run_audit_command(
             stdout.print(summary_table(rows, title=title, threshold=threshold))
         if plot:
             save_trajectory_plot(folder, title=title, threshold=threshold)
+        if tensorboard is not None:
+            # The whole trajectory of these settings in OUT (cached checkpoints included), rewritten each time.
+            write_tensorboard(read_rows(folder.summary), tensorboard, config_hash=config.settings_hash())
 
     if watch:
         stderr.print(f"watching {escape(', '.join(paths))} every {interval:g} s: {_banner(audit)}; Ctrl-C to stop", highlight=False)
@@ -178,7 +185,7 @@ def run_audit_command(
             print_breakdowns(stdout, folder.breakdown, breakdown.by, config_hash=config.settings_hash())
         failed = sum(not r.ok for r in results)
     if output_format != "json":
-        written = [folder.summary, folder.run_json] + ([folder.plot] if plot else [])
+        written = [folder.summary, folder.run_json] + ([folder.plot] if plot else []) + ([tensorboard] if tensorboard else [])
         stdout.print(f"wrote {escape(', '.join(map(str, written)))}", highlight=False)
     if failed:
         stderr.print(f"{failed} checkpoint(s) failed; the others were audited and written", highlight=False)

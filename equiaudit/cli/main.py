@@ -113,6 +113,7 @@ def audit(
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
     local: Annotated[bool, typer.Option("--local", help="Add the local (Lie-derivative) equivariance error: local_equiv_error, rel_local_equiv_error.")] = False,
     by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option("--tensorboard", help="Also write the REE trajectory as TensorBoard scalars (equiaudit/rel_equiv_error, ...) into DIR at the checkpoints' steps, e.g. the run's own log directory (needs the tensorboard package).")] = None,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
 
@@ -135,6 +136,7 @@ def audit(
         plot=plot,
         threshold=threshold,
         debug=_state["debug"],
+        tensorboard=tensorboard,
     )
     raise typer.Exit(code)
 
