@@ -78,8 +78,7 @@ from rank 0 only); other ranks skip it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,34 +96,12 @@ try:  # Lightning >= 2.5; older releases have no weight-averaging callback to de
 except ImportError:  # pragma: no cover
     WeightAveraging = None
 
-from equiaudit.api import Auditor
+from equiaudit.callbacks import ModelPicker, StepAudit, check_every
 from equiaudit.errors import ConfigError
 from equiaudit.io.config import WEIGHT_SETS
 from equiaudit.result import AuditResult
 
-__all__ = ["EquivarianceCallback", "pick_model", "averaging_callback"]
-
-ModelPicker = str | Callable[[torch.nn.Module], torch.nn.Module] | None
-
-
-def pick_model(module: torch.nn.Module, model: ModelPicker) -> torch.nn.Module:
-    """``module`` itself (``model=None``), the sub-module at a dotted attribute path, or
-    ``model(module)``. Raises :class:`ConfigError` when the path or the result is not a module."""
-    if model is None:
-        picked = module
-    elif isinstance(model, str):
-        picked = module
-        for part in model.split("."):
-            if not hasattr(picked, part):
-                raise ConfigError(f"model={model!r}: {type(picked).__name__} has no attribute {part!r}")
-            picked = getattr(picked, part)
-    elif callable(model):
-        picked = model(module)
-    else:
-        raise ConfigError(f"model= must be an attribute path such as 'net' or a callable, got {type(model).__name__}")
-    if not isinstance(picked, torch.nn.Module):
-        raise ConfigError(f"model={model!r} gives a {type(picked).__name__}, not a torch.nn.Module")
-    return picked
+__all__ = ["EquivarianceCallback", "averaging_callback"]
 
 
 def averaging_callback(trainer: pl.Trainer) -> Any | None:
@@ -165,44 +142,35 @@ class EquivarianceCallback(Callback):
                  prefix: str = "equiaudit", config: str | Path | Mapping[str, Any] | None = None,
                  device: str | torch.device | None = "auto", **settings: Any):
         super().__init__()
-        if every_n_train_steps is not None and (isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int)
-                                                or every_n_train_steps < 1):
-            raise ConfigError(f"every_n_train_steps={every_n_train_steps!r} must be an integer ≥ 1 (or None)")
+        self.every_n_train_steps = check_every("every_n_train_steps", every_n_train_steps)
         if every_n_train_steps is None and not on_validation_end:
             raise ConfigError("EquivarianceCallback: nothing would be audited; give every_n_train_steps=N or on_validation_end=True")
         if weights not in WEIGHT_SETS:
             raise ConfigError(f"weights={weights!r} is not allowed; allowed: {', '.join(WEIGHT_SETS)}")
-        if not isinstance(prefix, str) or not prefix:
-            raise ConfigError(f"prefix={prefix!r} must be a non-empty string")
-        self.auditor = Auditor(data, config=config, device=device, **settings)
-        self.every_n_train_steps = every_n_train_steps
+        self.audit = StepAudit(data, model=model, out=out, prefix=prefix, config=config, device=device,
+                               source="equiaudit.lightning.EquivarianceCallback", **settings)
         self.audit_on_validation_end = on_validation_end
-        self.model = model
         self.weights = weights
-        self.out = None if out is None else Path(out)
         self.run = run
-        self.prefix = prefix
-        self.results: list[tuple[int, AuditResult]] = []
         self.weights_used: str | None = None
-        self._last_step: int | None = None
         self._announced = False
-        self._started = time.time()
+
+    @property
+    def results(self) -> list[tuple[int, AuditResult]]:
+        return self.audit.results
 
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        averager = averaging_callback(trainer)
-        if self.weights == "ema" and averager is None:
-            raise ConfigError("weights='ema' but the trainer has no WeightAveraging callback (e.g. EMAWeightAveraging)")
-        self.weights_used = "ema" if averager is not None and self.weights != "raw" else "raw"
-        if self.weights_used == "ema" and self.every_n_train_steps is not None:
+        averager = self._weights(trainer)
+        if averager is not None and self.every_n_train_steps is not None:
             callbacks = list(trainer.callbacks)
             if callbacks.index(averager) > callbacks.index(self):
                 raise ConfigError(f"put {type(averager).__name__} before EquivarianceCallback in callbacks=[...]: "
                                   "the average must be updated for a step before that step is audited")
-        self.auditor.plan(pick_model(pl_module, self.model))  # bad names fail now, not at step N
+        self.audit.check(pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -216,18 +184,25 @@ class EquivarianceCallback(Callback):
 
     # ------------------------------------------------------------------ the audit
 
-    def target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.nn.Module, str]:
-        """The module to audit now and which weights it holds (``"ema"`` or ``"raw"``)."""
-        if self.weights_used is None:  # audit_now outside fit: decide as setup would
-            averager = averaging_callback(trainer)
+    def _weights(self, trainer: pl.Trainer) -> Any | None:
+        """Decide (once) which weights are audited; returns the averaging callback when it is theirs."""
+        averager = averaging_callback(trainer)
+        if self.weights == "ema" and averager is None:
+            raise ConfigError("weights='ema' but the trainer has no WeightAveraging callback (e.g. EMAWeightAveraging)")
+        if self.weights_used is None:
             self.weights_used = "ema" if averager is not None and self.weights != "raw" else "raw"
-        if self.weights_used == "ema":
-            averager = averaging_callback(trainer)
-            averaged = getattr(averager, "_average_model", None) if averager is not None else None
-            if averaged is None:  # made in the averager's setup("fit"); absent outside fit
-                raise ConfigError(f"{type(averager).__name__} holds no averaged model yet (it is made when fit starts)")
-            return pick_model(averaged.module, self.model), "ema"
-        return pick_model(pl_module, self.model), "raw"
+        return averager if self.weights_used == "ema" else None
+
+    def target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The module the audit starts from (``model=`` then picks from it): the averaged
+        copy a WeightAveraging callback keeps, or the LightningModule."""
+        averager = self._weights(trainer)
+        if averager is None:
+            return pl_module
+        averaged = getattr(averager, "_average_model", None)  # an AveragedModel, made in the averager's setup("fit")
+        if averaged is None:
+            raise ConfigError(f"{type(averager).__name__} holds no averaged model yet (it is made when fit starts)")
+        return averaged.module
 
     def run_name(self, trainer: pl.Trainer) -> str:
         if self.run is not None:
@@ -243,52 +218,20 @@ class EquivarianceCallback(Callback):
         """Audit at ``trainer.global_step`` and log it (the hooks call this; None when the step
         was already audited or this is not global rank 0)."""
         step = trainer.global_step
-        if step == self._last_step or not trainer.is_global_zero:
+        if not self.audit.due(step) or not trainer.is_global_zero:
             return None
-        self._last_step = step
-        model, weights = self.target(trainer, pl_module)
-        # equiaudit draws from its own seeded generators, but a model may draw from the global
-        # stream in its forward; the fork keeps training's random stream (dropout, shuffling,
-        # augmentation) the same with or without the audit.
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
-            result = self.auditor(model)
-        result = result.with_identity(run=self.run_name(trainer), checkpoint=f"step={step}", step=step,
-                                      epoch=trainer.current_epoch, weights=weights)
-        self.results.append((step, result))
-        self._log(trainer, result, step, model)
-        if self.out is not None:
-            self._record(result, model)
-        return result
-
-    def _log(self, trainer: pl.Trainer, result: AuditResult, step: int, model: torch.nn.Module) -> None:
-        metrics = result.scalars(self.prefix)
+        module = self.target(trainer, pl_module)
+        result = self.audit(module, step=step, epoch=trainer.current_epoch, run=self.run_name(trainer),
+                            weights=self.weights_used)
+        metrics = self.audit.scalars(result)
         if not self._announced:
             self._announced = True
-            plan = self.auditor.plan(model)
-            what = "averaged (EMA) weights" if result.weights == "ema" else "module's own (raw) weights"
-            rank_zero_info(f"equiaudit: auditing the {what} on {len(self.auditor)} samples × {plan.group.n_elements} "
-                           f"rotations ({plan.group.label}); logging {self.prefix}/rel_equiv_error")
+            rank_zero_info(self.audit.announcement(result))
             for logger in trainer.loggers:
-                logger.log_hyperparams({f"{self.prefix}/weights": result.weights, f"{self.prefix}/config_hash": result.config_hash,
-                                        f"{self.prefix}/group": plan.group.name, f"{self.prefix}/rotations": plan.group.n_elements,
-                                        f"{self.prefix}/samples": len(self.auditor)})
+                logger.log_hyperparams(self.audit.describe(result))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
+        # float64: the figures as computed (Lightning's own metrics are float32 tensors).
         trainer.callback_metrics.update({name: torch.tensor(value, dtype=torch.float64) for name, value in metrics.items()})
-
-    def _record(self, result: AuditResult, model: torch.nn.Module) -> None:
-        from equiaudit.io.layout import OutputFolder
-        from equiaudit.runner import OpenAudit, run_metadata
-
-        plan = self.auditor.plan(model)
-        meta = run_metadata(OpenAudit(self.auditor.config, plan, model, self.auditor.prepared(plan)), self._started)
-        meta["source"] = "equiaudit.lightning.EquivarianceCallback"
-        meta["checkpoints"] = [{"run": r.run, "name": r.checkpoint, "step": s, "status": r.status, "weights": r.weights}
-                               for s, r in self.results]
-        OutputFolder(self.out).record(result.rows(), result.breakdown_rows(), metadata=meta)
-
-
-def _cuda_devices(model: torch.nn.Module) -> list[int]:
-    """The CUDA devices whose random state the audit could touch (the model's)."""
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        return result

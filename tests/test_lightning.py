@@ -10,16 +10,16 @@ import torch
 
 pytest.importorskip("lightning")
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from typer.testing import CliRunner
 
-import equiaudit  # noqa: E402
-from equiaudit.cli.main import app  # noqa: E402
-from equiaudit.errors import ConfigError  # noqa: E402
-from equiaudit.lightning import EquivarianceCallback  # noqa: E402
-from train_helpers import (  # noqa: E402
+import equiaudit
+from equiaudit.cli.main import app
+from equiaudit.errors import ConfigError
+from equiaudit.lightning import EquivarianceCallback
+from train_helpers import (
     build_mlp, metric_by_step, random_rotations, read_csv_rows, summary_by_step, training_data, write_mlp_config,
 )
 
@@ -256,7 +256,7 @@ def test_in_memory_data_and_validation_hook(tmp_path):
     """Data as a mapping with keyword settings, audits after validation only; equals equiaudit.audit()."""
     import numpy as np
 
-    config = write_mlp_config(tmp_path)
+    write_mlp_config(tmp_path)  # models.py and data.npz
     data = dict(np.load(tmp_path / "data.npz"))
     settings = dict(task="custom", fields={"pos": "vector"}, heads={"out": {"rep": "vector", "target": "target"}},
                     inputs=["pos"], outputs=["out"], rotations=8, bootstrap=50, seed=5)

@@ -14,7 +14,7 @@ from train_helpers import read_csv_rows
 
 pytest.importorskip("tensorboard")
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 NAMES = ("rel_equiv_error", "loss_aug", "loss_sym")
 
