@@ -81,6 +81,8 @@ class EquivarianceTrainerCallback(TrainerCallback):
                  model: ModelPicker = None, trainer: Any = None, out: str | Path | None = None, run: str | None = None,
                  prefix: str = "equiaudit", config: str | Path | Mapping[str, Any] | None = None,
                  device: str | torch.device | None = "auto", **settings: Any):
+        if "weights" in settings:  # the config key checkpoints.weights: the Trainer keeps no averaged weights
+            raise ConfigError("weights= does not apply here: the Trainer callback audits the model's own weights")
         self.every_n_steps = check_every("every_n_steps", every_n_steps)
         if every_n_steps is None and not on_evaluate:
             raise ConfigError("EquivarianceTrainerCallback: nothing would be audited; give every_n_steps=N or on_evaluate=True")

@@ -130,7 +130,8 @@ class EquivarianceCallback(Callback):
         config: a YAML config (path or mapping) the keywords override, as for ``equiaudit.audit``.
         device: ``auto`` (the audited module's own device), ``cpu`` or ``cuda``.
         **settings: config keys (``task``, ``fields``, ``heads``, ``inputs``, ``outputs``,
-            ``rotations``, ``samples``, ``seed``, ``batch_size``, ...).
+            ``rotations``, ``samples``, ``seed``, ``batch_size``, ...). ``weights`` and
+            ``prefix`` are this callback's own (above), not ``checkpoints.weights/prefix``.
 
     Attributes:
         results: ``[(step, AuditResult)]`` of every audit made, in order.
