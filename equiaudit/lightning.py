@@ -61,8 +61,9 @@ model audited is ``_average_model.module``, picked from by ``model=`` the same w
 audited and the rows' ``weights`` column says ``ema``; without one the module's own
 weights are, ``raw``. ``weights="raw"`` audits the module's own weights even then;
 ``weights="ema"`` requires an averaging callback. With step audits, the averaging callback
-must come before this one in ``callbacks=[...]``: both act in ``on_train_batch_end``, in
-list order, and the average must be updated for the step before it is audited (a
+must come before this one in ``callbacks=[...]`` (``setup`` raises a ConfigError
+otherwise): both act in ``on_train_batch_end``, in list order, and the average must be
+updated for the step before it is audited (a
 ``ModelCheckpoint`` always runs last, so its file holds that updated average as
 ``state_dict`` — what ``equiaudit audit`` reads — and the raw weights as
 ``current_model_state``).

@@ -80,10 +80,13 @@ def raw_run(tmp_path_factory):
     config = write_mlp_config(root)
     callback = EquivarianceCallback(None, every_n_train_steps=EVERY, config=config, model="net", out=root / "cb_out",
                                     run="cb")
-    module, metrics, ckpt_dir = fit(root, [callback])
+    # a checkpoint callback that keeps the most equivariant step, by the audit's figure
+    best = ModelCheckpoint(dirpath=root / "best", monitor="equiaudit/rel_equiv_error", mode="min",
+                           every_n_train_steps=EVERY, save_top_k=1, filename="{step}")
+    module, metrics, ckpt_dir = fit(root, [callback, best])
     cli = cli_audit(config, ckpt_dir, root / "cli_out")
     return {"root": root, "config": config, "callback": callback, "module": module, "metrics": metrics, "cli": cli,
-            "ckpt_dir": ckpt_dir}
+            "ckpt_dir": ckpt_dir, "best": best}
 
 
 def test_logged_at_exactly_the_chosen_steps_and_equal_to_the_cli(raw_run):
@@ -130,6 +133,10 @@ def test_callback_metrics_and_hparams(raw_run):
     metrics = raw_run["module"].trainer.callback_metrics  # what ModelCheckpoint(monitor=...) reads
     assert float(metrics["equiaudit/rel_equiv_error"]) == last.total.rel_equiv_error
     assert float(metrics["equiaudit/out/loss_sym"]) == last.heads["out"].loss_sym
+    logged = metric_by_step(raw_run["metrics"], "equiaudit/rel_equiv_error")
+    best_step = min(logged, key=logged.get)
+    assert float(raw_run["best"].best_model_score) == pytest.approx(logged[best_step], rel=1e-12)
+    assert Path(raw_run["best"].best_model_path).name == f"step={best_step}.ckpt"
     hparams = (raw_run["metrics"].parent / "hparams.yaml").read_text()
     assert "equiaudit/weights: raw" in hparams
 
