@@ -12,6 +12,12 @@
         metric.update(model, batch)
     metric.compute()
 
+    auditor = equiaudit.Auditor(data, task="force_field", rotations=16)   # data prepared once
+    auditor(model)                     # one AuditResult per call (training steps, checkpoints)
+
+Training loops: ``equiaudit.lightning.EquivarianceCallback`` (Lightning) and
+``equiaudit.hf.EquivarianceTrainerCallback`` (Hugging Face ``Trainer``) log it while training.
+
 The command line (``equiaudit audit CONFIG``) runs the same plan over checkpoints. Names
 are imported on first use, so ``import equiaudit`` (and ``equiaudit --help``) stays fast.
 """
@@ -24,6 +30,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "audit": "equiaudit.api",
+    "Auditor": "equiaudit.api",
     "EquivarianceMetric": "equiaudit.api",
     "settings": "equiaudit.api",
     "AuditResult": "equiaudit.result",

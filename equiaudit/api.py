@@ -11,6 +11,12 @@ the CLI (:mod:`equiaudit.plan`), so ``result.rows()`` are the rows ``summary.csv
 
 The model is put in ``eval()`` for the audit and given back in the mode it was in. It is
 moved or cast only when asked: ``device=`` other than its own, or ``dtype=``.
+
+:class:`Auditor` is :func:`audit` split in two: the settings are checked and the data read
+and prepared (task fields, each sample's rotations) once, then every call audits one model
+on that prepared data. ``audit(model, data, **kw)`` is ``Auditor(data, **kw)(model)``; the
+training callbacks (:mod:`equiaudit.lightning`, :mod:`equiaudit.hf`) keep one ``Auditor``
+for a whole run, so repeated audits cost only the forward passes and the statistics.
 """
 
 from __future__ import annotations
@@ -25,11 +31,11 @@ from equiaudit.errors import ConfigError, DataError
 from equiaudit.io.config import AuditConfig, parse_config, settings_mapping
 from equiaudit.io.data import canonical_dataset, load_dataset, select
 from equiaudit.io.memory import as_dataset
-from equiaudit.plan import AuditPlan, evaluation_mode, resolve
+from equiaudit.plan import AuditPlan, Prepared, evaluation_mode, resolve, resolve_device
 from equiaudit.result import AuditResult
 from equiaudit.stats import SampleStats
 
-__all__ = ["audit", "EquivarianceMetric", "settings"]
+__all__ = ["audit", "Auditor", "EquivarianceMetric", "settings"]
 
 
 def settings(config: str | Path | Mapping[str, Any] | None = None, *, model_given: bool = True, data_given: bool = True,
@@ -62,6 +68,61 @@ def _dataset(data: Any, config: AuditConfig) -> tuple[dict[str, torch.Tensor], t
     return select(as_dataset(data, config.data.keys), config.data.samples, config.data.subset_seed)
 
 
+class Auditor:
+    """Settings and prepared data, fixed once; ``auditor(model)`` audits one model on them.
+
+    ::
+
+        auditor = equiaudit.Auditor(data, task="force_field", rotations=24, seed=0)
+        for step in ...:
+            result = auditor(model)        # an AuditResult, as from equiaudit.audit()
+
+    Args: as :func:`audit` (``data``, ``config``, ``device``, config keywords). Everything
+    that does not depend on the model is done here: the settings are validated, the data
+    read (a file, a mapping, batches) and prepared by the plan — the task's derived fields
+    and each sample's group elements ``(N, K, ...)``, drawn from the seed and the sample's
+    id — so every call sees the same samples, rotations and task noise (common random
+    numbers across the calls, as across the checkpoints of ``equiaudit audit``).
+
+    The plan (:class:`~equiaudit.plan.AuditPlan`) is resolved at the first call, because
+    ``device="auto"`` means the model's own device; a later model on another device gets
+    its own plan over the same prepared data.
+    """
+
+    def __init__(self, data: Any = None, *, config: str | Path | Mapping[str, Any] | None = None,
+                 device: str | torch.device | None = "auto", **keywords: Any):
+        self.config = settings(config, model_given=True, data_given=data is not None, **keywords)
+        self.dataset, self.index = _dataset(data, self.config)
+        self.device = device
+        self._plans: dict[torch.device, AuditPlan] = {}
+        self._prepared: Prepared | None = None
+
+    def plan(self, model: torch.nn.Module | None = None) -> AuditPlan:
+        """The plan for ``model`` (its device decides ``device="auto"``); resolved once per device."""
+        device = resolve_device(self.device, model)
+        if device not in self._plans:
+            self._plans[device] = resolve(self.config, self.dataset, device=device, model=model)
+        return self._plans[device]
+
+    def prepared(self, plan: AuditPlan | None = None) -> Prepared:
+        """The prepared data ``(N, ...)`` (on the CPU; batches move to the plan's device).
+        Preparation depends on the settings only, so one serves every plan of this auditor."""
+        if self._prepared is None:
+            self._prepared = (plan or self.plan()).prepare(self.dataset, index=self.index)
+        return self._prepared
+
+    def __len__(self) -> int:
+        return len(next(iter(self.dataset.values())))
+
+    def __call__(self, model: torch.nn.Module) -> AuditResult:
+        """Audit ``model`` (in eval mode, without gradients; its training flags restored)."""
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        plan = self.plan(model)
+        _place(model, plan)
+        return plan.audit(model, self.prepared(plan))
+
+
 def audit(model: torch.nn.Module, data: Any = None, *, config: str | Path | Mapping[str, Any] | None = None,
           device: str | torch.device | None = "auto", **keywords: Any) -> AuditResult:
     """Audit one model on rotation orbits of ``data``: the share of its loss due to imperfect equivariance.
@@ -80,17 +141,16 @@ def audit(model: torch.nn.Module, data: Any = None, *, config: str | Path | Mapp
         :class:`~equiaudit.result.AuditResult`: ``result.total.rel_equiv_error``,
         ``result.heads["forces"].loss_aug``, ``result.rows()``...
 
+    To audit many models (checkpoints, training steps) on the same data, keep an
+    :class:`Auditor`: it reads and prepares the data once.
+
     Example::
 
         result = equiaudit.audit(model, {"pos": pos, "y": y}, task="custom", fields={"pos": "vector"},
                                  heads={"out": {"rep": "vector", "target": "y", "loss": "mse"}},
                                  inputs=["pos"], outputs=["out"], rotations=24, seed=0)
     """
-    config_ = settings(config, model_given=True, data_given=data is not None, **keywords)
-    dataset, index = _dataset(data, config_)
-    plan = resolve(config_, dataset, device=device, model=model)
-    _place(model, plan)
-    return plan.audit(model, plan.prepare(dataset, index=index))
+    return Auditor(data, config=config, device=device, **keywords)(model)
 
 
 class EquivarianceMetric:

@@ -10,11 +10,12 @@ the CLI's runner (one per checkpoint) and the training-loop callbacks, and
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-__all__ = ["HeadResult", "AuditResult", "SUMMARY_COLUMNS", "EXTRA_COLUMNS", "MEASURE_COLUMNS", "TWIRL_COLUMNS"]
+__all__ = ["HeadResult", "AuditResult", "SUMMARY_COLUMNS", "EXTRA_COLUMNS", "MEASURE_COLUMNS", "TWIRL_COLUMNS",
+           "SCALAR_COLUMNS", "scalars"]
 
 SUMMARY_COLUMNS = (
     "run", "checkpoint", "step", "head", "loss_aug", "loss_sym", "equiv_error", "rel_equiv_error",
@@ -29,6 +30,33 @@ TWIRL_COLUMNS = ("run", "checkpoint", "step", "head", "k", "loss_twirled", "shar
                  "loss_aug", "loss_sym", "equiv_error", "smallest_k_90", "config_hash")
 # Optional per-head figures, in the order they follow the columns above when measured.
 MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "rel_local_equiv_error")
+# The figures a training logger gets (Lightning, Hugging Face, TensorBoard), see :func:`scalars`.
+SCALAR_COLUMNS = ("rel_equiv_error", "loss_aug", "loss_sym")
+
+
+def scalars(rows: Iterable[Mapping[str, Any]], prefix: str = "equiaudit") -> dict[str, float]:
+    """The logger scalars of one checkpoint's ``summary.csv`` rows: for the ``total`` row
+    ``{prefix}/rel_equiv_error``, ``{prefix}/loss_aug``, ``{prefix}/loss_sym``; for each
+    head ``{prefix}/{head}/rel_equiv_error``, ``.../loss_aug``, ``.../loss_sym``.
+
+    ``rows`` may hold numbers (:meth:`AuditResult.rows`) or the strings read back from
+    ``summary.csv``; empty and NaN values are left out (a failed checkpoint has none). The
+    one naming of these scalars: the training callbacks and ``--tensorboard`` all use it.
+    """
+    out: dict[str, float] = {}
+    for row in rows:
+        head = row.get("head")
+        if not head:
+            continue
+        base = prefix if head == "total" else f"{prefix}/{head}"
+        for column in SCALAR_COLUMNS:
+            value = row.get(column)
+            if value is None or value == "":
+                continue
+            number = float(value)
+            if not math.isnan(number):
+                out[f"{base}/{column}"] = number
+    return out
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,10 @@ class AuditResult:
 
     def identity(self) -> dict[str, Any]:
         return {"run": self.run, "checkpoint": self.checkpoint, "step": self.step, "config_hash": self.config_hash}
+
+    def scalars(self, prefix: str = "equiaudit") -> dict[str, float]:
+        """Logger scalars (``{prefix}/rel_equiv_error``, ``{prefix}/{head}/loss_aug`` ...), see :func:`scalars`."""
+        return scalars(self.rows(), prefix)
 
     def breakdown_rows(self) -> list[dict]:
         """``breakdown.csv`` rows with the checkpoint's identity and the settings hash."""

@@ -21,7 +21,9 @@ from equiaudit.io.config import load_config
 from equiaudit.io.layout import OutputFolder
 from equiaudit.report.breakdown import print_breakdowns
 from equiaudit.report.products import write_products
+from equiaudit.report.summary import read_rows
 from equiaudit.report.table import summary_table
+from equiaudit.report.tensorboard import require_tensorboard, write_tensorboard
 from equiaudit.result import AuditResult
 from equiaudit.runner import OpenAudit, Runner, RunEvents, open_audit
 
@@ -145,6 +147,7 @@ def run_audit_command(
     plot: bool = True,
     threshold: float = 0.02,
     debug: bool = False,
+    tensorboard: Path | None = None,
 ) -> int:
     """Body of ``equiaudit audit``; returns the exit code."""
     config = load_config(config_path, overrides)
@@ -155,6 +158,8 @@ def run_audit_command(
         raise ConfigError(f"--interval={interval} must be a positive number of seconds")
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
+    if tensorboard is not None:
+        require_tensorboard()  # before the audit, not after it
     skipped: list = []
     refs = [] if watch else discover_checkpoints(paths, skipped=skipped)  # in watch mode the run may still be empty
     audit = open_audit(config, device=device)
@@ -168,6 +173,9 @@ def run_audit_command(
         else:
             stdout.print(summary_table(rows, title=title, threshold=threshold))
         write_products(folder, title=title, threshold=threshold, plot=plot)
+        if tensorboard is not None:
+            # The whole trajectory of these settings in OUT (cached checkpoints included), rewritten each time.
+            write_tensorboard(read_rows(folder.summary), tensorboard, config_hash=config.settings_hash())
 
     if watch:
         stderr.print(f"watching {escape(', '.join(paths))} every {interval:g} s: {_banner(audit)}; Ctrl-C to stop", highlight=False)
@@ -191,6 +199,7 @@ def run_audit_command(
     if output_format != "json":
         written = [folder.summary, folder.run_json] + ([folder.plot] if plot else []) + [folder / folder.REPORT]
         written += [folder / name for name in (folder.DYNAMICS, folder.TWIRL) if (folder / name).is_file()]
+        written += [tensorboard] if tensorboard else []
         stdout.print(f"wrote {escape(', '.join(map(str, written)))}", highlight=False)
     if failed:
         stderr.print(f"{failed} checkpoint(s) failed; the others were audited and written", highlight=False)

@@ -125,6 +125,7 @@ def audit(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Which weights of each checkpoint: auto (EMA where present, as most trainers evaluate), raw or ema (checkpoints.weights).")] = None,
     prefix: Annotated[Optional[str], typer.Option("--prefix", help="Key prefix to strip from (or add to) the checkpoints' keys, e.g. 'model.' (checkpoints.prefix); matched automatically when unambiguous.")] = None,
     by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option("--tensorboard", help="Also write the REE trajectory as TensorBoard scalars (equiaudit/rel_equiv_error, ...) into DIR at the checkpoints' steps, e.g. the run's own log directory (needs the tensorboard package).")] = None,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
 
@@ -149,6 +150,7 @@ def audit(
         plot=plot,
         threshold=threshold,
         debug=_state["debug"],
+        tensorboard=tensorboard,
     )
     raise typer.Exit(code)
 
