@@ -40,7 +40,7 @@ import torch
 
 from equiaudit import actions
 from equiaudit.engine import OrbitSpec, evaluate_orbits, model_dtype
-from equiaudit.groups import GroupAction
+from equiaudit.groups.base import GroupAction, IIDElements
 from equiaudit.random import SampleRandom
 from equiaudit.representations import get_representation
 
@@ -108,21 +108,13 @@ class JitterAction(GroupAction):
 
 
 @dataclass(frozen=True)
-class JitterGroup:
+class JitterGroup(IIDElements):
     """The "group" of the null orbit: K jittered copies per sample, as copy ids ``id·K + k``."""
 
     n_elements: int
     action: JitterAction
     name: str = "jitter"
     exact: bool = False
-
-    @property
-    def blocks(self) -> int:
-        return self.n_elements
-
-    @property
-    def label(self) -> str:
-        return self.name
 
     def sample(self, ids: torch.Tensor, random: SampleRandom | None = None) -> torch.Tensor:
         k = self.n_elements

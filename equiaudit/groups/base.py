@@ -40,6 +40,8 @@ __all__ = [
     "register_group",
     "group_names",
     "expand_orbit",
+    "IIDElements",
+    "sample_inputs",
 ]
 
 
@@ -84,6 +86,29 @@ ROTATION = RotationAction()
 def expand_orbit(value: torch.Tensor, k: int) -> torch.Tensor:
     """``(B, ...)`` → ``(B, K, ...)`` (a view): K copies of each sample."""
     return value.unsqueeze(1).expand(value.shape[0], k, *value.shape[1:])
+
+
+def sample_inputs(ids: torch.Tensor | int, random: SampleRandom | int) -> tuple[torch.Tensor, SampleRandom]:
+    """``sample()``'s arguments as tensors: an int ``ids`` means ``0 … ids−1``, an int ``random``
+    a seed (of the ``rotations`` stream, as an audit draws its elements)."""
+    ids = torch.arange(ids, dtype=torch.int64) if isinstance(ids, int) else ids
+    random = SampleRandom.named(random, "rotations") if isinstance(random, int) else random
+    return ids, random
+
+
+class IIDElements:
+    """For groups whose K elements per sample are drawn i.i.d. (o3, translation, permutation):
+    no blocks beyond the elements themselves (``blocks = K``: the K/(K−1) and jackknife
+    corrections apply) and the group's name as its label. Mixed into frozen dataclasses
+    that define ``name`` and ``n_elements``."""
+
+    @property
+    def blocks(self) -> int:
+        return self.n_elements
+
+    @property
+    def label(self) -> str:
+        return self.name
 
 
 @runtime_checkable

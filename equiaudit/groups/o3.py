@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from equiaudit.groups.base import ROTATION, GroupAction, GroupEntry, register_group
+from equiaudit.groups.base import ROTATION, GroupAction, GroupEntry, IIDElements, register_group, sample_inputs
 from equiaudit.groups.rotation import haar
-from equiaudit.random import SampleRandom, sample_ids
+from equiaudit.random import SampleRandom
 
 __all__ = ["O3Set"]
 
@@ -25,7 +25,7 @@ _DEFAULT_K = 32
 
 
 @dataclass(frozen=True)
-class O3Set:
+class O3Set(IIDElements):
     """Haar on O(3): ``R`` or ``−R`` (``R`` Haar on SO(3)) with probability 1/2 each."""
 
     n_elements: int
@@ -33,18 +33,9 @@ class O3Set:
     exact: bool = False
     action: GroupAction = ROTATION
 
-    @property
-    def blocks(self) -> int:
-        return self.n_elements
-
-    @property
-    def label(self) -> str:
-        return self.name
-
     def sample(self, ids: torch.Tensor | int, random: SampleRandom | int) -> torch.Tensor:
         """``(N, K, 3, 3)`` float64; about half of them improper (det −1)."""
-        ids = sample_ids(ids) if isinstance(ids, int) else ids
-        random = SampleRandom.named(random, "rotations") if isinstance(random, int) else random
+        ids, random = sample_inputs(ids, random)
         proper = haar(ids, random, self.n_elements)
         signs = random.child("o3 signs").randint(ids, 2, (self.n_elements,)).to(torch.float64) * 2 - 1
         return proper * signs[..., None, None]

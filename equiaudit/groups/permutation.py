@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from equiaudit.groups.base import GroupAction, GroupEntry, expand_orbit, register_group
-from equiaudit.random import SampleRandom, sample_ids
+from equiaudit.groups.base import GroupAction, GroupEntry, expand_orbit, IIDElements, register_group, sample_inputs
+from equiaudit.random import SampleRandom
 from equiaudit.representations import get_representation
 
 __all__ = ["permutation_index", "PermutationAction", "PERMUTATION", "PermutationSet"]
@@ -93,7 +93,7 @@ PERMUTATION = PermutationAction()
 
 
 @dataclass(frozen=True)
-class PermutationSet:
+class PermutationSet(IIDElements):
     """Uniformly random permutations of up to ``n_atoms`` atom slots, as sort keys."""
 
     n_elements: int
@@ -102,18 +102,9 @@ class PermutationSet:
     exact: bool = False
     action: GroupAction = PERMUTATION
 
-    @property
-    def blocks(self) -> int:
-        return self.n_elements
-
-    @property
-    def label(self) -> str:
-        return self.name
-
     def sample(self, ids: torch.Tensor | int, random: SampleRandom | int) -> torch.Tensor:
         """Sort keys ``(N, K, n_atoms)`` float64 (slot-major counters: see the module docstring)."""
-        ids = sample_ids(ids) if isinstance(ids, int) else ids
-        random = SampleRandom.named(random, "rotations") if isinstance(random, int) else random
+        ids, random = sample_inputs(ids, random)
         return random.uniform(ids, (self.n_atoms, self.n_elements)).transpose(1, 2).contiguous()
 
 

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from equiaudit import rotations as rot
-from equiaudit.groups.base import ROTATION, GroupAction, GroupEntry, register_group
-from equiaudit.random import SampleRandom, sample_ids
+from equiaudit.groups.base import ROTATION, GroupAction, GroupEntry, register_group, sample_inputs
+from equiaudit.random import SampleRandom
 
 __all__ = ["RotationSet", "ROTATION_GROUPS", "SAMPLINGS", "make_rotation_set"]
 
@@ -117,8 +117,7 @@ class RotationSet:
         ``random``: a :class:`~equiaudit.random.SampleRandom` (or a seed). Randomised sets are
         laid out block by block: ``R[b, m·|Q| + j] = G[b, m] · Q[j]``.
         """
-        ids = sample_ids(ids) if isinstance(ids, int) else ids
-        random = SampleRandom.named(random, "rotations") if isinstance(random, int) else random
+        ids, random = sample_inputs(ids, random)
         k = self.n_elements
         base = self.base
         if base is not None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from equiaudit.groups.base import GroupAction, GroupEntry, expand_orbit, register_group
-from equiaudit.random import SampleRandom, sample_ids
+from equiaudit.groups.base import GroupAction, GroupEntry, expand_orbit, IIDElements, register_group, sample_inputs
+from equiaudit.random import SampleRandom
 from equiaudit.representations import get_representation
 
 __all__ = ["TranslationAction", "TRANSLATION", "TranslationSet"]
@@ -52,7 +52,7 @@ TRANSLATION = TranslationAction()
 
 
 @dataclass(frozen=True)
-class TranslationSet:
+class TranslationSet(IIDElements):
     """Shifts uniform in the ball ``|t| ≤ radius`` (``shape="ball"``) or the box ``|t_i| ≤ radius``."""
 
     n_elements: int
@@ -62,18 +62,9 @@ class TranslationSet:
     exact: bool = False
     action: GroupAction = TRANSLATION
 
-    @property
-    def blocks(self) -> int:
-        return self.n_elements
-
-    @property
-    def label(self) -> str:
-        return self.name
-
     def sample(self, ids: torch.Tensor | int, random: SampleRandom | int) -> torch.Tensor:
         """``(N, K, 3)`` float64."""
-        ids = sample_ids(ids) if isinstance(ids, int) else ids
-        random = SampleRandom.named(random, "rotations") if isinstance(random, int) else random
+        ids, random = sample_inputs(ids, random)
         k = self.n_elements
         if self.shape == "box":
             return (random.uniform(ids, (k, 3)) * 2 - 1) * self.radius
