@@ -170,3 +170,37 @@ def test_unique_names():
 
 def test_sparkline_is_log_scaled():
     assert sparkline([0.5, 0.05, 0.005, math.nan], 0.005, 0.5) == "█▅▁·"
+
+
+def test_dip_step_and_the_efficiency_view(project, tmp_path):
+    """The dip is the step of the lowest REE; the efficiency view times each run to the lowest
+    held-out L_aug that both reach (checkpoint times are T0 + step seconds)."""
+    root, _, _ = project
+    result = invoke("compare", root / "out_aug", root / "out_noaug", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    for run, row in totals(tmp_path / "compare.csv").items():
+        known = TRAJECTORIES[run]
+        assert int(row["dip_step"]) == min(known, key=known.get)
+    summary = {run: sorted(((int(r["step"]), float(r["loss_aug"])) for r in read_csv(root / f"out_{run}" / "summary.csv")
+                           if r["head"] == "total"), key=lambda p: p[0]) for run in TRAJECTORIES}
+    target = max(min(loss for _, loss in points) for points in summary.values())
+    efficiency = {r["run"]: r for r in read_csv(tmp_path / "efficiency.csv")}
+    assert float(efficiency["aug"]["loss_target"]) == pytest.approx(target, rel=1e-12)
+    for run, points in summary.items():
+        hours = float(efficiency[run]["hours_to_target"])
+        # Independently: the loss, interpolated in log between the checkpoints around that time, is the target.
+        start = points[0][0]
+        for (s0, l0), (s1, l1) in zip(points, points[1:]):
+            h0, h1 = (s0 - start) / 3600, (s1 - start) / 3600
+            if h0 <= hours <= h1 and l0 > target >= l1:
+                f = (hours - h0) / (h1 - h0)
+                assert math.exp(math.log(l0) + f * (math.log(l1) - math.log(l0))) == pytest.approx(target, rel=1e-9)
+                break
+        else:
+            assert any(loss == target and (s - start) / 3600 == pytest.approx(hours) for s, loss in points), run
+    speedups = {run: float(r["speedup_needed"]) for run, r in efficiency.items()}
+    assert min(speedups.values()) == pytest.approx(1.0)
+    slow, fast = max(speedups, key=speedups.get), min(speedups, key=speedups.get)
+    assert speedups[slow] == pytest.approx(float(efficiency[slow]["hours_to_target"]) / float(efficiency[fast]["hours_to_target"]))
+    assert (tmp_path / "efficiency.png").stat().st_size > 10_000 and "speed-up needed" in result.output
+    assert (tmp_path / "report.html").is_file()

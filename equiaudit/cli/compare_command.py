@@ -22,7 +22,9 @@ from equiaudit.errors import ConfigError, EquiauditError
 from equiaudit.io.checkpoints import discover_checkpoints
 from equiaudit.io.config import load_config
 from equiaudit.io.layout import OutputFolder
-from equiaudit.report.compare import X_AXES, COMPARE_COLUMNS, compare_rows, compare_table, trajectories, unique_names
+from equiaudit.report.compare import (
+    COMPARE_COLUMNS, EFFICIENCY_COLUMNS, X_AXES, compare_rows, compare_table, efficiency_rows, trajectories, unique_names,
+)
 from equiaudit.report.summary import read_rows, write_rows
 from equiaudit.runner import open_audit
 
@@ -104,15 +106,22 @@ def run_compare_command(
     rows = compare_rows(trajs, threshold=threshold, x=x)
     extra = [c for c in rows[0] if c not in COMPARE_COLUMNS]
     write_rows(folder / folder.COMPARE, rows, columns=COMPARE_COLUMNS + tuple(extra))
+    # The efficiency view: held-out loss against wall-clock hours (checkpoint times), every run.
+    timed = [t for label, (_, _, run_rows) in zip(names, runs) for t in trajectories(run_rows, x="time", run=label)]
+    efficiency = efficiency_rows(timed) if len({t.run for t in timed}) > 1 else []
+    if efficiency:
+        write_rows(folder / folder.EFFICIENCY, efficiency, EFFICIENCY_COLUMNS)
 
     tasks = ", ".join(sorted({t for t, _ in described if t} | ({config.task} if config else set()))) or "unknown task"
     groups = ", ".join(sorted({g for _, g in described if g})) or "unknown group"
     title = f"REE over training · {tasks} · {groups}"
     written = [folder / folder.COMPARE]
     if plot:
-        from equiaudit.report.plot import save_figure, trajectory_figure
+        from equiaudit.report.plot import efficiency_figure, save_figure, trajectory_figure
 
         written.append(save_figure(trajectory_figure(trajs, threshold=threshold, x=x, title=title), folder / folder.COMPARE_PLOT))
+        if efficiency:
+            written.append(save_figure(efficiency_figure(timed, efficiency, title=title), folder / folder.EFFICIENCY_PLOT))
     from equiaudit.report.html import write_report
 
     written.append(write_report(folder, title=title, threshold=threshold))
@@ -120,6 +129,9 @@ def run_compare_command(
         print(json.dumps(rows, default=str, indent=2))
     else:
         stdout.print(compare_table(rows, trajs, title=f"{title} · threshold {100 * threshold:g} %"))
+        for row in efficiency:
+            stdout.print(f"  {escape(row['run'])}: held-out L_aug {row['loss_target']:.4g} after {row['hours_to_target']:.3g} h"
+                         f" (speed-up needed to match the fastest: {row['speedup_needed']:.3g}×)", highlight=False)
         stdout.print(f"wrote {escape(', '.join(map(str, written)))}", highlight=False)
     if failed:
         stderr.print(f"{failed} checkpoint(s) failed to audit; the others are compared", highlight=False)

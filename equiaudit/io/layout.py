@@ -84,6 +84,8 @@ class OutputFolder:
     LOCK = ".equiaudit.lock"
     COMPARE = "compare.csv"
     COMPARE_PLOT = "compare.png"
+    EFFICIENCY = "efficiency.csv"
+    EFFICIENCY_PLOT = "efficiency.png"
     AUDITS = "audits"
     DYNAMICS = "dynamics.csv"
     TWIRL = "twirl.csv"

@@ -4,7 +4,13 @@ Input rows are ``summary.csv`` rows (strings as read back, or the values just co
 only ``ok`` rows with a known step take part. ``first_step_below`` is the first step
 whose REE is at or below the threshold: the paper's "≤ 2 % within N steps";
 ``first_step_stays_below`` the step from which every later checkpoint is below it too
-(robust to a noisy dip).
+(robust to a noisy dip); ``dip_step`` the step of the lowest REE (``min_rel_equiv_error``).
+
+The efficiency view (:func:`efficiency_rows`): held-out ``L_aug`` against wall-clock time
+(hours since each run's first checkpoint, from the checkpoints' modification times), and,
+for a target loss every run reaches, the time each run needs and the speed-up the slower
+ones would need to match the fastest — the "efficiency gap" between, say, a
+non-equivariant model and an equivariant one.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from rich.text import Text
 from equiaudit.report.table import format_interval, format_percent
 
 __all__ = [
-    "X_AXES", "X_LABELS", "COMPARE_COLUMNS", "Trajectory", "epochs_only", "trajectories", "compare_rows",
+    "X_AXES", "X_LABELS", "COMPARE_COLUMNS", "EFFICIENCY_COLUMNS", "Trajectory", "epochs_only", "trajectories",
+    "compare_rows", "efficiency_rows",
     "unique_names", "sparkline", "compare_table",
 ]
 
@@ -31,8 +38,9 @@ X_LABELS = {"step": "training step", "epoch": "epoch", "time": "time since first
 _FIRST_X_COLUMN = {"epoch": "first_epoch_below", "time": "first_hours_below"}
 COMPARE_COLUMNS = (
     "run", "head", "threshold", "first_step_below", "final_step", "final_rel_equiv_error", "min_rel_equiv_error",
-    "first_step_stays_below", "final_ci_low", "final_ci_high", "n_checkpoints",
+    "first_step_stays_below", "final_ci_low", "final_ci_high", "n_checkpoints", "dip_step",
 )
+EFFICIENCY_COLUMNS = ("run", "head", "loss_target", "hours_to_target", "speedup_needed", "final_loss_aug", "final_hours")
 _SERIES = ("rel_equiv_error", "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "loss_aug", "loss_sym", "equiv_error")
 
 
@@ -117,12 +125,50 @@ def compare_rows(trajs: Sequence[Trajectory], *, threshold: float, x: str = "ste
             "final_ci_low": t.series["rel_equiv_error_ci_low"][-1],
             "final_ci_high": t.series["rel_equiv_error_ci_high"][-1],
             "n_checkpoints": len(t.steps),
+            "dip_step": t.steps[min(range(len(t.ree)), key=lambda i: t.ree[i] if not math.isnan(t.ree[i]) else math.inf)]
+            if any(not math.isnan(r) for r in t.ree) else None,
         }
         if x != "step":
             first_x = next((t.x[i] for i in below if not math.isnan(t.x[i])), None)
             row[_FIRST_X_COLUMN[x]] = int(first_x) if x == "epoch" and first_x is not None else first_x
         out.append(row)
     return out
+
+
+def _time_to(hours: Sequence[float], losses: Sequence[float], target: float) -> float:
+    """First time the loss is at or below ``target``, interpolated linearly in log loss
+    between the checkpoints around the crossing; NaN if never."""
+    previous = None
+    for h, loss in zip(hours, losses):
+        if math.isnan(h) or not loss > 0:
+            continue
+        if loss <= target:
+            if previous is None or previous[1] <= target:
+                return h
+            (h0, l0), (h1, l1) = previous, (h, loss)
+            f = (math.log(l0) - math.log(target)) / (math.log(l0) - math.log(l1))
+            return h0 + f * (h1 - h0)
+        previous = (h, loss)
+    return math.nan
+
+
+def efficiency_rows(trajs: Sequence[Trajectory]) -> list[dict]:
+    """Per run (``total`` head; ``trajs`` on the ``time`` axis): hours to reach the lowest held-out
+    ``L_aug`` that every run reaches, and the speed-up each would need to match the fastest."""
+    shown = [t for t in trajs if t.head == "total" and any(not math.isnan(x) for x in t.x)]
+    if not shown:
+        return []
+    best = {t.run: min((v for v in t.series["loss_aug"] if v > 0), default=math.nan) for t in shown}
+    target = max(best.values())  # the lowest loss that every run reaches
+    hours = {t.run: _time_to(t.x, t.series["loss_aug"], target) for t in shown}
+    fastest = min((h for h in hours.values() if not math.isnan(h)), default=math.nan)
+    rows = []
+    for t in shown:
+        h = hours[t.run]
+        rows.append({"run": t.run, "head": t.head, "loss_target": target, "hours_to_target": h,
+                     "speedup_needed": h / fastest if fastest > 0 and not math.isnan(h) else (1.0 if h == fastest else math.nan),
+                     "final_loss_aug": t.series["loss_aug"][-1], "final_hours": t.x[-1]})
+    return rows
 
 
 def unique_names(runs: Sequence[tuple[str, Path]]) -> list[str]:
@@ -182,7 +228,7 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
     table = Table(title=None if title is None else Text(title), header_style="bold",
                   caption=f"REE curve per checkpoint, log scale {format_percent(low)} ▁ … █ {format_percent(high)}")
     for name, justify in (("run", "left"), ("head", "left"), ("≤ threshold at step", "right"), ("final step", "right"),
-                          ("final REE", "right"), ("95 % CI", "right"), ("min REE", "right"), ("REE curve", "left")):
+                          ("final REE", "right"), ("95 % CI", "right"), ("min REE @ step", "right"), ("REE curve", "left")):
         table.add_column(name, justify=justify, no_wrap=True)
     previous = None
     for row in rows:
@@ -200,7 +246,7 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
             str(row["final_step"]),
             Text(format_percent(final), style="green" if final <= threshold else "red"),
             format_interval(row.get("final_ci_low"), row.get("final_ci_high")),
-            format_percent(row["min_rel_equiv_error"]),
+            format_percent(row["min_rel_equiv_error"]) + (f" @ {row['dip_step']}" if row.get("dip_step") not in (None, "") else ""),
             _coloured_curve(curves.get((row["run"], row["head"]), []), low, high, threshold),
         )
     return table

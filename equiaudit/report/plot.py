@@ -22,7 +22,7 @@ from pathlib import Path
 from equiaudit.io.atomic import atomic_write
 from equiaudit.report.compare import X_LABELS, Trajectory
 
-__all__ = ["trajectory_figure", "save_figure"]
+__all__ = ["trajectory_figure", "efficiency_figure", "save_figure"]
 
 
 def _finite(xs: Sequence[float], *columns: Sequence[float]) -> tuple[list, ...]:
@@ -97,6 +97,35 @@ def trajectory_figure(
     loss_ax.set_title("augmented loss, symmetrized loss, equivariance error")
     if shown:
         loss_ax.legend(fontsize="x-small", ncol=1 + len(shown) // 4)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def efficiency_figure(trajs: Sequence[Trajectory], rows: Sequence[dict], *, title: str | None = None):
+    """Held-out ``L_aug`` against wall-clock hours per run (``total``; ``trajs`` on the time
+    axis), the common target loss marked and each run's time to it (:func:`~equiaudit.report.compare.efficiency_rows`)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.subplots()
+    hours = {r["run"]: r for r in rows}
+    shown = [t for t in trajs if t.head == "total"]
+    for i, t in enumerate(shown):
+        xs, losses = _finite(t.x, t.series["loss_aug"])
+        row = hours.get(t.run, {})
+        label = t.run + (f": {row['hours_to_target']:.3g} h to target ({row['speedup_needed']:.3g}×)" if row else "")
+        ax.plot(xs, losses, "o-", color=f"C{i % 10}", markersize=4, label=label)
+    if rows:
+        ax.axhline(rows[0]["loss_target"], color="0.3", linestyle="--", linewidth=1, label="loss every run reaches")
+    ax.set_yscale("log")
+    ax.set_xscale("symlog", linthresh=max(1e-3, min((x for t in shown for x in t.x if x > 0), default=1.0)), linscale=0.4)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("wall-clock time since the run's first checkpoint (h; symlog)")
+    ax.set_ylabel("held-out L_aug (per sample)")
+    ax.set_title("efficiency: held-out loss per hour of training")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return fig
