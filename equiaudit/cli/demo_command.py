@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from equiaudit.io.data import load_dataset, save_npz
 from equiaudit.io.layout import OutputFolder
 from equiaudit.report.compare import compare_rows, trajectories
 from equiaudit.report.products import write_products
+from equiaudit.report.summary import read_rows
 from equiaudit.runner import Runner, RunEvents, open_audit
 from equiaudit.report.table import format_interval, format_number, format_percent
 from equiaudit.zoo.recipes import RECIPES, TASKS, Recipe, make_cluster_data, split
@@ -79,6 +81,8 @@ def _audit_config(recipe: Recipe, run_dir: Path, test_path: Path, seed: int) -> 
         config["heads"] = {name: dict(head) for name, head in recipe.audit["heads"].items()}
     if "voxel" in recipe.audit:
         config["voxel"] = dict(recipe.audit["voxel"])
+    if "dynamics" in recipe.audit:
+        config["dynamics"] = dict(recipe.audit["dynamics"])
     return config
 
 
@@ -138,10 +142,12 @@ def _audit_task(config_path: Path, device: str, progress: Progress):
     return audit, results, rows
 
 
-def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: float) -> Table:
+def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: float, dynamics: list[dict] = ()) -> Table:
     held = {r["step"]: r["held_out_loss"] for r in log}
+    ratio = {int(r["step"]): r["grad_norm_ratio"] for r in dynamics if r["head"] == "total" and r.get("step")}
     table = Table(title=f"{task}: REE over training", header_style="bold")
-    for name in ("step", "held-out loss", "L_aug", "L_sym", "REE", "95 % CI"):
+    names = ("step", "held-out loss", "L_aug", "L_sym", "REE", "95 % CI") + (("‖∇EE‖/‖∇L_sym‖",) if ratio else ())
+    for name in names:
         table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
         if row["head"] != "total":
@@ -149,9 +155,10 @@ def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: f
         step = int(row["step"])
         ree = float(row["rel_equiv_error"]) if row["status"] == "ok" else math.nan
         style = "green" if ree <= threshold else None
-        table.add_row(str(step), format_number(held.get(step)), format_number(row.get("loss_aug")),
-                      format_number(row.get("loss_sym")), format_percent(ree),
-                      format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high")), style=style)
+        cells = [str(step), format_number(held.get(step)), format_number(row.get("loss_aug")),
+                 format_number(row.get("loss_sym")), format_percent(ree),
+                 format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high"))]
+        table.add_row(*cells, *([format_number(ratio.get(step))] if ratio else []), style=style)
     return table
 
 
@@ -214,7 +221,9 @@ def run_demo_command(
         failed += sum(not r.ok for r in audit_results)
         group = f"{audit.plan.group.label}, K={audit.plan.group.n_elements}, N={len(audit.prepared)}"
         write_products(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
-        console.print(_trajectory_table(task, rows, log, threshold))
+        folder = OutputFolder(config_path.parent)
+        dynamics = read_rows(folder / folder.DYNAMICS)
+        console.print(_trajectory_table(task, rows, log, threshold, dynamics))
         verdict = _verdict(rows, threshold)
         seconds = time.perf_counter() - start
         if verdict.get("first_step_below") is not None:
@@ -225,6 +234,11 @@ def run_demo_command(
             line = f"REE never reached ≤ {100 * threshold:g} %; lowest {format_percent(verdict.get('min_rel_equiv_error'))}"
         console.print(f"[bold]→ {line}[/]; final {format_percent(verdict.get('final_rel_equiv_error'))} at step "
                       f"{verdict.get('final_step')} ({group}; {seconds:.0f} s). Written to {config_path.parent}/", highlight=False)
+        for meta in sorted((folder / folder.LANDSCAPE).glob("*.json")) if (folder / folder.LANDSCAPE).is_dir() else []:
+            grid = json.loads(meta.read_text())
+            console.print(f"  loss landscape at step {grid['step']} ({grid['n']}×{grid['n']}, Hessian directions λ = "
+                          f"{', '.join(f'{v:.3g}' for v in grid['eigenvalues'].values())}): quadratic-fit R² "
+                          f"L_sym {grid['r2_sym']:.3f}, EE {grid['r2_equiv']:.3f} → {meta.with_suffix('.png')}", highlight=False)
         if baseline is not None:
             final = [r for r in base_rows if r["head"] == "total"][-1]
             console.print(f"  equivariant baseline {baseline.builder}, same training, step {final['step']}: "

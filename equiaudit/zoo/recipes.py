@@ -105,7 +105,13 @@ RECIPES: dict[str, Recipe] = {
         builder="transformer_velocity",
         kwargs={"hidden": 64, "layers": 2},
         settings=TrainSettings(steps=2000, batch_size=32, lr=1e-3, ema_decay=EMA_DECAY),
-        audit={"group": {"name": "so3", "rotations": 16}, "samples": 128},
+        audit={
+            "group": {"name": "so3", "rotations": 16},
+            "samples": 128,
+            # Why symmetry is learned fast: the gradient split at every checkpoint, and one loss
+            # landscape along the Hessian's eigendirections at an early one (9×9, 32 samples).
+            "dynamics": {"gradients": True, "twirl": True, "landscape": [100], "grid": 9, "samples": 32},
+        },
         baseline="egnn_velocity",
         baseline_kwargs={"hidden": 32, "layers": 2},
     ),
