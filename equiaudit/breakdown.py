@@ -282,8 +282,9 @@ def breakdown_rows(stats: SampleStats, spec: OrbitSpec, options: BreakdownOption
 
 
 def split_fields(dataset: Mapping[str, torch.Tensor], options: BreakdownOptions) -> list[str]:
-    """The per-sample fields split by: ``t`` when present, then ``options.by`` (built-ins excluded)."""
-    names = ["t"] if "t" in dataset and dataset["t"].dim() == 1 else []
+    """The per-sample fields split by: ``t`` and ``sigma`` when present, then ``options.by`` (built-ins excluded)."""
+    # The task's own per-sample variables: flow time t, diffusion noise level sigma.
+    names = [n for n in ("t", "sigma") if n in dataset and dataset[n].dim() == 1]
     names += [b for b in options.by if b not in BUILTIN_SPLITS and b not in names]
     for name in names:
         if name not in dataset or dataset[name].dim() != 1:

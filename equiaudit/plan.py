@@ -76,6 +76,13 @@ class Prepared:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def n_samples(self) -> int:
+        """Samples, not rows: a sample evaluated at several fixed times (``flow.t``) or noise
+        levels (``diffusion.sigma``) is one cluster of rows."""
+        clusters = self.data.get(CLUSTER)
+        return len(self.ids) if clusters is None else int(torch.unique(clusters).numel())
+
     def head(self, n: int | None) -> Prepared:
         """The first ``n`` samples (all of them for None)."""
         if n is None or n >= len(self.ids):

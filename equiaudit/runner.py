@@ -154,7 +154,7 @@ def run_metadata(audit: OpenAudit, started: float) -> dict[str, Any]:
         "sampling": getattr(plan.group, "sampling", None),
         "n_rotations": plan.group.n_elements,
         "exact_group": plan.group.exact,
-        "n_samples": len(audit.prepared),
+        "n_samples": audit.prepared.n_samples,
         "batch_size": plan.batch_size,
         "heads": [{"name": h.name, "rep": h.rep, "target": h.target, "loss": h.loss, "weight": h.weight} for h in plan.spec.heads],
         "device": str(device),

@@ -37,7 +37,7 @@ def progress_bars(console: Console) -> Progress:
 
 def audit_title(audit: OpenAudit) -> str:
     group = audit.plan.group
-    return f"{audit.config.task} · {group.label} · K={group.n_elements} · N={len(audit.prepared)}"
+    return f"{audit.config.task} · {group.label} · K={group.n_elements} · N={audit.prepared.n_samples}"
 
 
 def _events(progress: Progress | None, console: Console, debug: bool, n_samples: int) -> RunEvents:
@@ -55,7 +55,7 @@ def _events(progress: Progress | None, console: Console, debug: bool, n_samples:
 
     def on_batch(done: int, total: int) -> None:
         if progress is not None:
-            progress.update(bars["samples"], completed=done)
+            progress.update(bars["samples"], completed=done, total=total)  # rows (fixed t: samples × times)
 
     def on_result(result: AuditResult) -> None:
         if not result.ok:
@@ -77,7 +77,7 @@ def audit_with_progress(audit: OpenAudit, refs, out: OutputFolder, *, force: boo
                         debug: bool = False) -> tuple[list[AuditResult], list[dict]]:
     """Run the checkpoints with progress bars and failures on ``console``; says how many were reused."""
     progress = progress_bars(console)
-    with progress, Runner(audit, out, force=force, events=_events(progress, console, debug, len(audit.prepared))) as runner:
+    with progress, Runner(audit, out, force=force, events=_events(progress, console, debug, audit.prepared.n_samples)) as runner:
         results, rows = runner.run(refs)
     if len(results) < len(refs):
         console.print(
@@ -111,7 +111,7 @@ _WEIGHTS = {"auto": "EMA where a checkpoint has it, else raw", "raw": "raw weigh
 def _banner(audit: OpenAudit) -> str:
     plan, config = audit.plan, audit.config
     prefix = f", key prefix {escape(repr(config.prefix))}" if config.prefix is not None else ""
-    return (f"task [bold]{escape(config.task)}[/] on {len(audit.prepared)} samples × {plan.group.n_elements} rotations "
+    return (f"task [bold]{escape(config.task)}[/] on {audit.prepared.n_samples} samples × {plan.group.n_elements} rotations "
             f"({escape(plan.group.label)}) on {plan.device}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}")
 
 
@@ -179,7 +179,7 @@ def run_audit_command(
 
     if watch:
         stderr.print(f"watching {escape(', '.join(paths))} every {interval:g} s: {_banner(audit)}; Ctrl-C to stop", highlight=False)
-        events = _events(None, stderr, debug, len(audit.prepared))
+        events = _events(None, stderr, debug, audit.prepared.n_samples)
         shown = events.on_result
         events.on_result = lambda result: (shown(result), render(result.rows()))
         events.on_cached = render

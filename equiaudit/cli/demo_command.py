@@ -219,7 +219,7 @@ def run_demo_command(
                 _, base_results, base_rows = _audit_task(base_config, device, progress)
                 audit_results += base_results
         failed += sum(not r.ok for r in audit_results)
-        group = f"{audit.plan.group.label}, K={audit.plan.group.n_elements}, N={len(audit.prepared)}"
+        group = f"{audit.plan.group.label}, K={audit.plan.group.n_elements}, N={audit.prepared.n_samples}"
         write_products(config_path.parent, title=f"{task} · {recipe.builder} · {group}", threshold=threshold)
         folder = OutputFolder(config_path.parent)
         dynamics = read_rows(folder / folder.DYNAMICS)
