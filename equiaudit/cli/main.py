@@ -41,6 +41,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Distribute(str, Enum):
+    auto = "auto"
+    samples = "samples"
+    checkpoints = "checkpoints"
+
+
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
@@ -113,6 +119,11 @@ def audit(
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
     local: Annotated[bool, typer.Option("--local", help="Add the local (Lie-derivative) equivariance error: local_equiv_error, rel_local_equiv_error.")] = False,
     by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
+    target_ci: Annotated[Optional[float], typer.Option("--target-ci", help="Add samples, in order, until the total REE's 95 % CI is at most ± W (a fraction: 0.002 = ±0.2 points), or the data run out.")] = None,
+    distribute: Annotated[Distribute, typer.Option("--distribute", help="Under torchrun or --shard: split each checkpoint's samples, whole checkpoints, or choose (auto).")] = Distribute.auto,
+    dist_timeout: Annotated[Optional[float], typer.Option("--dist-timeout", help="Under torchrun: seconds a rank waits for the others before failing (default 600).")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Audit part I/N into OUT/shards (array jobs, no torchrun); then `equiaudit merge OUT`.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model's forward (worth it for long audits on a GPU).")] = False,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
 
@@ -124,7 +135,8 @@ def audit(
         config_path=config,
         checkpoint_args=checkpoints or [],
         out=out,
-        overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by},
+        overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by,
+                   "target_ci": target_ci},
         device=device.value,
         output_format=output_format.value,
         stdout=stdout,
@@ -135,8 +147,25 @@ def audit(
         plot=plot,
         threshold=threshold,
         debug=_state["debug"],
+        options={"distribute": getattr(distribute, "value", distribute), "dist_timeout": dist_timeout, "shard": shard,
+                 "compile": compile_model},
     )
     raise typer.Exit(code)
+
+
+@app.command()
+@friendly_errors
+def merge(
+    out: Annotated[Path, typer.Argument(help="The OUT of `equiaudit audit --shard I/N` runs (with OUT/shards/).")],
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
+    threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
+):
+    """Combine the shards of an array job into OUT/summary.csv, breakdown.csv, run.json and the plot, as one process writes them."""
+    from equiaudit.cli.scale_command import run_merge_command
+
+    raise typer.Exit(run_merge_command(out=out, output_format=output_format.value, plot=plot, threshold=threshold,
+                                       stdout=stdout, stderr=stderr, debug=_state["debug"]))
 
 
 class XAxis(str, Enum):
