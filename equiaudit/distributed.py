@@ -137,6 +137,7 @@ class Session:
     def __init__(self, world: World, device: str, timeout: float):
         self.world, self.device, self.timeout = world, device, timeout
         self.backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+        self.doing = "the start"  # what this rank is at, for the message if it is stopped
 
     @property
     def rank(self) -> int:
@@ -257,7 +258,7 @@ def session(world: World, *, device: str = "auto", timeout: float = DEFAULT_TIME
     except (RuntimeError, ValueError, dist.DistError) as exc:
         raise DistributedError(f"rank {world.rank}: could not join the process group of {world.size} ranks "
                                f"({first_line(exc)})") from exc
-    with _stop_on_sigterm(world):
+    with _stop_on_sigterm(ours):
         try:
             yield ours
         finally:
@@ -266,7 +267,7 @@ def session(world: World, *, device: str = "auto", timeout: float = DEFAULT_TIME
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm(world: World):
+def _stop_on_sigterm(ses: Session):
     """SIGTERM (torchrun stopping every rank after one failed) → :class:`Stopped`, so the
     rank unwinds (the cache and the lock are closed) and says why it ended."""
     if threading.current_thread() is not threading.main_thread():
@@ -274,8 +275,8 @@ def _stop_on_sigterm(world: World):
         return
 
     def stop(signum, frame):
-        raise Stopped(f"rank {world.rank}: stopped by SIGTERM (torchrun ends every rank when one fails, or the job was "
-                      "cancelled); checkpoints finished before it are written: rerun the same command to resume")
+        raise Stopped(f"rank {ses.rank}: stopped by SIGTERM during {ses.doing} (torchrun ends every rank when one fails, "
+                      "or the job was cancelled); checkpoints finished before it are written: rerun the same command to resume")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -392,6 +393,7 @@ class DistributedRun:
         from equiaudit.runner import evaluate_share, finish_checkpoint
 
         ses, audit, main = self.session, self.audit, self.session.world.main
+        ses.doing = f"the audit of {ref.name}"
         if main and self.events.on_checkpoint:
             self.events.on_checkpoint(ref)
         rounds = _TargetRounds(ses, audit, ref.name) if audit.plan.target_ci is not None else None
@@ -413,13 +415,15 @@ class DistributedRun:
         for start in range(0, len(todo), ses.size):
             mine = start + ses.rank
             result = None
+            names = ", ".join(r.name for r in todo[start:start + ses.size])
+            ses.doing = f"the audit of {names}"
             if mine < len(todo):
                 ref = todo[mine]
                 if main and self.events.on_checkpoint:
                     self.events.on_checkpoint(ref)
                 result = audit_checkpoint(self.audit, ref, on_batch=self.events.on_batch if main else None,
                                           on_error=self.events.on_error)
-            gathered = ses.gather(result, f"the audit of {', '.join(r.name for r in todo[start:start + ses.size])}")
+            gathered = ses.gather(result, ses.doing)
             if main:
                 for ref, got in zip(todo[start:start + ses.size], gathered):
                     record(ref, got)

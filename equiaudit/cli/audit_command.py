@@ -139,17 +139,23 @@ def run_audit_command(
 ) -> int:
     """Body of ``equiaudit audit``; returns the exit code. ``options``: ``distribute``,
     ``dist_timeout``, ``shard``, ``compile`` (see :mod:`equiaudit.cli.scale_command`)."""
-    config = load_config(config_path, overrides)
-    paths = [str(p) for p in checkpoint_args] or ([str(config.checkpoints)] if config.checkpoints else [])
-    if not paths:
-        raise ConfigError("no checkpoints: give CHECKPOINT_PATH arguments or set checkpoints.path in the config")
-    if interval <= 0:
-        raise ConfigError(f"--interval={interval} must be a positive number of seconds")
-    if not 0 < threshold < 1:
-        raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
+
+    def settings():
+        config = load_config(config_path, overrides)
+        paths = [str(p) for p in checkpoint_args] or ([str(config.checkpoints)] if config.checkpoints else [])
+        if not paths:
+            raise ConfigError("no checkpoints: give CHECKPOINT_PATH arguments or set checkpoints.path in the config")
+        if interval <= 0:
+            raise ConfigError(f"--interval={interval} must be a positive number of seconds")
+        if not 0 < threshold < 1:
+            raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
+        return config, paths
+
     from equiaudit.cli.scale_command import scaled
 
+    # Under torchrun every rank checks the settings, and rank 0 alone reports what is wrong.
     with scaled(options or {}, device=device, watch=watch, stderr=stderr) as scale:
+        config, paths = scale.agree(settings, "reading the config")
         if scale.shard is not None:
             return scale.run_shard(config, paths, out, device=device, debug=debug)
         return _audit(config, paths, out, scale=scale, device=device, output_format=output_format, stdout=stdout,

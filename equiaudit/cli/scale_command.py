@@ -37,6 +37,10 @@ class LocalScale:
     def __init__(self, *, mode: str = "auto", compile_model: bool = False, stderr: Console | None = None):
         self.mode, self.compile_model, self.stderr = mode, compile_model, stderr
 
+    def agree(self, call, what: str):
+        """``call()``; under torchrun, on every rank, with one report of an error (see :meth:`Session.agree`)."""
+        return call()
+
     def discover(self, paths: Sequence[str]):
         return discover_checkpoints(paths)
 
@@ -82,6 +86,9 @@ class RankScale(LocalScale):
     @property
     def main(self) -> bool:
         return self.session.world.main
+
+    def agree(self, call, what: str):
+        return self.session.agree(call, what)
 
     def discover(self, paths: Sequence[str]):
         # One list for every rank: training may add checkpoints while the ranks start.
@@ -132,24 +139,30 @@ def scaled(options: Mapping[str, Any], *, device: str, watch: bool, stderr: Cons
     """The scale the options and the environment ask for; under ``torchrun``, inside its
     process group. ``options``: ``distribute`` (auto | samples | checkpoints),
     ``dist_timeout`` (seconds), ``shard`` ("I/N"), ``compile`` (bool)."""
-    mode = options.get("distribute") or "auto"
-    if mode not in MODES:
-        raise ConfigError(f"--distribute={mode!r} is not allowed; allowed: {', '.join(MODES)}")
-    timeout = float(options.get("dist_timeout") or DEFAULT_TIMEOUT)
-    shard = parse_shard(options["shard"]) if options.get("shard") else None
     world = World.from_env()
-    common = {"mode": mode, "compile_model": bool(options.get("compile")), "stderr": stderr}
-    if watch and (shard is not None or world.size > 1):
-        raise ConfigError("--watch runs in one process: drop --shard / torchrun, or audit the finished run without --watch")
-    if shard is not None and world.size > 1:
-        raise ConfigError(f"--shard {shard} under torchrun (WORLD_SIZE={world.size}): use one or the other")
+    timeout = options.get("dist_timeout")
+    timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+
+    def check() -> tuple[ShardSpec | None, dict[str, Any]]:
+        mode = options.get("distribute") or "auto"
+        if mode not in MODES:
+            raise ConfigError(f"--distribute={mode!r} is not allowed; allowed: {', '.join(MODES)}")
+        shard = parse_shard(options["shard"]) if options.get("shard") else None
+        if watch and (shard is not None or world.size > 1):
+            raise ConfigError("--watch runs in one process: drop --shard / torchrun, or audit the finished run without --watch")
+        if shard is not None and world.size > 1:
+            raise ConfigError(f"--shard {shard} under torchrun (WORLD_SIZE={world.size}): use one or the other")
+        return shard, {"mode": mode, "compile_model": bool(options.get("compile")), "stderr": stderr}
+
     if world.size <= 1:
+        shard, common = check()
         scale = LocalScale(**common)
         scale.shard = shard
         yield scale
         return
     try:
         with session(world, device=device, timeout=timeout) as ses:
+            _, common = ses.agree(check, "checking the options")
             yield RankScale(ses, **common)
     except Stopped as stop:
         stderr.print(f"[bold red]error:[/] {escape(stop.message)}", highlight=False, soft_wrap=True)
