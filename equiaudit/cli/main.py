@@ -147,7 +147,7 @@ def audit(
         plot=plot,
         threshold=threshold,
         debug=_state["debug"],
-        options={"distribute": getattr(distribute, "value", distribute), "dist_timeout": dist_timeout, "shard": shard,
+        options={"distribute": distribute.value, "dist_timeout": dist_timeout, "shard": shard,
                  "compile": compile_model},
     )
     raise typer.Exit(code)
