@@ -167,7 +167,8 @@ def run_shard(audit, refs: Sequence, out, shard: ShardSpec, *, mode: str = "auto
             events.on_result(share)
     manifest = {
         "format": SHARD_FORMAT, "version": SHARD_VERSION, "shard": shard.index, "of": shard.count, "mode": chosen,
-        "reason": reason, "config_hash": config_hash, "config": config.raw,
+        "reason": reason, "config_hash": config_hash, "breakdown": plan.breakdown_identity(audit.prepared.data),
+        "config": config.raw,
         "config_path": str(config.source.resolve()) if config.source else None, "cwd": os.getcwd(),
         "n_samples": len(audit.prepared), "batch_size": plan.batch_size, "n_batches": n_batches,
         "checkpoints": listed, "files": written, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -234,7 +235,8 @@ def _check_manifests(shards: Path, manifests: dict[tuple[int, int], dict[str, An
         raise ShardError(f"no finished shards in {shards}{hint}: run `equiaudit audit CFG --shard I/N --out OUT` for I = 1..N first")
     hashes = defaultdict(list)
     for part, data in manifests.items():
-        hashes[data.get("config_hash")].append(part)
+        # The breakdown options change the statistics' columns, not the settings hash: both must agree.
+        hashes[f"{data.get('config_hash')}, breakdown {data.get('breakdown')}"].append(part)
     if len(hashes) > 1:
         groups = "; ".join(f"{_names(parts)} (settings {h})" for h, parts in sorted(hashes.items(), key=lambda x: min(x[1])))
         raise ShardError(f"shards made with different settings in {shards}: {groups}; remove the stale ones and rerun")
@@ -253,7 +255,8 @@ def _check_manifests(shards: Path, manifests: dict[tuple[int, int], dict[str, An
 def merge_shards(out, *, events=None, device: str = "cpu"):
     """Combine the finished shards of ``OUT/shards`` into ``OUT``'s summary, breakdown,
     ``run.json`` and cache, through the runner's record path, as one process would have
-    written them. Returns ``(results, rows)`` as :meth:`~equiaudit.runner.Runner.run`.
+    written them. Returns ``(audit, results, rows)``: the re-opened
+    :class:`~equiaudit.runner.OpenAudit`, then as :meth:`~equiaudit.runner.Runner.run`.
 
     Raises :class:`ShardError` (one line, exit 2) for missing, duplicated or inconsistent
     shards before anything is written.
@@ -314,8 +317,8 @@ def merge_shards(out, *, events=None, device: str = "cpu"):
         absent = [b for b in range(n_batches) if b not in coverage]
         if absent:
             shown = ", ".join(map(str, absent[:5])) + (" …" if len(absent) > 5 else "")
-            owners = sorted({b % count + 1 for b in absent}) if first["mode"] == "samples" else []
-            who = f" (shard(s) {_names((i, count) for i in owners)} by the samples split)" if owners else ""
+            owners = sorted({b % count + 1 for b in absent}) if first["mode"] == "samples" else [order.index(key) % count + 1]
+            who = f" (shard(s) {_names((i, count) for i in owners)} by the {first['mode']} split)"
             raise ShardError(f"missing shards: {name} lacks batch(es) {shown} of {n_batches}{who}; rerun them")
         loaded[key] = pieces
     # Re-open the audit the shards ran (same raw settings, from the folder they ran in) to summarize.

@@ -250,6 +250,15 @@ def test_missing_duplicated_and_mismatched_shards_are_named(project, tmp_path):
     assert result.exit_code == 2 and "shards made with different settings" in result.output
     assert "1/2 (settings" in result.output and "2/2 (settings" in result.output
 
+    # Other breakdown options change the statistics, not the settings hash: still refused.
+    fourth = tmp_path / "fourth"
+    worst = tmp_path / "worst.yaml"
+    worst.write_text(config.read_text().replace("breakdown: {by: [angle, n_atoms]}", "breakdown: {by: [angle, n_atoms], worst: 2}"))
+    assert _shard(config, run, fourth, "1/2", "--distribute", "samples").exit_code == 0
+    assert _shard(worst, run, fourth, "2/2", "--distribute", "samples").exit_code == 0
+    result = CliRunner().invoke(app, ["merge", str(fourth)])
+    assert result.exit_code == 2 and "shards made with different settings" in result.output
+
     # Both halves of one split, then a part file copied under the other shard's name: doubled batches.
     third = tmp_path / "third"
     for part in ("1/2", "2/2"):
