@@ -138,6 +138,7 @@ class Session:
         self.world, self.device, self.timeout = world, device, timeout
         self.backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
         self.doing = "the start"  # what this rank is at, for the message if it is stopped
+        self.exiting = False  # unwinding with an error: a SIGTERM must not cut its message short
 
     @property
     def rank(self) -> int:
@@ -275,14 +276,21 @@ def _stop_on_sigterm(ses: Session):
         return
 
     def stop(signum, frame):
+        if ses.exiting:
+            return  # already on the way out with an error of its own: let it be reported
+        ses.exiting = True
         raise Stopped(f"rank {ses.rank}: stopped by SIGTERM during {ses.doing} (torchrun ends every rank when one fails, "
                       "or the job was cancelled); checkpoints finished before it are written: rerun the same command to resume")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except BaseException:
+        # torchrun sends SIGTERM as soon as any rank exits non-zero; this rank's one-line error is
+        # printed after it leaves the process group, so the handler stays, ignoring SIGTERM, until exit.
+        ses.exiting = True
+        raise
+    signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------- how to split
