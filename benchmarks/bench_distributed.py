@@ -1,10 +1,11 @@
 """One process against two torchrun ranks (gloo, CPU) on the same audit: speed-up, and every number compared.
 
-    python benchmarks/bench_distributed.py [--samples 256] [--rotations 16] [--repeats 3] [--modes samples,checkpoints]
+    python benchmarks/bench_distributed.py [--samples 256 | --pool 1000] [--rotations 16] [--repeats 3] [--modes samples,checkpoints]
 
 The audit is the flow-matching run of ``equiaudit train flow_matching --steps 300`` (trained
 once into ``--workdir`` if it is not there: about a minute on 2 cores): 5 checkpoints of a
-2-layer transformer, K = 16 rotations, ``--samples`` of the run's test file. Runs alternate
+2-layer transformer, K = 16 rotations, ``--samples`` of the run's test file (or ``--pool`` of its
+training file: a longer audit, so process start-up weighs less). Runs alternate
 (one, two ranks sharing samples, two ranks splitting checkpoints, one, ...) so they see the
 same machine load; each run writes a fresh ``OUT``. Every rank runs one intra-op thread, and
 so does the reference process ("one"); "one/T threads" is one process with all ``--threads``
@@ -42,6 +43,17 @@ def ensure_run(workdir: Path, steps: int) -> Path:
     return config
 
 
+def pool_config(config: Path, pool: int, workdir: Path) -> Path:
+    """The run's config, auditing ``pool`` samples of its *training* file (the test file has 256)."""
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    raw["data"] = {**raw["data"], "path": str(Path(raw["data"]["path"]).with_name("lj13_train.npz")), "samples": pool}
+    out = workdir / f"pool_{pool}.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
 def read(path: Path) -> list[dict]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -77,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "equiaudit_bench_fm")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--pool", type=int, help="audit this many samples of the run's training file (up to 1000)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads of the 'one/T threads' setup")
@@ -84,6 +97,8 @@ def main() -> None:
     parser.add_argument("--modes", default="samples,checkpoints")
     args = parser.parse_args()
     config = ensure_run(args.workdir, args.steps)
+    if args.pool:
+        config, args.samples = pool_config(config, args.pool, args.workdir), args.pool
     modes = [m for m in args.modes.split(",") if m]
     scratch = Path(tempfile.mkdtemp(prefix="bench_dist_"))
     base = ["audit", str(config), "--samples", str(args.samples), "--rotations", str(args.rotations), "--no-plot",
@@ -111,7 +126,7 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f}); "
-          f"{config.parent.name}: {len(read(last['one'] / 'summary.csv')) // 2} checkpoints, N={args.samples}, "
+          f"{config.name}: {len(read(last['one'] / 'summary.csv')) // 2} checkpoints, N={args.samples}, "
           f"K={args.rotations}; median of {args.repeats} interleaved runs; speed-ups against 'one' (1 thread)")
     print(f"{'setup':<18}{'wall s':>9}{'audit s':>9}{'speed-up wall':>15}{'speed-up audit':>16}")
     for name in runs:

@@ -26,22 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from bench_distributed import ensure_run
+from bench_distributed import ensure_run, pool_config
 from equiaudit.io.checkpoints import discover_checkpoints
 from equiaudit.io.config import load_config
 from equiaudit.plan import TARGET_MIN_SAMPLES
 from equiaudit.runner import audit_checkpoint, evaluate_share, open_audit
-
-
-def pool_config(config: Path, pool: int, workdir: Path) -> Path:
-    """The run's config, auditing ``pool`` samples of its training file."""
-    raw = yaml.safe_load(config.read_text())
-    raw["data"] = {**raw["data"], "path": str(Path(raw["data"]["path"]).with_name("lj13_train.npz")), "samples": pool}
-    out = workdir / "target_ci_pool.yaml"
-    out.write_text(yaml.safe_dump(raw))
-    return out
 
 
 def main() -> None:
