@@ -46,7 +46,7 @@ from equiaudit.errors import CheckpointError, ConfigError, DataError, EquiauditE
 
 __all__ = [
     "World", "Session", "session", "DistributedError", "Stopped", "choose_mode", "MODES", "DEFAULT_TIMEOUT",
-    "DistributedRun", "owns_batch", "exit_code",
+    "DistributedRun", "owns_batch", "exit_code", "Quiet",
 ]
 
 MODES = ("auto", "samples", "checkpoints")

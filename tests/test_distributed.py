@@ -158,6 +158,21 @@ def test_a_rank_killed_mid_audit_fails_clearly_and_a_rerun_resumes(project, tmp_
     assert_same_outputs(single, out)
 
 
+def test_a_checkpoint_failing_on_one_rank_fails_for_all_with_its_message(project, tmp_path):
+    root, config, _, _ = project
+    run = make_run(tmp_path, "partial", {10: 0.3, 1000: 0.01})
+    save_checkpoint(run, 100, 0.05, fail=True)  # raises in rank 1's forward passes only
+    out = tmp_path / "out"
+    proc = torchrun(*audit_args(config, run, out, "--distribute", "samples"), env={"KILL_RANK": "1"})
+    assert proc.returncode != 0  # exit 1 from rank 0: a checkpoint failed
+    assert "1 checkpoint(s) failed; the others were audited and written" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("injected failure on rank 1") == 1  # one message, from rank 0
+    totals = {r["checkpoint"]: r for r in rows(out / "summary.csv") if r["head"] == "total"}
+    assert totals["step_000100.pt"]["status"] == "model_error" and totals["step_000100.pt"]["rel_equiv_error"] == ""
+    assert "RuntimeError: injected failure on rank 1" in totals["step_000100.pt"]["message"]
+    assert totals["step_000010.pt"]["status"] == totals["step_001000.pt"]["status"] == "ok"
+
+
 @pytest.mark.slow
 def test_a_hung_rank_times_out_on_the_collective(project, tmp_path):
     root, config, _, _ = project
