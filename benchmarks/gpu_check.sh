@@ -1,10 +1,45 @@
 #!/usr/bin/env bash
-# One pass of the GPU checks: the CUDA tests, the benchmarks on the GPU, and a short demo.
-# Run from the repository root on a machine with CUDA (after the README's install).
+# One pass of the GPU checks, sized for about 10 minutes on one H200: the CUDA tests, the
+# GPU goals, and a short demo. Run from the repository root on a machine with CUDA (after the
+# README's install). Everything printed also goes to $OUT/gpu_check.log when OUT is set,
+# each benchmark's output to its own $OUT/<name>.txt. A step that fails or runs past its
+# time limit is reported and the next one still runs; the script exits 1 if any failed.
+#
+# Goals (README "Speed"):
+#   engine <= 1.05 x a plain forward, >= 50 x the naive loop   (bench_engine.py)
+#   exact cube rotations <= 1.5 x a clone of the same bytes     (bench_voxels.py)
+#   fused Triton voxel kernel vs grid_sample + transpose        (bench_voxels.py, when Triton imports)
+#   ~100M-parameter transformer at bf16: samples x rotations/s, engine/forward <= 1.05 (bench_throughput.py)
 set -uo pipefail
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python -m pytest -q -m gpu tests/test_gpu.py
-python benchmarks/bench_engine.py --device cuda --naive-repeats 1
-python benchmarks/bench_engine.py --device cuda --batch 1024 --rotations 32 --naive-repeats 0
-python benchmarks/bench_voxels.py --device cuda
-time equiaudit demo --device cuda --out /tmp/demo_gpu
+out="${OUT:-}"
+if [ -n "$out" ]; then mkdir -p "$out"; exec > >(tee "$out/gpu_check.log") 2>&1; fi
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  if [ -n "$out" ]; then
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"; rc=${PIPESTATUS[0]}
+  else
+    timeout "$limit" "$@"; rc=$?
+  fi
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" -eq 0 ] || failed+=("$name($rc)")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+python -c 'import triton; print("triton", triton.__version__)' 2>/dev/null || echo "triton: not installed (the fused voxel kernel is skipped)"
+
+step tests 150 python -m pytest -q -m gpu tests/test_gpu.py tests/test_voxels_kernel.py tests/test_fast.py
+step engine 90 python benchmarks/bench_engine.py --device cuda --naive-repeats 1
+step engine_large 60 python benchmarks/bench_engine.py --device cuda --batch 1024 --rotations 32 --naive-repeats 0
+step voxels 60 python benchmarks/bench_voxels.py --device cuda
+step voxels_64 60 python benchmarks/bench_voxels.py --device cuda --grid 64 --batch 4
+step throughput_bf16 120 python benchmarks/bench_throughput.py --device cuda --hidden 1024 --layers 12 --autocast bfloat16
+step throughput_bf16_compile 150 python benchmarks/bench_throughput.py --device cuda --hidden 1024 --layers 12 --autocast bfloat16 --compile --repeats 3
+step demo 240 equiaudit demo --device cuda --task flow_matching --out "${out:-/tmp}/demo_gpu"
+
+if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi
+echo "all GPU checks ran"

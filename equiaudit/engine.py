@@ -25,7 +25,8 @@ from equiaudit.groups import Group, make_group
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import OrbitTerms, orbit_terms, reduce_per_sample
 
-__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "call_model", "head_output", "head_weight", "model_dtype"]
+__all__ = ["HeadSpec", "OrbitSpec", "HeadBatch", "evaluate_orbits", "evaluate_round_trip", "call_model", "head_output", "head_weight",
+           "model_dtype", "orbit_inputs"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,12 @@ def _forward_orbit(model, spec: OrbitSpec, rotated: dict[str, torch.Tensor], nee
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
+def orbit_inputs(model: Callable, batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, spec: OrbitSpec) -> dict[str, torch.Tensor]:
+    """The model's inputs on every orbit element of a batch, ``{field: (B·K, ...)}``, cast to
+    the model's dtype: what :func:`evaluate_orbits` feeds the model."""
+    return _orbit_inputs(batch, rotations, spec, model_dtype(model))
+
+
 def _orbit_inputs(batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, spec: OrbitSpec, dtype: torch.dtype):
     """The model's inputs on every orbit element, flattened to ``(B·K, ...)``."""
     b, k = rotations.shape[:2]
@@ -174,11 +181,13 @@ def _orbit_inputs(batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, sp
     return rotated
 
 
-def _run_model(model, batch, rotations, spec: OrbitSpec, differentiable: bool = False) -> dict[str, torch.Tensor]:
-    """Forward the ``(B·K, ...)`` orbit inputs; returns the heads' outputs ``(B·K, ...)``
-    (detached unless ``differentiable``: then gradients flow to the model's parameters)."""
-    dtype = model_dtype(model)
-    rotated = _orbit_inputs(batch, rotations, spec, dtype)
+def _run_model(model, batch, rotations, spec: OrbitSpec, differentiable: bool = False,
+               rotated: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Forward the ``(B·K, ...)`` orbit inputs (``rotated``: built already, by
+    :func:`orbit_inputs`); returns the heads' outputs ``(B·K, ...)`` (detached unless
+    ``differentiable``: then gradients flow to the model's parameters)."""
+    if rotated is None:
+        rotated = _orbit_inputs(batch, rotations, spec, model_dtype(model))
     needed = {h.output_name for h in spec.heads}
     device_type = rotations.device.type
     autocast = torch.autocast(device_type, dtype=spec.autocast) if spec.autocast else contextlib.nullcontext()
@@ -262,6 +271,7 @@ def evaluate_orbits(
     *,
     differentiable: bool = False,
     keep_predictions: bool = False,
+    rotated: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, HeadBatch]:
     """Evaluate every head on the orbits of one batch: ``P[b, k] = g⁻¹·f(g·x[b])``.
 
@@ -272,12 +282,14 @@ def evaluate_orbits(
             same device; the spec's group says how they act and how to correct the mean.
         differentiable: keep the graph to the model's parameters (gradients of L_sym and EE).
         keep_predictions: return the orbit predictions ``(B, K, *E)`` in each HeadBatch.
+        rotated: the model's orbit inputs ``{field: (B·K, ...)}`` if built already
+            (:func:`orbit_inputs`, e.g. ahead, on a side CUDA stream); else built here.
 
     Returns:
         ``{head: HeadBatch}``, per-sample values ``(B,)`` in float64.
     """
     b, k = rotations.shape[:2]
-    outputs = _run_model(model, batch, rotations, spec, differentiable)
+    outputs = _run_model(model, batch, rotations, spec, differentiable, rotated)
     results = {}
     for head in spec.heads:
         out = head_output(head, outputs[head.output_name], batch[head.target], b * k)

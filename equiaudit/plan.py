@@ -39,6 +39,7 @@ from equiaudit.analysis import DynamicsOptions
 from equiaudit.breakdown import BUILTIN_SPLITS, BreakdownOptions, batch_columns, breakdown_rows, split_fields
 from equiaudit.engine import HeadSpec, OrbitSpec, evaluate_orbits, evaluate_round_trip
 from equiaudit.errors import ConfigError, DataError
+from equiaudit.fast import staged_batches
 from equiaudit.floor import FLOOR_COPIES, FLOOR_SAMPLES, flag, null_orbit_error
 from equiaudit.groups import GROUPS, Group, make_group
 from equiaudit.io.config import AuditConfig
@@ -60,6 +61,9 @@ DEFAULT_BATCH_SIZE = 64
 # A prepared field (R,) int64: the sample each row comes from, for tasks that evaluate a sample
 # on several rows (flow.t, diffusion.sigma); the interval then resamples clusters, not rows.
 CLUSTER = "cluster"
+
+# --target-ci never stops on fewer samples than this (see AuditPlan.target_reached).
+TARGET_MIN_SAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ class AuditPlan:
         dynamics: gradients, curvature, landscape, twirling (``--dynamics``; None: none).
         model_dtype: cast the model's floating parameters to this (None: keep its own).
         config: the settings the plan was resolved from (hash, ``run.json``), if any.
+        target_ci: ``--target-ci``: evaluate batches in order only until the total REE's 95 %
+            interval is at most ± this (REE fraction units); None: every sample.
     """
 
     spec: OrbitSpec
@@ -132,6 +138,7 @@ class AuditPlan:
     dynamics: DynamicsOptions | None = None
     model_dtype: torch.dtype | None = None
     config: AuditConfig | None = None
+    target_ci: float | None = None
 
     @property
     def group(self) -> Group:
@@ -208,32 +215,71 @@ class AuditPlan:
 
     # ------------------------------------------------------------------ evaluating
 
+    def n_batches(self, n_samples: int) -> int:
+        """How many batches :meth:`evaluate` cuts ``n_samples`` into (batch ``i`` holds samples
+        ``i·batch_size …``): the unit that ranks and shards divide."""
+        return -(-n_samples // self.batch_size)
+
     def evaluate(self, model: torch.nn.Module, prepared: Prepared, *, piece: int = 0,
                  on_batch: Callable[[int, int], None] | None = None,
-                 batches: Callable[[int], bool] | None = None) -> SampleStats:
+                 batches: Callable[[int], bool] | None = None,
+                 stop: Callable[[int, SampleStats], bool] | None = None) -> SampleStats:
         """Statistics of ``model`` on every batch of ``prepared`` (``on_batch(done, total)``
         reports progress in samples). ``batches(i)`` selects which batches to evaluate (a
-        rank's share of a sharded audit); all of them by default."""
+        rank's share of a sharded audit); all of them by default. ``stop(i, stats)``, called
+        after batch ``i`` (evaluated here or not), ends the evaluation when it returns True;
+        by default :meth:`target_reached` when :attr:`target_ci` is set."""
         stats = SampleStats(self.heads, piece)
+        if stop is None and self.target_ci is not None:
+            stop = lambda number, so_far: self.target_reached(so_far)  # noqa: E731
         with evaluation_mode(model):
-            for number, (batch, ids, elements, index) in enumerate(prepared.batches(self.batch_size)):
-                if batches is None or batches(number):
-                    self.evaluate_batch(model, batch, ids, elements, stats=stats, index=index)
+            # On CUDA the next batch is copied and rotated on a side stream meanwhile (equiaudit.fast).
+            for number, batch, ids, elements, index, rotated, chosen in staged_batches(self, model, prepared, batches):
+                if chosen:
+                    self.evaluate_batch(model, batch, ids, elements, stats=stats, index=index, rotated=rotated)
                 if on_batch is not None:
                     on_batch(min((number + 1) * self.batch_size, len(prepared)), len(prepared))
+                if stop is not None and stop(number, stats):
+                    break
         return stats
 
+    def target_reached(self, stats: SampleStats) -> bool:
+        """``--target-ci``: the 95 % interval of the total REE of ``stats`` is at most
+        ±:attr:`target_ci` (the interval :meth:`summarize` reports for them). Fewer than
+        :data:`TARGET_MIN_SAMPLES` samples never suffice: a bootstrap over a handful of
+        samples can be narrow by chance."""
+        if self.target_ci is None or stats.n_samples < TARGET_MIN_SAMPLES:
+            return False
+        low, high = self.total_interval(stats)
+        return math.isfinite(low) and math.isfinite(high) and (high - low) / 2 <= self.target_ci
+
+    def total_interval(self, stats: SampleStats) -> tuple[float, float]:
+        """The 95 % interval of the total REE of ``stats``, exactly as :meth:`summarize` makes it."""
+        samples = stats.finalized().tables["samples"].columns()
+        aug, error = self._weighted("loss_aug", samples)["total"], self._weighted("equiv_error", samples)["total"]
+        s = summarize_ratio(aug, error, n_bootstrap=self.bootstrap, generator=torch.Generator().manual_seed(self.seed))
+        return s.ci_low, s.ci_high
+
+    def _weighted(self, prefix: str, table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """``{"total", *heads}`` per-row values of the columns ``prefix/<head>`` (None when absent)."""
+        if f"{prefix}/{self.heads[0]}" not in table:
+            return None
+        weights = {h.name: h.weight for h in self.spec.heads}
+        return with_total({h: table[f"{prefix}/{h}"].double() for h in weights}, weights)
+
     def evaluate_batch(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], ids: torch.Tensor,
-                       elements: torch.Tensor, *, stats: SampleStats, index: torch.Tensor | None = None) -> SampleStats:
+                       elements: torch.Tensor, *, stats: SampleStats, index: torch.Tensor | None = None,
+                       rotated: Mapping[str, torch.Tensor] | None = None) -> SampleStats:
         """Evaluate one prepared batch (fields ``(B, ...)``, ids ``(B,)``, elements ``(B, K, ...)``,
         optional file indices ``(B,)``) into ``stats``. The model must be in eval mode on
-        :attr:`device` (see :func:`evaluation_mode`)."""
+        :attr:`device` (see :func:`evaluation_mode`). ``rotated``: the orbit inputs, if built
+        already (:func:`equiaudit.fast.staged_batches`)."""
         device = self.device
         batch = {k: v.to(device) for k, v in batch.items()}
         elements = elements.to(device)
         spec = self.spec
         ks = self.twirl_ks
-        results = evaluate_orbits(model, batch, elements, spec, keep_predictions=bool(ks))
+        results = evaluate_orbits(model, batch, elements, spec, keep_predictions=bool(ks), rotated=rotated)
         ids = ids.cpu()
         columns: dict[str, torch.Tensor] = {"id": ids, "origin": stats.origins(len(ids))}
         if CLUSTER in batch:
@@ -287,13 +333,7 @@ class AuditPlan:
         samples = stats.tables["samples"].columns()
         if not samples or len(samples["id"]) == 0:
             raise DataError("no samples were evaluated: the data is empty")
-        weights = {h.name: h.weight for h in self.spec.heads}
-
-        def weighted(prefix: str, table: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-            if f"{prefix}/{self.heads[0]}" not in table:
-                return None
-            return with_total({h: table[f"{prefix}/{h}"].double() for h in weights}, weights)
-
+        weighted = self._weighted
         augs, errors = weighted("loss_aug", samples), weighted("equiv_error", samples)
         floors = weighted("floor", stats.tables["floor"].columns())
         interps = weighted("interp", samples)
@@ -341,20 +381,25 @@ class AuditPlan:
         return rows
 
     def audit(self, model: torch.nn.Module, prepared: Prepared, *, step: int | None = None, **options) -> AuditResult:
-        """:meth:`evaluate` then :meth:`summarize`; with :attr:`dynamics`, also the gradient
-        split, curvature and (at the steps asked, or always for ``landscape: true``) the
-        landscape of this model (:func:`equiaudit.analysis.checkpoint_dynamics`)."""
-        from equiaudit.analysis import checkpoint_dynamics
-
+        """:meth:`evaluate`, :meth:`summarize` and :meth:`with_dynamics`."""
         start = time.perf_counter()
         stats = self.evaluate(model, prepared, **options)
         result = self.summarize(stats, seconds=time.perf_counter() - start)
-        wants = self.dynamics is not None and (self.dynamics.gradients or self.dynamics.hessian or self.dynamics.landscape_at(step))
-        if wants:
-            found = checkpoint_dynamics(self, model, prepared, self.dynamics, step=step)
-            result = dataclasses.replace(result, dynamics=found.rows, landscape=found.landscape,
-                                         seconds=time.perf_counter() - start)
-        return result
+        result = self.with_dynamics(result, model, prepared, step=step)
+        return dataclasses.replace(result, seconds=time.perf_counter() - start)
+
+    def with_dynamics(self, result: AuditResult, model: torch.nn.Module, prepared: Prepared, *,
+                      step: int | None = None) -> AuditResult:
+        """With :attr:`dynamics`: ``result`` plus the gradient split and curvature of ``model``
+        and, at the steps asked (always for ``landscape: true``), its landscape
+        (:func:`equiaudit.analysis.checkpoint_dynamics`); else ``result`` unchanged."""
+        from equiaudit.analysis import checkpoint_dynamics
+
+        options = self.dynamics
+        if options is None or not (options.gradients or options.hessian or options.landscape_at(step)):
+            return result
+        found = checkpoint_dynamics(self, model, prepared, options, step=step)
+        return dataclasses.replace(result, dynamics=found.rows, landscape=found.landscape)
 
 
 def _cluster_means(aug: torch.Tensor, error: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,4 +614,5 @@ def resolve(
         dynamics=None if config.dynamics is None else DynamicsOptions(**config.dynamics),
         model_dtype=getattr(torch, config.model.dtype) if config.model.dtype else None,
         config=config,
+        target_ci=config.target_ci,
     )

@@ -42,8 +42,10 @@ from equiaudit.io.models import build_model
 from equiaudit.plan import AuditPlan, Prepared, resolve
 from equiaudit.report.summary import merge_rows
 from equiaudit.result import AuditResult
+from equiaudit.stats import SampleStats
 
-__all__ = ["OpenAudit", "open_audit", "Runner", "RunEvents", "audit_checkpoint", "run_metadata"]
+__all__ = ["OpenAudit", "open_audit", "Runner", "RunEvents", "audit_checkpoint", "run_metadata", "CheckpointShare",
+           "evaluate_share", "finish_checkpoint"]
 
 
 @dataclass
@@ -56,15 +58,21 @@ class OpenAudit:
     prepared: Prepared
 
 
-def open_audit(config: AuditConfig, *, device: str | torch.device = "auto") -> OpenAudit:
-    """Load the config's data, build its model, resolve the plan and prepare the data."""
+def open_audit(config: AuditConfig, *, device: str | torch.device = "auto", compile: bool = False) -> OpenAudit:
+    """Load the config's data, build its model, resolve the plan and prepare the data
+    (pinned in host memory for a CUDA device: :mod:`equiaudit.fast`). ``compile``:
+    ``torch.compile`` the model's forward."""
+    from equiaudit.fast import compile_model, pinned
+
     dataset, index = load_dataset(
         config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True
     )
     plan = resolve(config, dataset, device=device)
-    prepared = plan.prepare(dataset, index=index)
+    prepared = pinned(plan.prepare(dataset, index=index), plan.device)
     model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
     model = model.to(device=plan.device, dtype=plan.model_dtype)
+    if compile:
+        model = compile_model(model)
     return OpenAudit(config, plan, model, prepared)
 
 
@@ -91,9 +99,39 @@ def audit_checkpoint(audit: OpenAudit, ref: CheckpointRef, *, on_batch=None,
                      on_error: Callable[[CheckpointRef, BaseException], None] | None = None) -> AuditResult:
     """Load one checkpoint into the model and audit it. Never raises for anything the
     checkpoint, the data or the model does: the failure becomes the result's status."""
+    share = evaluate_share(audit, ref, on_batch=on_batch, on_error=on_error)
+    return finish_checkpoint(audit, [share], ref=ref, on_error=on_error)
+
+
+@dataclass
+class CheckpointShare:
+    """One process's part of a checkpoint's audit (all of it in one process; a rank's or an
+    array-job shard's batches otherwise): the statistics of the batches it evaluated, or why
+    it failed. ``identity`` is the checkpoint's ``run``, ``checkpoint`` and ``step`` (the step
+    read from the file when it has one); ``batches`` the batch numbers it was given."""
+
+    identity: dict[str, Any]
+    batches: tuple[int, ...]
+    stats: SampleStats | None
+    status: str | None = None
+    message: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is None
+
+
+def evaluate_share(audit: OpenAudit, ref: CheckpointRef, *, batches: Callable[[int], bool] | None = None, piece: int = 0,
+                   stop: Callable[[int, SampleStats], bool] | None = None, on_batch=None,
+                   on_error: Callable[[CheckpointRef, BaseException], None] | None = None) -> CheckpointShare:
+    """Load ``ref`` into the model and evaluate the batches ``batches(i)`` selects (all by
+    default) into statistics tagged ``piece``; ``stop`` as :meth:`AuditPlan.evaluate`. Never
+    raises for the checkpoint, the data or the model: the failure is the share's status."""
     start = time.perf_counter()
     identity: dict[str, Any] = {"run": ref.run, "checkpoint": ref.name, "step": ref.step}
     config, plan = audit.config, audit.plan
+    chosen = tuple(i for i in range(plan.n_batches(len(audit.prepared))) if batches is None or batches(i))
     try:
         # The ref, not its path: discovery paired EMA siblings with their raw twins.
         loaded = read_checkpoint(ref, map_location=plan.device, weights=config.weights)
@@ -104,17 +142,48 @@ def audit_checkpoint(audit: OpenAudit, ref: CheckpointRef, *, on_batch=None,
         load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
         if plan.model_dtype is not None:
             audit.model.to(dtype=plan.model_dtype)
-        result = plan.audit(audit.model, audit.prepared, step=identity["step"], on_batch=on_batch)
-        return result.with_identity(**identity, seconds=time.perf_counter() - start)
+        stats = plan.evaluate(audit.model, audit.prepared, on_batch=on_batch, batches=batches, piece=piece, stop=stop)
+        return CheckpointShare(identity, chosen, stats, seconds=time.perf_counter() - start)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - one checkpoint's failure must never end the run
         if on_error is not None:
             on_error(ref, exc)
         status, message = _failure(exc, plan)
-        return AuditResult.failed(status, message, n_rotations=plan.group.n_elements, group=plan.group.name,
-                                  group_label=plan.group.label, config_hash=config.settings_hash(),
-                                  seconds=time.perf_counter() - start, **identity)
+        return CheckpointShare(identity, chosen, None, status, message, seconds=time.perf_counter() - start)
+
+
+def finish_checkpoint(audit: OpenAudit, shares: Sequence[CheckpointShare], *, ref: CheckpointRef | None = None,
+                      on_error: Callable[[CheckpointRef, BaseException], None] | None = None,
+                      model_loaded: bool = True) -> AuditResult:
+    """The result of a checkpoint from its shares (one per process that evaluated part of it):
+    the first failure if any share failed (every share then fails alike), else the summary of
+    their merged statistics — the figures one process evaluating every batch makes. With
+    ``--dynamics`` and the checkpoint's weights still in the model (``model_loaded``: not when
+    merging array-job shards), its gradient split, curvature and landscape are added here."""
+    config, plan = audit.config, audit.plan
+    identity = dict(shares[0].identity)
+    start = time.perf_counter()
+    seconds = max(share.seconds for share in shares)
+    failed = next((share for share in shares if not share.ok), None)
+    if failed is None:
+        try:
+            stats = SampleStats.merge([share.stats for share in shares])
+            result = plan.summarize(stats)
+            if model_loaded:
+                result = plan.with_dynamics(result, audit.model, audit.prepared, step=identity.get("step"))
+            return result.with_identity(**identity, seconds=seconds + time.perf_counter() - start)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - e.g. no samples: that checkpoint fails
+            if on_error is not None and ref is not None:
+                on_error(ref, exc)
+            status, message = _failure(exc, plan)
+    else:
+        status, message = failed.status, failed.message
+    return AuditResult.failed(status, message, n_rotations=plan.group.n_elements, group=plan.group.name,
+                              group_label=plan.group.label, config_hash=config.settings_hash(),
+                              seconds=seconds + time.perf_counter() - start, **identity)
 
 
 def _failure(exc: BaseException, plan: AuditPlan) -> tuple[str, str]:
@@ -182,6 +251,7 @@ class Runner:
         self.results: dict[str, AuditResult] = {}  # latest result per checkpoint path, evaluated now
         self.paths: dict[str, str] = {}
         self.cached: list[str] = []
+        self.metadata_extra: dict[str, Any] = {}  # added to run.json (how a run was distributed, --target-ci)
 
     def close(self) -> None:
         if self.cache is not None:
@@ -210,7 +280,13 @@ class Runner:
         if self.events.on_checkpoint:
             self.events.on_checkpoint(ref)
         result = audit_checkpoint(self.audit, ref, on_batch=self.events.on_batch, on_error=self.events.on_error)
-        result = result.with_identity(checkpoint_time=found.mtime if found is not None else None)
+        return self.complete(ref, found, key, result)
+
+    def complete(self, ref: CheckpointRef, found: Stamp | None, key: str | None, result: AuditResult) -> AuditResult:
+        """Add the checkpoint's epoch and time to a result evaluated here or elsewhere (ranks,
+        shards) and cache it when it succeeded. An epoch already set is kept."""
+        epoch = result.epoch if result.epoch is not None else ref.epoch
+        result = result.with_identity(epoch=epoch, checkpoint_time=found.mtime if found is not None else None)
         if result.ok and key is not None:
             extra = {"dynamics": result.dynamics_rows(), "twirl": result.twirl_rows(),
                      "landscape": [result.identity(), result.landscape] if result.landscape is not None else None}
@@ -249,9 +325,11 @@ class Runner:
         meta["prefix"] = self.audit.config.prefix
         # Reused from OUT/cache.sqlite: audited by an earlier run with the same settings.
         meta["cached_checkpoints"] = list(self.cached)
+        meta.update(self.metadata_extra)
         meta["checkpoints"] = [
             {"run": r.run, "name": r.checkpoint, "path": path, "step": r.step, "epoch": r.epoch, "status": r.status,
-             "message": r.message, "weights": r.weights, "weights_source": r.weights_source}
+             "message": r.message, "weights": r.weights, "weights_source": r.weights_source,
+             "n_samples": r.total.n_samples if r.ok and r.total is not None else None}
             for path, r in self.results.items()
         ]
         return meta
@@ -262,6 +340,21 @@ class Runner:
         """Audit ``refs``; checkpoints found in the cache are not evaluated (their stored rows
         are written again, unchanged). Returns the results evaluated now and the summary rows
         of all ``refs``."""
+        todo, cached_refs, cached = self.partition(refs)
+        self._record_cached(cached_refs, cached)
+        results, rows = [], [row for hit in cached for row in hit.rows]
+        for ref, found, key in todo:
+            result = self.evaluate(ref, found, key)
+            self.record([result], [ref])
+            results.append(result)
+            rows.extend(result.rows())
+            if self.events.on_result:
+                self.events.on_result(result)
+        return results, merge_rows([], rows)
+
+    def partition(self, refs: Sequence[CheckpointRef]):
+        """``(todo, cached_refs, cached)``: ``(ref, stamp, cache key)`` of the checkpoints to
+        evaluate, and the refs and stored results of those found in the cache."""
         todo, cached_refs, cached = [], [], []
         for ref in refs:
             try:
@@ -274,16 +367,7 @@ class Runner:
             else:
                 cached_refs.append(ref)
                 cached.append(hit)
-        self._record_cached(cached_refs, cached)
-        results, rows = [], [row for hit in cached for row in hit.rows]
-        for ref, found, key in todo:
-            result = self.evaluate(ref, found, key)
-            self.record([result], [ref])
-            results.append(result)
-            rows.extend(result.rows())
-            if self.events.on_result:
-                self.events.on_result(result)
-        return results, merge_rows([], rows)
+        return todo, cached_refs, cached
 
     def _warn(self, text: str) -> None:
         if self.events.on_warning:

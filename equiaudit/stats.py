@@ -140,6 +140,52 @@ class SampleStats:
         return out
 
 
+    def select_ids(self, keep) -> SampleStats:
+        """The rows (of every table) whose sample id satisfies ``keep(ids) -> bool mask``:
+        e.g. the first n samples, for ``--target-ci``'s prefix of a gathered round."""
+        out = SampleStats(self.heads, self.piece)
+        for name, table in self.tables.items():
+            if len(table):
+                out.tables[name] = table.select(keep(table.column("id")))
+        out._rows = self._rows
+        return out
+
+    # ------------------------------------------------------------------ plain state (shard files)
+
+    def to_state(self) -> dict:
+        """A plain form for ``torch.save``, loadable with ``torch.load(..., weights_only=True)``:
+        ``{"heads": [str], "piece": int, "rows": int, "tables": {table: {column: tensor}}}``
+        (each column one tensor, its parts concatenated)."""
+        return {
+            "heads": list(self.heads),
+            "piece": int(self.piece),
+            "rows": int(self._rows),
+            "tables": {name: {col: value.contiguous() for col, value in table.columns().items()}
+                       for name, table in self.tables.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> SampleStats:
+        """The inverse of :meth:`to_state` (checks the layout: a shard file is untrusted input)."""
+        if not isinstance(state, Mapping) or not {"heads", "piece", "rows", "tables"} <= set(state):
+            raise ValueError("not a SampleStats state: expected keys heads, piece, rows, tables")
+        heads, tables = state["heads"], state["tables"]
+        if not (isinstance(heads, list) and all(isinstance(h, str) for h in heads)) or not isinstance(tables, Mapping):
+            raise ValueError("not a SampleStats state: heads must be a list of names, tables a mapping")
+        out = cls(heads, int(state["piece"]))
+        out._rows = int(state["rows"])
+        for name, columns in tables.items():
+            if name not in cls.TABLES or not isinstance(columns, Mapping):
+                raise ValueError(f"not a SampleStats state: unknown table {name!r}")
+            if not all(isinstance(v, torch.Tensor) for v in columns.values()):
+                raise ValueError(f"not a SampleStats state: table {name!r} has a column that is not a tensor")
+            lengths = {len(v) for v in columns.values()}
+            if len(lengths) > 1 or (columns and "id" not in columns):
+                raise ValueError(f"not a SampleStats state: table {name!r} has ragged columns or no id")
+            out.tables[name] = Table({col: [value] for col, value in columns.items()})
+        return out
+
+
 def with_total(per_head: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """``{"total": Σ_h w_h · per_head[h], **per_head}``: the weighted total of the loss
     ``ℓ = Σ_h w_h ℓ_h`` (not divided by Σ w), for any per-sample (or per-rotation) value."""

@@ -30,9 +30,12 @@ TRAJECTORIES = {
 }
 
 KILL_VALUE = 123.0  # a checkpoint with matrix[2, 2] == KILL_VALUE SIGKILLs the auditing process
+HANG_VALUE = 321.0  # ... with HANG_VALUE makes it sleep (a hung rank)
+RAISE_VALUE = 213.0  # ... with RAISE_VALUE makes its forward raise (a model that fails)
+# With KILL_RANK=r in the environment, only the torch.distributed rank r is killed (or hangs).
 
 MODELS_PY = f'''
-import os, signal
+import os, signal, time
 import torch
 
 class LinearMap(torch.nn.Module):
@@ -41,8 +44,14 @@ class LinearMap(torch.nn.Module):
         self.matrix = torch.nn.Parameter(torch.eye(3))
 
     def forward(self, pos):
-        if float(self.matrix[2, 2]) == {KILL_VALUE}:  # test hook: an audit killed mid-checkpoint
+        hook = float(self.matrix[2, 2])
+        chosen = os.environ.get("KILL_RANK") in (None, os.environ.get("RANK"))
+        if hook == {KILL_VALUE} and chosen:  # test hook: an audit killed mid-checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
+        if hook == {HANG_VALUE} and chosen:  # test hook: a rank that stops answering
+            time.sleep(3600)
+        if hook == {RAISE_VALUE} and chosen:  # test hook: the model fails (on one rank)
+            raise RuntimeError("injected failure on rank " + str(os.environ.get("RANK")))
         return pos @ self.matrix.T
 
 def build():
@@ -58,11 +67,16 @@ def matrix_for(ree: float) -> torch.Tensor:
     return matrix
 
 
-def checkpoint_bytes(ree: float, *, epoch: int | None = None, kill: bool = False) -> bytes:
+def checkpoint_bytes(ree: float, *, epoch: int | None = None, kill: bool = False, hang: bool = False,
+                     fail: bool = False) -> bytes:
     """A state_dict, or a training dict with ``epoch`` when given, serialized."""
     matrix = matrix_for(ree).float()
     if kill:
         matrix[2, 2] = KILL_VALUE
+    if hang:
+        matrix[2, 2] = HANG_VALUE
+    if fail:
+        matrix[2, 2] = RAISE_VALUE
     obj = {"matrix": matrix} if epoch is None else {"state_dict": {"matrix": matrix}, "epoch": epoch}
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -178,6 +178,10 @@ def _resample(x: torch.Tensor, rotations: torch.Tensor, align_corners: bool) -> 
     s = _normalised_scale((d, h, w), align_corners).to(rotations.device)
     linear = rotations.to(torch.float64).transpose(-1, -2) * s / s[:, None]
     theta = torch.cat([linear, linear.new_zeros(n, m, 3, 1)], dim=-1)
+    from equiaudit.actions import voxel_kernel
+
+    if voxel_kernel.usable(x):  # opt-in fused kernel (EQUIAUDIT_VOXEL_KERNEL=triton); this path is its reference
+        return voxel_kernel.rotate_trilinear(x, theta, align_corners)
     theta = theta.reshape(n * m, 3, 4).to(device=x.device, dtype=x.dtype)
     points = F.affine_grid(theta, [n * m, 1, d, h, w], align_corners=align_corners)
     # Stack the M sampling grids along depth so the input is read in place, not copied M times.

@@ -16,7 +16,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from equiaudit.errors import ConfigError
-from equiaudit.io.checkpoints import discover_checkpoints
 from equiaudit.io.config import load_config
 from equiaudit.io.layout import OutputFolder
 from equiaudit.report.breakdown import print_breakdowns
@@ -25,9 +24,9 @@ from equiaudit.report.summary import read_rows
 from equiaudit.report.table import summary_table
 from equiaudit.report.tensorboard import require_tensorboard, write_tensorboard
 from equiaudit.result import AuditResult
-from equiaudit.runner import OpenAudit, Runner, RunEvents, open_audit
+from equiaudit.runner import OpenAudit, Runner, RunEvents
 
-__all__ = ["run_audit_command", "audit_with_progress", "progress_bars", "audit_title"]
+__all__ = ["run_audit_command", "audit_with_progress", "progress_bars", "audit_title", "report_rows"]
 
 
 def progress_bars(console: Console) -> Progress:
@@ -148,34 +147,47 @@ def run_audit_command(
     threshold: float = 0.02,
     debug: bool = False,
     tensorboard: Path | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> int:
-    """Body of ``equiaudit audit``; returns the exit code."""
-    config = load_config(config_path, overrides)
-    paths = [str(p) for p in checkpoint_args] or ([str(config.checkpoints)] if config.checkpoints else [])
-    if not paths:
-        raise ConfigError("no checkpoints: give CHECKPOINT_PATH arguments or set checkpoints.path in the config")
-    if interval <= 0:
-        raise ConfigError(f"--interval={interval} must be a positive number of seconds")
-    if not 0 < threshold < 1:
-        raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
-    if tensorboard is not None:
-        require_tensorboard()  # before the audit, not after it
+    """Body of ``equiaudit audit``; returns the exit code. ``options``: ``distribute``,
+    ``dist_timeout``, ``shard``, ``compile`` (see :mod:`equiaudit.cli.scale_command`)."""
+
+    def settings():
+        config = load_config(config_path, overrides)
+        paths = [str(p) for p in checkpoint_args] or ([str(config.checkpoints)] if config.checkpoints else [])
+        if not paths:
+            raise ConfigError("no checkpoints: give CHECKPOINT_PATH arguments or set checkpoints.path in the config")
+        if interval <= 0:
+            raise ConfigError(f"--interval={interval} must be a positive number of seconds")
+        if not 0 < threshold < 1:
+            raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
+        if tensorboard is not None:
+            require_tensorboard()  # before the audit, not after it
+        return config, paths
+
+    from equiaudit.cli.scale_command import scaled
+
+    # Under torchrun every rank checks the settings, and rank 0 alone reports what is wrong.
+    with scaled(options or {}, device=device, watch=watch, stderr=stderr) as scale:
+        config, paths = scale.agree(settings, "reading the config")
+        if scale.shard is not None:
+            return scale.run_shard(config, paths, out, device=device, debug=debug)
+        return _audit(config, paths, out, scale=scale, device=device, output_format=output_format, stdout=stdout,
+                      stderr=stderr, force=force, watch=watch, interval=interval, plot=plot, threshold=threshold, debug=debug,
+                      tensorboard=tensorboard)
+
+
+def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, force, watch, interval, plot, threshold,
+           debug, tensorboard=None) -> int:
     skipped: list = []
-    refs = [] if watch else discover_checkpoints(paths, skipped=skipped)  # in watch mode the run may still be empty
-    audit = open_audit(config, device=device)
+    refs = [] if watch else scale.discover(paths, skipped=skipped)  # in watch mode the run may still be empty
+    audit = scale.open(config, device)
     folder = OutputFolder(out)
     title = audit_title(audit)
 
     def render(rows: list[dict]) -> None:
-        if output_format == "json":
-            # --watch prints one compact array per batch of new rows (one JSON document per line).
-            print(json.dumps(rows, default=str, indent=None if watch else 2), flush=True)
-        else:
-            stdout.print(summary_table(rows, title=title, threshold=threshold))
-        write_products(folder, title=title, threshold=threshold, plot=plot)
-        if tensorboard is not None:
-            # The whole trajectory of these settings in OUT (cached checkpoints included), rewritten each time.
-            write_tensorboard(read_rows(folder.summary), tensorboard, config_hash=config.settings_hash())
+        _render(rows, folder, title=title, output_format=output_format, plot=plot, threshold=threshold, stdout=stdout,
+                compact=watch, tensorboard=tensorboard, config_hash=config.settings_hash())
 
     if watch:
         stderr.print(f"watching {escape(', '.join(paths))} every {interval:g} s: {_banner(audit)}; Ctrl-C to stop", highlight=False)
@@ -188,14 +200,47 @@ def run_audit_command(
         failed = sum(not r.ok for r in latest.values())
         stderr.print(f"stopped watching: {len(latest)} checkpoint(s) audited; results in {escape(str(folder.summary))}", highlight=False)
     else:
-        stderr.print(f"auditing {len(refs)} checkpoint(s) of {_banner(audit)}", highlight=False)
-        say_discovered(refs, skipped, stderr)
-        results, rows = audit_with_progress(audit, refs, folder, force=force, console=stderr, debug=debug)
-        render(rows)
-        breakdown = audit.plan.breakdown
-        if output_format != "json" and breakdown is not None and breakdown.by:
-            print_breakdowns(stdout, folder.breakdown, breakdown.by, config_hash=config.settings_hash())
-        failed = sum(not r.ok for r in results)
+        if scale.main:
+            stderr.print(f"auditing {len(refs)} checkpoint(s) of {_banner(audit)}", highlight=False)
+            say_discovered(refs, skipped, stderr)
+        results, rows = scale.audit(audit, refs, folder, force=force, console=stderr, debug=debug)
+        if not scale.main:
+            return 0  # rank 0 reports (and exits 1 when a checkpoint failed)
+        return report_rows(audit, folder, results, rows, output_format=output_format, stdout=stdout, stderr=stderr,
+                           plot=plot, threshold=threshold, tensorboard=tensorboard)
+    return _written(folder, failed, output_format=output_format, stdout=stdout, stderr=stderr, plot=plot, tensorboard=tensorboard)
+
+
+def report_rows(audit: OpenAudit, folder: OutputFolder, results: Sequence[AuditResult], rows: list[dict], *,
+                output_format: str, stdout: Console, stderr: Console, plot: bool, threshold: float,
+                tensorboard: Path | None = None) -> int:
+    """The end of an audit (or a merge): the table or JSON, the folder's products (plots,
+    report.html), the breakdowns asked for, what was written; returns the exit code (1 when a
+    checkpoint failed)."""
+    _render(rows, folder, title=audit_title(audit), output_format=output_format, plot=plot, threshold=threshold,
+            stdout=stdout, tensorboard=tensorboard, config_hash=audit.config.settings_hash())
+    breakdown = audit.plan.breakdown
+    if output_format != "json" and breakdown is not None and breakdown.by:
+        print_breakdowns(stdout, folder.breakdown, breakdown.by, config_hash=audit.config.settings_hash())
+    return _written(folder, sum(not r.ok for r in results), output_format=output_format, stdout=stdout, stderr=stderr,
+                    plot=plot, tensorboard=tensorboard)
+
+
+def _render(rows: list[dict], folder: OutputFolder, *, title: str, output_format: str, plot: bool, threshold: float,
+            stdout: Console, compact: bool = False, tensorboard: Path | None = None, config_hash: str | None = None) -> None:
+    if output_format == "json":
+        # --watch prints one compact array per batch of new rows (one JSON document per line).
+        print(json.dumps(rows, default=str, indent=None if compact else 2), flush=True)
+    else:
+        stdout.print(summary_table(rows, title=title, threshold=threshold))
+    write_products(folder, title=title, threshold=threshold, plot=plot)
+    if tensorboard is not None:
+        # The whole trajectory of these settings in OUT (cached checkpoints included), rewritten each time.
+        write_tensorboard(read_rows(folder.summary), tensorboard, config_hash=config_hash)
+
+
+def _written(folder: OutputFolder, failed: int, *, output_format: str, stdout: Console, stderr: Console, plot: bool,
+             tensorboard: Path | None = None) -> int:
     if output_format != "json":
         written = [folder.summary, folder.run_json] + ([folder.plot] if plot else []) + [folder / folder.REPORT]
         written += [folder / name for name in (folder.DYNAMICS, folder.TWIRL) if (folder / name).is_file()]

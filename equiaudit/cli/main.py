@@ -45,6 +45,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Distribute(str, Enum):
+    auto = "auto"
+    samples = "samples"
+    checkpoints = "checkpoints"
+
+
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
@@ -126,6 +132,11 @@ def audit(
     prefix: Annotated[Optional[str], typer.Option("--prefix", help="Key prefix to strip from (or add to) the checkpoints' keys, e.g. 'model.' (checkpoints.prefix); matched automatically when unambiguous.")] = None,
     by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
     tensorboard: Annotated[Optional[Path], typer.Option("--tensorboard", help="Also write the REE trajectory as TensorBoard scalars (equiaudit/rel_equiv_error, ...) into DIR at the checkpoints' steps, e.g. the run's own log directory (needs the tensorboard package).")] = None,
+    target_ci: Annotated[Optional[float], typer.Option("--target-ci", help="Add samples, in order, until the total REE's 95 % CI is at most ± W (a fraction: 0.002 = ±0.2 points), or the data run out.")] = None,
+    distribute: Annotated[Distribute, typer.Option("--distribute", help="Under torchrun or --shard: split each checkpoint's samples, whole checkpoints, or choose (auto).")] = Distribute.auto,
+    dist_timeout: Annotated[Optional[float], typer.Option("--dist-timeout", help="Under torchrun: seconds a rank waits for the others before failing (default 600).")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Audit part I/N into OUT/shards (array jobs, no torchrun); then `equiaudit merge OUT`.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model's forward (worth it for long audits on a GPU).")] = False,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
 
@@ -138,7 +149,7 @@ def audit(
         checkpoint_args=checkpoints or [],
         out=out,
         overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by,
-                   "checkpoints.weights": weights, "checkpoints.prefix": prefix,
+                   "checkpoints.weights": weights, "checkpoints.prefix": prefix, "target_ci": target_ci,
                    **_dynamics_overrides(dynamics, hessian, params, track_params, landscape, landscape_grid)},
         device=device.value,
         output_format=output_format.value,
@@ -151,6 +162,8 @@ def audit(
         threshold=threshold,
         debug=_state["debug"],
         tensorboard=tensorboard,
+        options={"distribute": distribute.value, "dist_timeout": dist_timeout, "shard": shard,
+                 "compile": compile_model},
     )
     raise typer.Exit(code)
 
@@ -162,6 +175,21 @@ def _dynamics_overrides(dynamics, hessian, params, track_params, landscape, grid
     if not dynamics and all(v is None for v in keys.values()):
         return {}
     return {"dynamics": True if dynamics else None, **keys}
+
+
+@app.command()
+@friendly_errors
+def merge(
+    out: Annotated[Path, typer.Argument(help="The OUT of `equiaudit audit --shard I/N` runs (with OUT/shards/).")],
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
+    threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
+):
+    """Combine the shards of an array job into OUT/summary.csv, breakdown.csv, run.json and the plot, as one process writes them."""
+    from equiaudit.cli.scale_command import run_merge_command
+
+    raise typer.Exit(run_merge_command(out=out, output_format=output_format.value, plot=plot, threshold=threshold,
+                                       stdout=stdout, stderr=stderr, debug=_state["debug"]))
 
 
 class XAxis(str, Enum):

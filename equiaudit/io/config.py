@@ -40,7 +40,7 @@ __all__ = [
 BASE_KEYS = (
     "task", "model", "checkpoints", "data", "fields", "heads", "group", "seed",
     "batch_size", "chunk_size", "bootstrap", "mask", "name", "local", "breakdown",
-    "float_floor", "interp_floor", "dynamics",
+    "float_floor", "interp_floor", "dynamics", "target_ci",
 )
 MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
 DATA_KEYS = ("path", "keys", "samples", "subset_seed")
@@ -132,6 +132,7 @@ class AuditConfig:
     interp_floor: str | bool = "auto"
     dynamics: dict[str, Any] | None = None  # the dynamics section, normalised (None: not asked)
     breakdown: dict[str, Any] = field(default_factory=dict)
+    target_ci: float | None = None  # --target-ci: samples in order until the total REE's 95 % CI is ± this
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -399,6 +400,13 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
     interp = top.get("interp_floor", "auto")
     if interp not in INTERP_FLOOR:
         raise ConfigError(f"config: interp_floor={interp!r} is not allowed; allowed: auto, true, false")
+    target_ci = top.get("target_ci")
+    if target_ci is not None:
+        if isinstance(target_ci, bool) or not isinstance(target_ci, (int, float)) or not 0 < target_ci < 1:
+            raise ConfigError(f"config: target_ci={target_ci!r} must be a half-width in REE fraction units, "
+                              "between 0 and 1 (0.002 = ±0.2 percentage points)")
+        if top.get("bootstrap", 1000) == 0:
+            raise ConfigError("config: target_ci needs the bootstrap interval; bootstrap=0 turns it off")
     own_section = next((section for section, owner in sections.items() if owner == task), None)
     path = data.get("path")
     return AuditConfig(
@@ -431,6 +439,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         interp_floor=interp,
         dynamics=_parse_dynamics(top.get("dynamics")),
         breakdown=_parse_breakdown(top.get("breakdown")),
+        target_ci=None if target_ci is None else float(target_ci),
         source=source,
         raw=json.loads(json.dumps(dict(top), default=str)),
     )

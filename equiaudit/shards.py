@@ -1,0 +1,353 @@
+"""Array-job shards: ``equiaudit audit CFG --shard I/N`` audits part I of N into ``OUT/shards/``,
+``equiaudit merge OUT`` combines the N parts into what one process writes.
+
+Shards never talk to each other and never open ``OUT/cache.sqlite`` (SQLite's locks are not
+to be trusted across the nodes of a shared filesystem): each writes plain files, atomically
+(:mod:`equiaudit.io.atomic`), under names no other shard uses, so the N parts may run at
+the same time into one ``OUT``::
+
+    OUT/shards/<checkpoint key>.<I>-of-<N>.pt   one per (shard, checkpoint): the statistics
+                                                of the batches it evaluated, or its failure
+    OUT/shards/shard-<I>-of-<N>.json            written last: the shard finished, with its
+                                                settings and every checkpoint it considered
+
+A ``.pt`` file is ``torch.save`` of plain values — ``{"format", "version", "meta": JSON
+text, "stats": SampleStats.to_state() or None}`` — read back with ``weights_only=True``.
+The checkpoint key hashes its path, size, modification time and the settings hash.
+
+How the parts split the work is :func:`equiaudit.distributed.choose_mode`'s rule with N
+parts: batches ``i ≡ I−1 (mod N)`` of every checkpoint (samples), or checkpoints
+``j ≡ I−1 (mod N)`` whole (checkpoints). ``merge`` does not trust the split: it checks that
+the batches of every checkpoint are covered exactly once, by shards of one split made
+with the same settings, and names what is missing, duplicated or different (exit 2).
+A shard rerun skips the checkpoints it already wrote (a preempted array task resumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from equiaudit.errors import ConfigError, first_line
+
+__all__ = ["ShardSpec", "parse_shard", "run_shard", "merge_shards", "ShardError", "checkpoint_key", "SHARD_FORMAT"]
+
+SHARD_FORMAT = "equiaudit-shard"
+SHARD_VERSION = 1
+_MANIFEST = re.compile(r"^shard-(\d+)-of-(\d+)\.json$")
+_PART = re.compile(r"^([0-9a-f]{16})\.(\d+)-of-(\d+)\.pt$")
+
+
+class ShardError(ConfigError):
+    """Shards that cannot be merged: missing, duplicated, made with other settings, unreadable (exit 2)."""
+
+    status = "bad_shards"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Part ``index`` (1-based) of ``count``."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def part(self) -> int:
+        return self.index - 1
+
+
+def parse_shard(text: str) -> ShardSpec:
+    """``"I/N"`` with ``1 ≤ I ≤ N`` (SLURM's ``$SLURM_ARRAY_TASK_ID/N`` with ``--array=1-N``)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ConfigError(f"--shard={text!r} must be I/N with 1 ≤ I ≤ N, e.g. --shard 2/8")
+    return ShardSpec(int(match[1]), int(match[2]))
+
+
+def checkpoint_key(path: Path | str, size: int, mtime_ns: int, config_hash: str) -> str:
+    """16 hex digits naming one checkpoint file version under one set of settings."""
+    blob = json.dumps([os.path.abspath(path), size, mtime_ns, config_hash]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _manifest_name(shard: ShardSpec) -> str:
+    return f"shard-{shard.index}-of-{shard.count}.json"
+
+
+def _part_name(key: str, shard: ShardSpec) -> str:
+    return f"{key}.{shard.index}-of-{shard.count}.pt"
+
+
+def _ref_identity(ref, found) -> dict[str, Any]:
+    return {"path": os.path.abspath(ref.path), "name": ref.name, "run": ref.run, "step": ref.step,
+            "step_source": ref.step_source, "size": found.size if found else None,
+            "mtime_ns": found.mtime_ns if found else None}
+
+
+# ---------------------------------------------------------------------- one shard
+
+
+def run_shard(audit, refs: Sequence, out, shard: ShardSpec, *, mode: str = "auto", events=None,
+              on_mode: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """Audit part ``shard`` of ``refs`` into ``OUT/shards`` (see the module docstring).
+
+    Returns the manifest written. ``events`` (a :class:`~equiaudit.runner.RunEvents`):
+    ``on_checkpoint``, ``on_batch``, ``on_error`` and ``on_result`` (called with a checkpoint's
+    partial :class:`~equiaudit.runner.CheckpointShare`).
+    """
+    from equiaudit.distributed import choose_mode, owns_batch
+    from equiaudit.io.atomic import atomic_write, atomic_write_text
+    from equiaudit.io.cache import stamp
+    from equiaudit.io.layout import OutputFolder
+    from equiaudit.runner import RunEvents, evaluate_share
+
+    if audit.plan.target_ci is not None:
+        raise ConfigError("--target-ci does not combine with --shard: a shard cannot see the others' samples to stop; "
+                          "use torchrun, or a fixed --samples")
+    events = events or RunEvents()
+    folder = OutputFolder(out)
+    shards = folder.shards
+    shards.mkdir(parents=True, exist_ok=True)
+    config, plan = audit.config, audit.plan
+    config_hash = config.settings_hash()
+    n_batches = plan.n_batches(len(audit.prepared))
+    chosen, reason = choose_mode(mode, len(refs), n_batches, shard.count)
+    if on_mode is not None:
+        on_mode(chosen, reason)
+    listed, written = [], []
+    for number, ref in enumerate(refs):
+        found = stamp(ref.path)
+        identity = _ref_identity(ref, found)
+        key = checkpoint_key(ref.path, identity["size"] or 0, identity["mtime_ns"] or 0, config_hash)
+        identity["key"] = key
+        listed.append(identity)
+        if chosen == "checkpoints":
+            if not owns_batch(number, shard.part, shard.count):
+                continue
+            batches = None  # all of them
+        else:
+            batches = lambda i: owns_batch(i, shard.part, shard.count)  # noqa: E731
+        target = shards / _part_name(key, shard)
+        if found is not None and _finished(target):
+            written.append(target.name)  # this shard ran before and wrote it: resume
+            continue
+        if events.on_checkpoint:
+            events.on_checkpoint(ref)
+        share = evaluate_share(audit, ref, batches=batches, piece=shard.part, on_batch=events.on_batch,
+                               on_error=events.on_error)
+        epoch = share.identity.get("epoch", ref.epoch) if share.ok else None
+        meta = {
+            "shard": shard.index, "of": shard.count, "mode": chosen, "config_hash": config_hash, "checkpoint": identity,
+            "identity": share.identity, "batches": list(share.batches), "n_batches": n_batches, "status": share.status,
+            "message": share.message, "seconds": share.seconds, "epoch": epoch,
+        }
+        state = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "meta": json.dumps(meta, default=str),
+                 "stats": share.stats.to_state() if share.ok else None}
+        atomic_write(target, lambda handle: torch.save(state, handle))
+        written.append(target.name)
+        if events.on_result:
+            events.on_result(share)
+    manifest = {
+        "format": SHARD_FORMAT, "version": SHARD_VERSION, "shard": shard.index, "of": shard.count, "mode": chosen,
+        "reason": reason, "config_hash": config_hash, "breakdown": plan.breakdown_identity(audit.prepared.data),
+        "config": config.raw,
+        "config_path": str(config.source.resolve()) if config.source else None, "cwd": os.getcwd(),
+        "n_samples": len(audit.prepared), "batch_size": plan.batch_size, "n_batches": n_batches,
+        "checkpoints": listed, "files": written, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(shards / _manifest_name(shard), json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def _finished(path: Path) -> bool:
+    """A part file this shard wrote before, readable and successful (a failure is retried)."""
+    try:
+        meta, _ = _read_part(path)
+    except ShardError:
+        return False
+    return meta.get("status") is None
+
+
+# ---------------------------------------------------------------------- merging
+
+
+def _read_part(path: Path) -> tuple[dict[str, Any], Any]:
+    """``(meta, SampleStats or None)`` of one part file; :class:`ShardError` if it is not one."""
+    from equiaudit.stats import SampleStats
+
+    try:
+        with path.open("rb") as handle:
+            state = torch.load(io.BytesIO(handle.read()), weights_only=True, map_location="cpu")
+        if not isinstance(state, dict) or state.get("format") != SHARD_FORMAT:
+            raise ValueError("no equiaudit shard header")
+        if state.get("version") != SHARD_VERSION:
+            raise ValueError(f"shard format version {state.get('version')!r}; this equiaudit writes {SHARD_VERSION}")
+        meta = json.loads(state["meta"])
+        stats = None if state.get("stats") is None else SampleStats.from_state(state["stats"])
+        return meta, stats
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is named, with why
+        raise ShardError(f"{path}: not a readable shard file ({first_line(exc)}); remove it and rerun its shard") from None
+
+
+def _read_manifests(shards: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    manifests = {}
+    for path in sorted(shards.glob("shard-*-of-*.json")):
+        match = _MANIFEST.match(path.name)
+        if not match:
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("format") != SHARD_FORMAT:
+                raise ValueError("no equiaudit shard header")
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"{path}: not a readable shard manifest ({first_line(exc)}); rerun its shard") from None
+        manifests[(int(match[1]), int(match[2]))] = data
+    return manifests
+
+
+def _names(parts) -> str:
+    return ", ".join(f"{i}/{n}" for i, n in sorted(parts))
+
+
+def _check_manifests(shards: Path, manifests: dict[tuple[int, int], dict[str, Any]]) -> int:
+    """The split's N; :class:`ShardError` naming shards of several splits, other settings or missing ones."""
+    if not manifests:
+        pending = sorted(p.name for p in shards.glob("*.pt")) if shards.is_dir() else []
+        hint = f" ({len(pending)} part file(s) but no finished shard: still running or killed?)" if pending else ""
+        raise ShardError(f"no finished shards in {shards}{hint}: run `equiaudit audit CFG --shard I/N --out OUT` for I = 1..N first")
+    hashes = defaultdict(list)
+    for part, data in manifests.items():
+        # The breakdown options change the statistics' columns, not the settings hash: both must agree.
+        hashes[f"{data.get('config_hash')}, breakdown {data.get('breakdown')}"].append(part)
+    if len(hashes) > 1:
+        groups = "; ".join(f"{_names(parts)} (settings {h})" for h, parts in sorted(hashes.items(), key=lambda x: min(x[1])))
+        raise ShardError(f"shards made with different settings in {shards}: {groups}; remove the stale ones and rerun")
+    counts = {n for _, n in manifests}
+    if len(counts) > 1:
+        raise ShardError(f"duplicated shards in {shards}: parts of {len(counts)} different splits ({_names(manifests)}) "
+                         "cover the same samples; remove the stale split's files")
+    count = counts.pop()
+    missing = [(i, count) for i in range(1, count + 1) if (i, count) not in manifests]
+    if missing:
+        raise ShardError(f"missing shard(s) {_names(missing)} in {shards} (not run, still running, or killed): "
+                         f"run them, then merge again")
+    return count
+
+
+def merge_shards(out, *, events=None, device: str = "cpu"):
+    """Combine the finished shards of ``OUT/shards`` into ``OUT``'s summary, breakdown,
+    ``run.json`` and cache, through the runner's record path, as one process would have
+    written them. Returns ``(audit, results, rows)``: the re-opened
+    :class:`~equiaudit.runner.OpenAudit`, then as :meth:`~equiaudit.runner.Runner.run`.
+
+    Raises :class:`ShardError` (one line, exit 2) for missing, duplicated or inconsistent
+    shards before anything is written.
+    """
+    from equiaudit.io.cache import Stamp
+    from equiaudit.io.checkpoints import CheckpointRef
+    from equiaudit.io.config import parse_config
+    from equiaudit.io.layout import OutputFolder
+    from equiaudit.report.summary import merge_rows
+    from equiaudit.runner import CheckpointShare, Runner, RunEvents, finish_checkpoint, open_audit
+
+    events = events or RunEvents()
+    folder = OutputFolder(out)
+    shards = folder.shards
+    manifests = _read_manifests(shards)
+    count = _check_manifests(shards, manifests)
+    first = manifests[(1, count)]
+    # Every part file of a finished shard, by checkpoint key; parts of unfinished shards are ignored.
+    parts: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for (index, _), data in sorted(manifests.items()):
+        for name in data.get("files", []):
+            match = _PART.match(name)
+            if not match or (int(match[2]), int(match[3])) != (index, count):
+                raise ShardError(f"{shards / _manifest_name(ShardSpec(index, count))}: lists {name!r}, not one of its part files")
+            parts[match[1]].append((index, shards / name))
+    # The checkpoints: every shard must have considered the same ones.
+    seen: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for (index, _), data in sorted(manifests.items()):
+        for item in data.get("checkpoints", []):
+            if item["key"] not in seen:
+                seen[item["key"]] = item
+                order.append(item["key"])
+    for key in order:
+        without = [(i, count) for (i, _), data in manifests.items() if key not in {c["key"] for c in data["checkpoints"]}]
+        if without:
+            raise ShardError(f"{seen[key]['name']} ({seen[key]['path']}) was not seen by shard(s) {_names(without)} "
+                             "(a checkpoint added or rewritten while the shards ran?): rerun those shards")
+    loaded: dict[str, list[tuple[dict, Any]]] = {}
+    n_batches = int(first["n_batches"])
+    for key in order:
+        coverage: dict[int, list[int]] = defaultdict(list)
+        pieces = []
+        for index, path in sorted(parts.get(key, [])):
+            meta, stats = _read_part(path)
+            if meta.get("config_hash") != first["config_hash"]:
+                raise ShardError(f"{path}: made with other settings ({meta.get('config_hash')} vs {first['config_hash']}); "
+                                 "remove it and rerun its shard")
+            for batch in meta["batches"]:
+                coverage[int(batch)].append(index)
+            pieces.append((meta, stats))
+        name = seen[key]["name"]
+        doubled = {b: owners for b, owners in coverage.items() if len(owners) > 1}
+        if doubled:
+            batch, owners = min(doubled.items())
+            raise ShardError(f"duplicated shards: batch {batch} of {name} is in shards {_names((i, count) for i in owners)} "
+                             f"({len(doubled)} batch(es) doubled); remove the stale files and rerun those shards")
+        absent = [b for b in range(n_batches) if b not in coverage]
+        if absent:
+            shown = ", ".join(map(str, absent[:5])) + (" …" if len(absent) > 5 else "")
+            owners = sorted({b % count + 1 for b in absent}) if first["mode"] == "samples" else [order.index(key) % count + 1]
+            who = f" (shard(s) {_names((i, count) for i in owners)} by the {first['mode']} split)"
+            raise ShardError(f"missing shards: {name} lacks batch(es) {shown} of {n_batches}{who}; rerun them")
+        loaded[key] = pieces
+    # Re-open the audit the shards ran (same raw settings, from the folder they ran in) to summarize.
+    raw_source = first.get("config_path")
+    config = parse_config(first["config"], Path(raw_source) if raw_source else None)
+    if config.settings_hash() != first["config_hash"]:
+        raise ShardError(f"the shards' settings do not parse back to their hash {first['config_hash']} "
+                         "(a different equiaudit version?): rerun the shards with this one")
+    cwd = first.get("cwd")
+    with contextlib.chdir(cwd) if cwd and Path(cwd).is_dir() else contextlib.nullcontext():
+        audit = open_audit(config, device=device)
+    if audit.plan.n_batches(len(audit.prepared)) != n_batches:
+        raise ShardError(f"the data now gives {len(audit.prepared)} samples, the shards had {first['n_samples']}: "
+                         "the data file changed since the shards ran; rerun them")
+    results = []
+    with Runner(audit, folder, force=True, events=events) as runner:
+        runner.metadata_extra["shards"] = {"count": count, "mode": first["mode"], "reason": first.get("reason"),
+                                           "files": sum(len(p) for p in loaded.values())}
+        for key in order:
+            item = seen[key]
+            ref = CheckpointRef(Path(item["path"]), item["name"], item["run"], item["step"], item.get("step_source"))
+            shares = [CheckpointShare(meta["identity"], tuple(meta["batches"]), stats, meta["status"], meta["message"],
+                                      float(meta["seconds"])) for meta, stats in loaded[key]]
+            # The weights are not loaded here: the shards ran them; dynamics need --dynamics without --shard.
+            result = finish_checkpoint(audit, shares, ref=ref, on_error=events.on_error, model_loaded=False)
+            epoch = next((meta["epoch"] for meta, _ in loaded[key] if meta.get("epoch") is not None), None)
+            result = result.with_identity(epoch=epoch)
+            found = Stamp(item["size"], item["mtime_ns"]) if item.get("size") is not None else None
+            cache_key = runner.cache.key(ref, found) if runner.cache is not None and found is not None else None
+            result = runner.complete(ref, found, cache_key, result)
+            runner.record([result], [ref])
+            results.append(result)
+            if events.on_result:
+                events.on_result(result)
+    return audit, results, merge_rows([], [row for r in results for row in r.rows()])
