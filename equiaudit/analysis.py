@@ -171,7 +171,9 @@ def _landscape(objective, params, eigens: Mapping[str, dyn.HessianEigen], option
     values = eigen.eigenvalues.tolist()
     top, top_vector = values[0], eigen.eigenvectors[0]
     smallest = eigen.smallest_positive()
-    if smallest is not None and smallest[0] != top:
+    # The second direction: the smallest positive eigenvalue found, named for what it is (with
+    # only two eigenpairs computed it is simply the second largest).
+    if smallest is not None and smallest[0] != top and smallest[0] != values[1]:
         low, low_vector, second = smallest[0], smallest[1], "hessian_smallest_positive"
     else:
         low, low_vector, second = values[1], eigen.eigenvectors[1], "hessian_second"

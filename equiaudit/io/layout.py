@@ -28,6 +28,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -216,6 +217,8 @@ class OutputFolder:
         meta = {"run": identity["run"], "checkpoint": identity["checkpoint"], "step": identity.get("step"),
                 "config_hash": identity.get("config_hash"),
                 **{k: v for k, v in grid.items() if k not in ("alpha", "beta", "loss_sym", "equiv_error")}}
+        # Strict JSON: a figure not measured (NaN, ∞) is null, not the non-standard NaN token.
+        meta = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}
         atomic_write_text(stem.parent / f"{stem.name}.json", json.dumps(meta, indent=2, default=str) + "\n")
         return stem
 

@@ -1,0 +1,76 @@
+"""What does ``--dynamics`` add to an audit, in forward-equivalents of the audit's own orbit pass?
+
+One process, interleaved (A B C A B C ...), the demo's flow-matching transformer on LJ13
+clusters (same samples, rotations, seed):
+
+  orbit pass    the plan's evaluation alone (rotate, one forward of B·K inputs, statistics;
+                no floor): one forward-equivalent;
+  audit         ``equiaudit.audit`` as the CLI runs it (with the float floor, bootstrap);
+  + gradients   the same with ``dynamics={"twirl": False}``: the gradient split of L_sym and EE;
+  + twirl       with ``dynamics=True`` (gradient split and test-time twirling);
+
+and prints the medians and ``(audit with dynamics − audit) / orbit pass``: what the dynamics add
+in forward-equivalents (goal: at most ~3 for the gradients).
+
+    python benchmarks/bench_dynamics_audit.py [--samples 128] [--rotations 16] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import equiaudit
+from equiaudit.lj import LJ13, sample_clusters
+from equiaudit.zoo import transformer_velocity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--rotations", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    data = sample_clusters(args.samples, LJ13, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = transformer_velocity(hidden=64, layers=2)
+    settings = dict(task="flow_matching", rotations=args.rotations, seed=0, device="cpu")
+    auditor = equiaudit.Auditor(data, **settings)
+    plan = auditor.plan(model)
+    prepared = auditor.prepared(plan)
+    bare = plan.__class__(plan.spec, seed=plan.seed, batch_size=plan.batch_size, bootstrap=0, device=plan.device,
+                          task=plan.task, task_options=plan.task_options, float_floor=False)
+    with_grads = equiaudit.Auditor(data, dynamics={"twirl": False}, **settings)
+    with_twirl = equiaudit.Auditor(data, dynamics=True, **settings)
+    runs = {
+        "orbit pass": lambda: bare.evaluate(model, prepared),
+        "audit": lambda: auditor(model),
+        "audit + gradients": lambda: with_grads(model),
+        "audit + gradients + twirl": lambda: with_twirl(model),
+    }
+    for fn in runs.values():  # warm-up
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(v) for name, v in times.items()}
+    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"transformer_velocity(64, 2 layers), {sum(p.numel() for p in model.parameters())} parameters; "
+          f"N={args.samples} × K={args.rotations} rotations")
+    print(f"{'what':<28}{'median s':>10}{'forward-equivalents':>22}")
+    unit = median["orbit pass"]
+    for name in runs:
+        print(f"{name:<28}{median[name]:>10.4f}{median[name] / unit:>22.2f}")
+    print(f"gradients add          {(median['audit + gradients'] - median['audit']) / unit:.2f} forward-equivalents  (goal <= ~3)")
+    print(f"gradients + twirl add  {(median['audit + gradients + twirl'] - median['audit']) / unit:.2f} forward-equivalents")
+
+
+if __name__ == "__main__":
+    main()
