@@ -8,9 +8,13 @@ clusters (same samples, rotations, seed):
   audit         ``equiaudit.audit`` as the CLI runs it (with the float floor, bootstrap);
   + gradients   the same with ``dynamics={"twirl": False}``: the gradient split of L_sym and EE;
   + twirl       with ``dynamics=True`` (gradient split and test-time twirling);
+  split alone   the gradient split in a pass of its own (``plan.objective``: one differentiable
+                forward and two backward passes), what the audit did before it shared its forward;
 
 and prints the medians and ``(audit with dynamics − audit) / orbit pass``: what the dynamics add
-in forward-equivalents (goal: at most ~3 for the gradients).
+in forward-equivalents (goal: at most ~3 for the gradients). The split needs two vector-Jacobian
+products through the model (∇L_sym and ∇EE share no backward pass), so its floor is the model's
+two backward passes plus the graph's keep: "split alone" shows it.
 
     python benchmarks/bench_dynamics_audit.py [--samples 128] [--rotations 16] [--repeats 5]
 """
@@ -25,6 +29,8 @@ import time
 import torch
 
 import equiaudit
+from equiaudit import dynamics as dyn
+from equiaudit.plan import evaluation_mode
 from equiaudit.lj import LJ13, sample_clusters
 from equiaudit.zoo import transformer_velocity
 
@@ -46,11 +52,19 @@ def main() -> None:
                           task=plan.task, task_options=plan.task_options, float_floor=False)
     with_grads = equiaudit.Auditor(data, dynamics={"twirl": False}, **settings)
     with_twirl = equiaudit.Auditor(data, dynamics=True, **settings)
+    weights = {h.name: h.weight for h in plan.spec.heads}
+    params = list(model.parameters())
+
+    def split_alone():
+        with evaluation_mode(model):
+            return dyn.gradient_splits(plan.objective(model, prepared), params, weights)
+
     runs = {
         "orbit pass": lambda: bare.evaluate(model, prepared),
         "audit": lambda: auditor(model),
         "audit + gradients": lambda: with_grads(model),
         "audit + gradients + twirl": lambda: with_twirl(model),
+        "split alone": split_alone,
     }
     for fn in runs.values():  # warm-up
         fn()
@@ -69,6 +83,7 @@ def main() -> None:
     for name in runs:
         print(f"{name:<28}{median[name]:>10.4f}{median[name] / unit:>22.2f}")
     print(f"gradients add          {(median['audit + gradients'] - median['audit']) / unit:.2f} forward-equivalents  (goal <= ~3)")
+    print(f"the split alone costs  {median['split alone'] / unit:.2f} forward-equivalents  (its floor: 1 differentiable forward + 2 backward)")
     print(f"gradients + twirl add  {(median['audit + gradients + twirl'] - median['audit']) / unit:.2f} forward-equivalents")
 
 

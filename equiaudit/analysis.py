@@ -108,8 +108,12 @@ def _weight_columns(model: torch.nn.Module, globs: Sequence[str]) -> dict[str, f
     return out
 
 
-def checkpoint_dynamics(plan, model: torch.nn.Module, prepared, options: DynamicsOptions, *, step: int | None = None) -> CheckpointDynamics:
+def checkpoint_dynamics(plan, model: torch.nn.Module, prepared, options: DynamicsOptions, *, step: int | None = None,
+                        splits: Mapping[str, dyn.GradientSplit] | None = None) -> CheckpointDynamics:
     """The dynamics of ``model`` (loaded with one checkpoint) on the plan's prepared data.
+
+    ``splits``: the gradient split when it was accumulated during the audit's own evaluation
+    (:meth:`equiaudit.plan.AuditPlan.gradient_accumulator`); computed here otherwise.
 
     The model runs in eval mode with gradients enabled; its parameters are left exactly as
     they were (the landscape restores them bitwise) and no ``.grad`` is written.
@@ -128,7 +132,8 @@ def checkpoint_dynamics(plan, model: torch.nn.Module, prepared, options: Dynamic
                 yield (sum(weights[h] * parts[h][0] for h in weights), sum(weights[h] * parts[h][1] for h in weights))
 
         tracked = _weight_columns(model, options.track_params)
-        splits = dyn.gradient_splits(heads_objective, params, weights) if options.gradients else {}
+        if splits is None:
+            splits = dyn.gradient_splits(heads_objective, params, weights) if options.gradients else {}
         total_extra: dict[str, Any] = {}
         eigen = {}
         terms = (["sym", "equiv"] if options.hessian else []) + (["aug"] if options.landscape_at(step) else [])

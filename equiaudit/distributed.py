@@ -364,7 +364,7 @@ class DistributedRun:
         parted = runner.partition(refs) if runner is not None else None
         todo = ses.broadcast([ref for ref, _, _ in parted[0]] if parted else None, "the cache lookup")
         if runner is not None:
-            runner._record_cached(parted[1], parted[2])
+            runner.record_cached(parted[1], parted[2])
         n_batches = self.audit.plan.n_batches(len(self.audit.prepared))
         self.mode, self.reason = choose_mode(self.requested, len(todo), n_batches, ses.size)
         if runner is not None:

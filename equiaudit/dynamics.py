@@ -63,6 +63,7 @@ __all__ = [
     "GradientSplit",
     "gradient_split",
     "gradient_splits",
+    "GradientAccumulator",
     "HeadObjective",
     "hessian_vector_product",
     "LanczosResult",
@@ -316,41 +317,65 @@ def _split(total_sym: float, total_equiv: float, acc_sym: list[torch.Tensor], ac
     )
 
 
+class GradientAccumulator:
+    """``∇θ L_sym`` and ``∇θ EE`` per head, accumulated batch by batch from parts with their graph.
+
+    :meth:`add` takes one batch's ``{head: (loss_sym_part, equiv_error_part)}`` (as a
+    :data:`HeadObjective` yields) and runs, per head, ``autograd.grad(EE_h)`` then
+    ``autograd.grad(L_sym,h)`` through the shared graph (two backward passes per head; the
+    graph is freed after the last). The audit calls it on its own orbit forward pass, so the
+    split costs the backward passes only. :meth:`splits` gives every head's
+    :class:`GradientSplit` and the weighted ``total`` (``Σ_h w_h ∇(head)``, no pass of its own).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], weights: Mapping[str, float]):
+        self.params = _check_params(params)
+        self.weights = dict(weights)
+        self._acc = {h: ([torch.zeros_like(p, dtype=torch.float64) for p in self.params],
+                         [torch.zeros_like(p, dtype=torch.float64) for p in self.params]) for h in self.weights}
+        self._totals = {h: [0.0, 0.0] for h in self.weights}
+        self.rows = 0  # how many samples the parts added so far cover (the caller's count)
+
+    def add(self, parts: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rows: int = 0) -> None:
+        """Accumulate one batch's parts (``rows``: how many samples they cover, counted in :attr:`rows`)."""
+        self.rows += rows
+        heads = list(self.weights)
+        for i, head in enumerate(heads):
+            loss_sym, equiv_error = (_as_tensor(v) for v in parts[head])
+            last = i == len(heads) - 1
+            g_equiv = _grad(equiv_error, self.params, retain_graph=True)
+            g_sym = _grad(loss_sym, self.params, retain_graph=not last)
+            for a, g in zip(self._acc[head][0], g_sym):
+                a.add_(g.to(torch.float64))
+            for a, g in zip(self._acc[head][1], g_equiv):
+                a.add_(g.to(torch.float64))
+            self._totals[head][0] += float(loss_sym.detach())
+            self._totals[head][1] += float(equiv_error.detach())
+
+    def splits(self) -> dict[str, GradientSplit]:
+        """``{"total": GradientSplit, head: GradientSplit, ...}``."""
+        heads, w, acc, totals = list(self.weights), self.weights, self._acc, self._totals
+        device = self.params[0].device
+        out = {"total": _split(
+            sum(w[h] * totals[h][0] for h in heads), sum(w[h] * totals[h][1] for h in heads),
+            [sum(w[h] * acc[h][0][j] for h in heads) for j in range(len(self.params))],
+            [sum(w[h] * acc[h][1][j] for h in heads) for j in range(len(self.params))], device)}
+        for h in heads:
+            out[h] = _split(totals[h][0], totals[h][1], acc[h][0], acc[h][1], device)
+        return out
+
+
 def gradient_splits(objective: HeadObjective, params: Sequence[torch.Tensor], weights: Mapping[str, float]) -> dict[str, GradientSplit]:
     """:func:`gradient_split` for every head and for the weighted ``total`` from ONE forward
-    pass per batch: per batch and head, ``autograd.grad(EE_h)`` then ``autograd.grad(L_sym,h)``
-    through the shared graph (2 backward passes per head, ``two_pass`` as measured fastest);
-    the total's gradients are ``Σ_h w_h ∇(head)`` — no pass of their own.
+    pass per batch of ``objective`` (:class:`GradientAccumulator`: two backward passes per head).
 
     Returns:
         ``{"total": GradientSplit, head: GradientSplit, ...}``.
     """
-    params = _check_params(params)
-    heads = list(weights)
-    acc = {h: ([torch.zeros_like(p, dtype=torch.float64) for p in params],
-               [torch.zeros_like(p, dtype=torch.float64) for p in params]) for h in heads}
-    totals = {h: [0.0, 0.0] for h in heads}
+    accumulator = GradientAccumulator(params, weights)
     for parts in objective():
-        for i, head in enumerate(heads):
-            loss_sym, equiv_error = (_as_tensor(v) for v in parts[head])
-            last = i == len(heads) - 1
-            g_equiv = _grad(equiv_error, params, retain_graph=True)
-            g_sym = _grad(loss_sym, params, retain_graph=not last)
-            for a, g in zip(acc[head][0], g_sym):
-                a.add_(g.to(torch.float64))
-            for a, g in zip(acc[head][1], g_equiv):
-                a.add_(g.to(torch.float64))
-            totals[head][0] += float(loss_sym.detach())
-            totals[head][1] += float(equiv_error.detach())
-    device = params[0].device
-    out = {}
-    out["total"] = _split(
-        sum(weights[h] * totals[h][0] for h in heads), sum(weights[h] * totals[h][1] for h in heads),
-        [sum(weights[h] * acc[h][0][j] for h in heads) for j in range(len(params))],
-        [sum(weights[h] * acc[h][1][j] for h in heads) for j in range(len(params))], device)
-    for h in heads:
-        out[h] = _split(totals[h][0], totals[h][1], acc[h][0], acc[h][1], device)
-    return out
+        accumulator.add(parts)
+    return accumulator.splits()
 
 
 # ----------------------------------------------------------------------------- 2. curvature

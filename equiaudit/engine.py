@@ -114,6 +114,18 @@ class HeadBatch:
     pred: torch.Tensor | None = None  # (B, K, *E) orbit predictions mapped back, when kept
     target: torch.Tensor | None = None  # (B, *E) the target they were compared with, when kept
 
+    def detached(self) -> "HeadBatch":
+        """The same values cut from the autograd graph (the statistics of a differentiable pass need none)."""
+        return _detached(self)
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _detached(getattr(value, f.name)) for f in dataclasses.fields(value)})
+    return value
+
 
 def model_dtype(model: Callable) -> torch.dtype:
     """The dtype of the model's floating parameters (inputs are cast to it); default otherwise."""

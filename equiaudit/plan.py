@@ -223,20 +223,24 @@ class AuditPlan:
     def evaluate(self, model: torch.nn.Module, prepared: Prepared, *, piece: int = 0,
                  on_batch: Callable[[int, int], None] | None = None,
                  batches: Callable[[int], bool] | None = None,
-                 stop: Callable[[int, SampleStats], bool] | None = None) -> SampleStats:
+                 stop: Callable[[int, SampleStats], bool] | None = None,
+                 gradients: dyn.GradientAccumulator | None = None) -> SampleStats:
         """Statistics of ``model`` on every batch of ``prepared`` (``on_batch(done, total)``
         reports progress in samples). ``batches(i)`` selects which batches to evaluate (a
         rank's share of a sharded audit); all of them by default. ``stop(i, stats)``, called
         after batch ``i`` (evaluated here or not), ends the evaluation when it returns True;
-        by default :meth:`target_reached` when :attr:`target_ci` is set."""
+        by default :meth:`target_reached` when :attr:`target_ci` is set. ``gradients``
+        (:meth:`gradient_accumulator`): accumulate the gradient split from the same forward passes."""
         stats = SampleStats(self.heads, piece)
+        limit = self.split_rows(prepared)
         if stop is None and self.target_ci is not None:
             stop = lambda number, so_far: self.target_reached(so_far)  # noqa: E731
         with evaluation_mode(model):
             # On CUDA the next batch is copied and rotated on a side stream meanwhile (equiaudit.fast).
             for number, batch, ids, elements, index, rotated, chosen in staged_batches(self, model, prepared, batches):
                 if chosen:
-                    self.evaluate_batch(model, batch, ids, elements, stats=stats, index=index, rotated=rotated)
+                    self.evaluate_batch(model, batch, ids, elements, stats=stats, index=index, rotated=rotated,
+                                        gradients=gradients, rows=(number * self.batch_size, limit))
                 if on_batch is not None:
                     on_batch(min((number + 1) * self.batch_size, len(prepared)), len(prepared))
                 if stop is not None and stop(number, stats):
@@ -269,17 +273,39 @@ class AuditPlan:
 
     def evaluate_batch(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], ids: torch.Tensor,
                        elements: torch.Tensor, *, stats: SampleStats, index: torch.Tensor | None = None,
-                       rotated: Mapping[str, torch.Tensor] | None = None) -> SampleStats:
+                       rotated: Mapping[str, torch.Tensor] | None = None,
+                       gradients: dyn.GradientAccumulator | None = None, rows: tuple[int, int] = (0, 0)) -> SampleStats:
         """Evaluate one prepared batch (fields ``(B, ...)``, ids ``(B,)``, elements ``(B, K, ...)``,
         optional file indices ``(B,)``) into ``stats``. The model must be in eval mode on
         :attr:`device` (see :func:`evaluation_mode`). ``rotated``: the orbit inputs, if built
-        already (:func:`equiaudit.fast.staged_batches`)."""
+        already (:func:`equiaudit.fast.staged_batches`).
+
+        ``gradients``: the gradient split is accumulated from this same forward pass (kept
+        differentiable, then two backward passes per head); ``rows = (first, n)``: the batch's
+        first row's position and the number of leading rows the split covers (``dynamics.samples``).
+        """
         device = self.device
         batch = {k: v.to(device) for k, v in batch.items()}
         elements = elements.to(device)
         spec = self.spec
         ks = self.twirl_ks
-        results = evaluate_orbits(model, batch, elements, spec, keep_predictions=bool(ks), rotated=rotated)
+        first, n_rows = rows
+        differentiable = gradients is not None and first < n_rows
+        results = evaluate_orbits(model, batch, elements, spec, keep_predictions=bool(ks), rotated=rotated,
+                                  differentiable=differentiable)
+        # The statistics need no graph (the split, below, does); a grad model's floor and local pass enable their own.
+        self._record_batch(model, batch, ids, elements, {h: r.detached() for h, r in results.items()} if differentiable else results,
+                           stats, index)
+        if differentiable:
+            chosen = (first + torch.arange(len(ids), device=device) < n_rows).to(torch.float64)
+            gradients.add({h: (((r.loss_aug - r.equiv_error) * chosen).sum() / n_rows, (r.equiv_error * chosen).sum() / n_rows)
+                           for h, r in results.items()}, rows=int(chosen.sum()))
+        return stats
+
+    def _record_batch(self, model, batch, ids, elements, results, stats: SampleStats, index) -> None:
+        """The per-sample columns of one evaluated batch (and its floor, interpolation, local,
+        twirl and breakdown figures) into ``stats``."""
+        device, spec, ks = self.device, self.spec, self.twirl_ks
         ids = ids.cpu()
         columns: dict[str, torch.Tensor] = {"id": ids, "origin": stats.origins(len(ids))}
         if CLUSTER in batch:
@@ -296,7 +322,7 @@ class AuditPlan:
         for head_spec in spec.heads if ks else ():
             result = results[head_spec.name]
             try:
-                twirl = dyn.twirled_loss(result.pred, result.target, head_spec.loss, ks=ks, weight=result.weight,
+                twirl = dyn.twirled_loss(result.pred.detach(), result.target, head_spec.loss, ks=ks, weight=result.weight,
                                          exact=spec.group.exact, blocks=None if spec.group.exact else spec.group.blocks,
                                          huber_delta=head_spec.huber_delta, generator=torch.Generator().manual_seed(self.seed))
             except ValueError:
@@ -323,7 +349,6 @@ class AuditPlan:
                 errors = null_orbit_error(model, subset, ids[chosen].to(device), spec, seed=self.seed, n_copies=FLOOR_COPIES)
                 stats.tables["floor"].add(id=ids[chosen], origin=columns["origin"][chosen],
                                           **{f"floor/{h}": e for h, e in errors.items()})
-        return stats
 
     # ------------------------------------------------------------------ reducing
 
@@ -380,25 +405,51 @@ class AuditPlan:
                              "smallest_k_90": smallest})
         return rows
 
+    def gradient_accumulator(self, model: torch.nn.Module) -> dyn.GradientAccumulator | None:
+        """Where :meth:`evaluate` accumulates the gradient split (``dynamics.gradients``), over the
+        parameters ``dynamics.params`` selects; None when no split is asked for."""
+        from equiaudit.analysis import select_params
+
+        if self.dynamics is None or not self.dynamics.gradients:
+            return None
+        params = [p for _, p in select_params(model, self.dynamics.params)]
+        return dyn.GradientAccumulator(params, {h.name: h.weight for h in self.spec.heads})
+
+    def split_rows(self, prepared: Prepared) -> int:
+        """How many leading rows of ``prepared`` the gradient split covers (``dynamics.samples``, all by default)."""
+        samples = None if self.dynamics is None else self.dynamics.samples
+        return len(prepared) if samples is None else min(samples, len(prepared))
+
+    def accumulated_splits(self, gradients: dyn.GradientAccumulator | None, prepared: Prepared) -> dict | None:
+        """The split accumulated by :meth:`evaluate`, when it covered every row asked for; None
+        otherwise (no split asked, or the evaluation stopped early, e.g. at ``target_ci``, or
+        skipped batches): :meth:`with_dynamics` then computes it in a pass of its own."""
+        if gradients is None or gradients.rows != self.split_rows(prepared):
+            return None
+        return gradients.splits()
+
     def audit(self, model: torch.nn.Module, prepared: Prepared, *, step: int | None = None, **options) -> AuditResult:
-        """:meth:`evaluate`, :meth:`summarize` and :meth:`with_dynamics`."""
+        """:meth:`evaluate` (with the gradient split on the same forward passes, when asked),
+        :meth:`summarize` and :meth:`with_dynamics`."""
         start = time.perf_counter()
-        stats = self.evaluate(model, prepared, **options)
+        gradients = self.gradient_accumulator(model)
+        stats = self.evaluate(model, prepared, gradients=gradients, **options)
         result = self.summarize(stats, seconds=time.perf_counter() - start)
-        result = self.with_dynamics(result, model, prepared, step=step)
+        result = self.with_dynamics(result, model, prepared, step=step, splits=self.accumulated_splits(gradients, prepared))
         return dataclasses.replace(result, seconds=time.perf_counter() - start)
 
     def with_dynamics(self, result: AuditResult, model: torch.nn.Module, prepared: Prepared, *,
-                      step: int | None = None) -> AuditResult:
-        """With :attr:`dynamics`: ``result`` plus the gradient split and curvature of ``model``
-        and, at the steps asked (always for ``landscape: true``), its landscape
+                      step: int | None = None, splits: dict | None = None) -> AuditResult:
+        """With :attr:`dynamics`: ``result`` plus the gradient split (``splits`` if accumulated
+        during the evaluation, else computed here) and curvature of ``model`` and, at the steps
+        asked (always for ``landscape: true``), its landscape
         (:func:`equiaudit.analysis.checkpoint_dynamics`); else ``result`` unchanged."""
         from equiaudit.analysis import checkpoint_dynamics
 
         options = self.dynamics
         if options is None or not (options.gradients or options.hessian or options.landscape_at(step)):
             return result
-        found = checkpoint_dynamics(self, model, prepared, options, step=step)
+        found = checkpoint_dynamics(self, model, prepared, options, step=step, splits=splits)
         return dataclasses.replace(result, dynamics=found.rows, landscape=found.landscape)
 
 

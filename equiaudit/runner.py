@@ -99,7 +99,7 @@ def audit_checkpoint(audit: OpenAudit, ref: CheckpointRef, *, on_batch=None,
                      on_error: Callable[[CheckpointRef, BaseException], None] | None = None) -> AuditResult:
     """Load one checkpoint into the model and audit it. Never raises for anything the
     checkpoint, the data or the model does: the failure becomes the result's status."""
-    share = evaluate_share(audit, ref, on_batch=on_batch, on_error=on_error)
+    share = evaluate_share(audit, ref, on_batch=on_batch, on_error=on_error, gradients=True)
     return finish_checkpoint(audit, [share], ref=ref, on_error=on_error)
 
 
@@ -116,6 +116,7 @@ class CheckpointShare:
     status: str | None = None
     message: str | None = None
     seconds: float = 0.0
+    splits: dict | None = None  # the --dynamics gradient split, when accumulated on this share's forward passes
 
     @property
     def ok(self) -> bool:
@@ -124,10 +125,13 @@ class CheckpointShare:
 
 def evaluate_share(audit: OpenAudit, ref: CheckpointRef, *, batches: Callable[[int], bool] | None = None, piece: int = 0,
                    stop: Callable[[int, SampleStats], bool] | None = None, on_batch=None,
-                   on_error: Callable[[CheckpointRef, BaseException], None] | None = None) -> CheckpointShare:
+                   on_error: Callable[[CheckpointRef, BaseException], None] | None = None,
+                   gradients: bool = False) -> CheckpointShare:
     """Load ``ref`` into the model and evaluate the batches ``batches(i)`` selects (all by
-    default) into statistics tagged ``piece``; ``stop`` as :meth:`AuditPlan.evaluate`. Never
-    raises for the checkpoint, the data or the model: the failure is the share's status."""
+    default) into statistics tagged ``piece``; ``stop`` as :meth:`AuditPlan.evaluate`.
+    ``gradients``: accumulate the ``--dynamics`` gradient split on the same forward passes
+    (one process evaluating every batch). Never raises for the checkpoint, the data or the
+    model: the failure is the share's status."""
     start = time.perf_counter()
     identity: dict[str, Any] = {"run": ref.run, "checkpoint": ref.name, "step": ref.step}
     config, plan = audit.config, audit.plan
@@ -142,8 +146,11 @@ def evaluate_share(audit: OpenAudit, ref: CheckpointRef, *, batches: Callable[[i
         load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
         if plan.model_dtype is not None:
             audit.model.to(dtype=plan.model_dtype)
-        stats = plan.evaluate(audit.model, audit.prepared, on_batch=on_batch, batches=batches, piece=piece, stop=stop)
-        return CheckpointShare(identity, chosen, stats, seconds=time.perf_counter() - start)
+        accumulator = plan.gradient_accumulator(audit.model) if gradients else None
+        stats = plan.evaluate(audit.model, audit.prepared, on_batch=on_batch, batches=batches, piece=piece, stop=stop,
+                              gradients=accumulator)
+        return CheckpointShare(identity, chosen, stats, seconds=time.perf_counter() - start,
+                               splits=plan.accumulated_splits(accumulator, audit.prepared))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - one checkpoint's failure must never end the run
@@ -171,7 +178,8 @@ def finish_checkpoint(audit: OpenAudit, shares: Sequence[CheckpointShare], *, re
             stats = SampleStats.merge([share.stats for share in shares])
             result = plan.summarize(stats)
             if model_loaded:
-                result = plan.with_dynamics(result, audit.model, audit.prepared, step=identity.get("step"))
+                splits = shares[0].splits if len(shares) == 1 else None
+                result = plan.with_dynamics(result, audit.model, audit.prepared, step=identity.get("step"), splits=splits)
             return result.with_identity(**identity, seconds=seconds + time.perf_counter() - start)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -249,7 +257,6 @@ class Runner:
         self.breakdown_identity = audit.plan.breakdown_identity(audit.prepared.data)
         self.started = time.time()
         self.results: dict[str, AuditResult] = {}  # latest result per checkpoint path, evaluated now
-        self.paths: dict[str, str] = {}
         self.cached: list[str] = []
         self.metadata_extra: dict[str, Any] = {}  # added to run.json (how a run was distributed, --target-ci)
 
@@ -341,7 +348,7 @@ class Runner:
         are written again, unchanged). Returns the results evaluated now and the summary rows
         of all ``refs``."""
         todo, cached_refs, cached = self.partition(refs)
-        self._record_cached(cached_refs, cached)
+        self.record_cached(cached_refs, cached)
         results, rows = [], [row for hit in cached for row in hit.rows]
         for ref, found, key in todo:
             result = self.evaluate(ref, found, key)
@@ -373,7 +380,8 @@ class Runner:
         if self.events.on_warning:
             self.events.on_warning(text)
 
-    def _record_cached(self, refs: Sequence[CheckpointRef], cached: Sequence[CachedResult]) -> None:
+    def record_cached(self, refs: Sequence[CheckpointRef], cached: Sequence[CachedResult]) -> None:
+        """Write results reused from the cache into the folder (rank 0 of a distributed run too)."""
         if not cached:
             return
         self.cached.extend(str(ref.path) for ref in refs)
@@ -413,7 +421,7 @@ class Runner:
                         cached.append(hit)
                     elif tracker.ready(ref.path, found):
                         ready.append((ref, found, key))
-                self._record_cached(cached_refs, cached)
+                self.record_cached(cached_refs, cached)
                 for ref, found, key in ready:
                     if stop.is_set():
                         break

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import equiaudit
 from equiaudit.cli.main import app
+from equiaudit import dynamics
 from helpers import LinearMap, RadialScaling, random_matrix
 from run_helpers import make_run, write_config
 from test_api import SETTINGS, vectors
@@ -109,3 +110,60 @@ def test_cli_writes_dynamics_twirl_correlations_and_a_landscape_and_caches_them(
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "5 checkpoint(s) already audited" in again.output
     assert (out / "dynamics.csv").read_text() == before
+
+
+class GradientForces(torch.nn.Module):
+    """E = Σ_a x_aᵀ W x_a with a learned symmetric W (invariant only for W ∝ I); F = −∇E by autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, 0.1], [0.0, 0.1, 1.5]], dtype=torch.float64))
+
+    def forward(self, pos):
+        energy = torch.einsum("bai,ij,baj->b", pos, self.w, pos)
+        return energy, -torch.autograd.grad(energy.sum(), pos, create_graph=True)[0]
+
+
+def _separate_split(auditor, model, samples):
+    """The split from a pass of its own (plan.objective), as before the audit shared its forward."""
+    from equiaudit import dynamics as dyn
+    from equiaudit.plan import evaluation_mode
+
+    plan = auditor.plan(model)
+    weights = {h.name: h.weight for h in plan.spec.heads}
+    with evaluation_mode(model):
+        return dyn.gradient_splits(plan.objective(model, auditor.prepared(plan), samples=samples),
+                                   list(model.parameters()), weights)
+
+
+@pytest.mark.parametrize("case", ["linear", "autograd_forces"])
+def test_the_split_shared_with_the_audit_forward_equals_a_pass_of_its_own(case, monkeypatch):
+    # 100 samples in batches of 32 and a split over the first 50: the cut falls inside batch 1.
+    if case == "linear":
+        model, data, extra = LinearMap(random_matrix()).double(), vectors(100), {}
+    else:
+        model, data = GradientForces(), vectors(100)
+        data["energy"] = torch.zeros(100, dtype=torch.float64)
+        extra = {"fields": {"pos": "point"}, "outputs": ["energy", "forces"], "grad": True,
+                 "heads": {"energy": {"rep": "scalar", "target": "energy"}, "forces": {"rep": "vector", "target": "y"}}}
+    auditor = equiaudit.Auditor(data, **{**HAAR, **extra, "batch_size": 32, "dynamics": {"samples": 50}})
+    with monkeypatch.context() as patch:  # the audit must not make a pass of its own for the split
+        patch.setattr(dynamics, "gradient_splits", lambda *a, **k: pytest.fail("a separate gradient pass"))
+        shared = {row["head"]: row for row in auditor(model).dynamics}
+    separate = _separate_split(auditor, model, 50)
+    assert set(shared) == set(separate) and len(shared) > 1
+    for head, split in separate.items():
+        assert split.grad_norm_equiv > 1e-6  # not trivially zero: the model is not equivariant
+        for name in ("grad_norm_sym", "grad_norm_equiv", "grad_norm_ratio", "grad_cosine"):
+            assert shared[head][name] == pytest.approx(getattr(split, name), rel=1e-10, abs=1e-14), (head, name)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_audit_stopped_early_computes_the_split_on_all_its_samples():
+    # --target-ci ends the evaluation after a few batches; the split must still cover every sample asked.
+    model, data = LinearMap(random_matrix()).double(), vectors(256)
+    auditor = equiaudit.Auditor(data, **{**HAAR, "batch_size": 16, "target_ci": 0.5, "dynamics": True})
+    result = auditor(model)
+    assert result.total.n_samples < 256  # it did stop early
+    total = next(row for row in result.dynamics if row["head"] == "total")
+    assert total["grad_norm_sym"] == pytest.approx(_separate_split(auditor, model, None)["total"].grad_norm_sym, rel=1e-10)
