@@ -19,7 +19,7 @@ from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints
 from equiaudit.io.config import load_config
 from equiaudit.io.layout import OutputFolder
 from equiaudit.runner import Runner, open_audit
-from run_helpers import T0, make_run, save_checkpoint, write_config
+from run_helpers import T0, checkpoint_bytes, make_run, save_checkpoint, write_config
 
 STEPS = {10: 0.3, 100: 0.05, 1000: 0.01}
 
@@ -173,3 +173,24 @@ def test_cli_reports_reuse_in_run_json(config_path, tmp_path):
     meta = json.loads((out / "run.json").read_text())
     assert [c["name"] for c in meta["checkpoints"]] == ["step_005000.pt"]
     assert len(meta["cached_checkpoints"]) == 3
+
+
+def test_a_run_whose_names_are_not_utf8_is_audited_cached_and_written(config_path, tmp_path):
+    # Names with bytes that are not UTF-8 (0xff) reach the cache, summary.csv, run.json and the terminal.
+    run_dir = tmp_path / os.fsdecode(b"run_\xff")
+    try:
+        run_dir.mkdir()
+        (run_dir / os.fsdecode(b"step_000010_\xff.pt")).write_bytes(checkpoint_bytes(0.3))
+    except (OSError, UnicodeError):
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    save_checkpoint(run_dir, 100, 0.05)
+    out = tmp_path / "out"
+    args = ["audit", str(config_path), os.fsdecode(run_dir), "--out", str(out), "--no-plot"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    rows = [r for r in lines_by_checkpoint(out / "summary.csv")]
+    assert set(rows) == {"step_000010_\\xff.pt", "step_000100.pt"}
+    meta = json.loads((out / "run.json").read_text())
+    assert {c["name"] for c in meta["checkpoints"]} == set(rows)
+    second = CliRunner().invoke(app, args)  # the cache holds both, keyed by the file's real path
+    assert second.exit_code == 0 and "2 checkpoint(s) already audited" in second.output, second.output
