@@ -209,3 +209,26 @@ def test_pngs_are_real_and_empty_inputs_still_draw(tmp_path):
 def test_importing_the_modules_does_not_import_matplotlib():
     code = "import sys, equiaudit.report.plot_dynamics, equiaudit.report.html; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_trajectory_plot_gains_a_per_t_panel_from_the_breakdown(tmp_path, monkeypatch):
+    # The folder's breakdown.csv has by = t rows (a flow audited at fixed times): trajectory.png
+    # gets a third panel with one line per t per run, the same REE values; without them, two panels.
+    import report_fixtures as fx
+    from equiaudit.report import plot as plot_module
+    from equiaudit.report.products import save_trajectory_plot
+
+    out = fx.make_out(tmp_path, compare=False)
+    figures = []
+    original = plot_module.trajectory_figure
+    monkeypatch.setattr(plot_module, "trajectory_figure", lambda *a, **k: figures.append(original(*a, **k)) or figures[-1])
+    assert save_trajectory_plot(out, title=None, threshold=0.02).stat().st_size > 0
+    panel = figures[-1].axes[2]
+    for i, t in enumerate(fx.T_BINS):
+        curve = line(panel, f"{fx.RUN} · t = {t}")  # two runs in the folder: the run prefixes the label
+        steps = sorted(fx.REE[fx.RUN])
+        np.testing.assert_array_equal(curve.get_xdata(), steps)
+        np.testing.assert_allclose(curve.get_ydata(), [100 * fx.REE[fx.RUN][s] * (1 + i) for s in steps], rtol=1e-12)
+    (out / "breakdown.csv").unlink()
+    save_trajectory_plot(out, title=None, threshold=0.02)
+    assert len(figures[-1].axes) == 2

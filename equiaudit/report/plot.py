@@ -49,8 +49,12 @@ def trajectory_figure(
     x: str = "step",
     head: str = "total",
     title: str | None = None,
+    per_t: Sequence[dict] | None = None,
 ):
-    """A two-panel :class:`~matplotlib.figure.Figure` of the ``head`` trajectories.
+    """A two-panel :class:`~matplotlib.figure.Figure` of the ``head`` trajectories, three with
+    ``per_t``: the ``breakdown.csv`` rows of a flow audited at fixed times (``by = t``), whose
+    ``head`` rows become a third panel, REE against step at each t
+    (:func:`equiaudit.report.plot_dynamics.draw_per_t`).
 
     Lines carry the run name as label (REE panel: y = REE in %), so tests and callers can
     read the plotted data back from ``fig.axes``.
@@ -58,8 +62,9 @@ def trajectory_figure(
     from matplotlib.figure import Figure
 
     shown = [t for t in trajs if t.head == head]
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    ree_ax, loss_ax = fig.subplots(1, 2)
+    t_rows = [r for r in per_t or () if r.get("by") == "t" and r.get("head") == head]
+    fig = Figure(figsize=(18 if t_rows else 12, 4.8), layout="constrained")
+    ree_ax, loss_ax, *t_ax = fig.subplots(1, 3 if t_rows else 2)
     positive_x = [v for t in shown for v in t.x if v > 0 and math.isfinite(v)]
     has_zero = any(v == 0 for t in shown for v in t.x)
     for i, t in enumerate(shown):
@@ -97,6 +102,10 @@ def trajectory_figure(
     loss_ax.set_title("augmented loss, symmetrized loss, equivariance error")
     if shown:
         loss_ax.legend(fontsize="x-small", ncol=1 + len(shown) // 4)
+    if t_rows:
+        from equiaudit.report.plot_dynamics import draw_per_t
+
+        draw_per_t(t_ax[0], t_rows, threshold=threshold)
     if title:
         fig.suptitle(title)
     return fig

@@ -40,7 +40,7 @@ from equiaudit.report.plot import _plain_log_formatter
 from equiaudit.report.table import _float
 
 __all__ = [
-    "dynamics_figure", "landscape_figure", "twirl_figure", "per_t_figure", "plot_text", "series_label",
+    "dynamics_figure", "landscape_figure", "twirl_figure", "per_t_figure", "draw_per_t", "plot_text", "series_label",
     "select_checkpoints", "landscape_grid",
 ]
 
@@ -376,7 +376,20 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
 
 
 def per_t_figure(breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02, by: str = "t"):
-    """REE (%) against step, one line per fixed t, from the ``by = t`` rows of ``breakdown.csv``.
+    """REE (%) against step, one line per fixed t, from the ``by = t`` rows of ``breakdown.csv``
+    (the figure of :func:`draw_per_t`)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.8), layout="constrained")
+    n_lines = draw_per_t(fig.subplots(), breakdown_rows, threshold=threshold, by=by, legend=False)
+    fig.legend(loc="outside right upper", fontsize="small", ncol=1 + n_lines // 16)
+    return fig
+
+
+def draw_per_t(ax, breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02, by: str = "t", legend: bool = True) -> int:
+    """Draw REE (%) against step, one line per fixed t, from the ``by = t`` rows of
+    ``breakdown.csv`` into ``ax``; returns the number of lines. (The trajectory plot's third
+    panel and the report's figure.)
 
     For flow matching audited at fixed times the bins are exact t values ("0", "0.2", …);
     lines are coloured by t (viridis, legend ``t = <bin>``, prefixed by run and head when
@@ -384,7 +397,6 @@ def per_t_figure(breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02, 
     threshold marked. Bins are ordered by their numeric value when they have one.
     """
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
     rows = [r for r in breakdown_rows if r.get("by") == by]
     shown = _latest(rows, ("run", "checkpoint", "head", "bin"))
@@ -393,8 +405,6 @@ def per_t_figure(breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02, 
     bins = sorted({k[2] for k in groups}, key=lambda b: (not math.isfinite(_float(b)), _float(b), b))
     order = {b: i for i, b in enumerate(bins)}
     cmap = colormaps["viridis"]
-    fig = Figure(figsize=(10, 4.8), layout="constrained")
-    ax = fig.subplots()
     series = list(dict.fromkeys((run, head) for run, head, _ in sorted(groups, key=lambda k: (k[0], k[1] != "total", k[1]))))
     styles = ("-", "--", ":", "-.")
     for (run, head, bin_), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "total", kv[0][1], order[kv[0][2]])):
@@ -410,5 +420,6 @@ def per_t_figure(breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02, 
     ax.set_ylabel("REE = equivariance error / L_aug (%)")
     ax.set_title(f"REE over training at each fixed {plot_text(by)}")
     ax.grid(True, which="major", alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize="small", ncol=1 + len(groups) // 16)
-    return fig
+    if legend:
+        ax.legend(fontsize="x-small", ncol=1 + len(groups) // 8, loc="lower left")  # REE falls: that corner is free
+    return len(groups)

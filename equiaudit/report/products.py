@@ -4,7 +4,8 @@
 run and after each ``--watch`` round, ``demo``, ``merge``, the training callbacks): it reads
 only what is in ``OUT`` (so cached and merged checkpoints count like fresh ones) and writes
 
-* ``trajectory.png`` — REE and losses against step (against epoch when no step is stored);
+* ``trajectory.png`` — REE and losses against step (against epoch when no step is stored),
+  and REE per fixed flow time t when ``breakdown.csv`` has ``by = t`` rows;
 * with ``dynamics.csv``: ``correlations.csv`` (log REE against log gradient ratio and the
   tracked weight variances, Pearson and Spearman) and ``dynamics.png``;
 * with ``twirl.csv``: ``twirl.png``; with landscapes: ``landscape/<run>--<checkpoint>.png``;
@@ -23,14 +24,17 @@ __all__ = ["write_products", "save_trajectory_plot"]
 
 def save_trajectory_plot(out: OutputFolder | Path, *, title: str | None, threshold: float) -> Path:
     """``OUT/trajectory.png`` from every ``ok`` row of ``OUT/summary.csv``; against epochs
-    when the checkpoints store only epochs (their step *is* the epoch)."""
+    when the checkpoints store only epochs (their step *is* the epoch). A flow audited at
+    fixed times (``by = t`` rows in ``OUT/breakdown.csv``) gets a third panel: REE per t."""
     from equiaudit.report.compare import epochs_only, trajectories
     from equiaudit.report.plot import save_figure, trajectory_figure
 
     out = out if isinstance(out, OutputFolder) else OutputFolder(out)
     rows = read_rows(out.summary)
     x = "epoch" if epochs_only(rows) else "step"
-    return save_figure(trajectory_figure(trajectories(rows, x=x), threshold=threshold, title=title, x=x), out.plot)
+    per_t = [r for r in read_rows(out.breakdown) if r.get("by") == "t"] if x == "step" else None
+    return save_figure(trajectory_figure(trajectories(rows, x=x), threshold=threshold, title=title, x=x, per_t=per_t),
+                       out.plot)
 
 
 def write_products(out: OutputFolder | Path, *, title: str | None = None, threshold: float = 0.02,
