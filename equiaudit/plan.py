@@ -250,17 +250,26 @@ class AuditPlan:
     def target_reached(self, stats: SampleStats) -> bool:
         """``--target-ci``: the 95 % interval of the total REE of ``stats`` is at most
         ±:attr:`target_ci` (the interval :meth:`summarize` reports for them). Fewer than
-        :data:`TARGET_MIN_SAMPLES` samples never suffice: a bootstrap over a handful of
-        samples can be narrow by chance."""
+        :data:`TARGET_MIN_SAMPLES` samples (clusters, for rows at several fixed t) never
+        suffice: a bootstrap over a handful of samples can be narrow by chance."""
         if self.target_ci is None or stats.n_samples < TARGET_MIN_SAMPLES:
             return False
-        low, high = self.total_interval(stats)
+        interval = self.total_interval(stats, min_samples=TARGET_MIN_SAMPLES)
+        if interval is None:
+            return False
+        low, high = interval
         return math.isfinite(low) and math.isfinite(high) and (high - low) / 2 <= self.target_ci
 
-    def total_interval(self, stats: SampleStats) -> tuple[float, float]:
-        """The 95 % interval of the total REE of ``stats``, exactly as :meth:`summarize` makes it."""
+    def total_interval(self, stats: SampleStats, *, min_samples: int = 0) -> tuple[float, float] | None:
+        """The 95 % interval of the total REE of ``stats``, exactly as :meth:`summarize` makes it
+        (resampling clusters when rows share a sample); None with fewer than ``min_samples``
+        independent samples."""
         samples = stats.finalized().tables["samples"].columns()
         aug, error = self._weighted("loss_aug", samples)["total"], self._weighted("equiv_error", samples)["total"]
+        if samples.get(CLUSTER) is not None:
+            aug, error = _cluster_means(aug, error, samples[CLUSTER])
+        if len(aug) < min_samples:
+            return None
         s = summarize_ratio(aug, error, n_bootstrap=self.bootstrap, generator=torch.Generator().manual_seed(self.seed))
         return s.ci_low, s.ci_high
 

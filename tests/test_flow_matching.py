@@ -262,6 +262,10 @@ def test_fixed_times_interval_resamples_samples():
     rows = summarize(aug, err, n_bootstrap=plan.bootstrap, generator=torch.Generator().manual_seed(plan.seed))
     assert rows.rel_equiv_error == pytest.approx(head.rel_equiv_error, rel=1e-12)
     assert head.rel_equiv_error_ci_high - head.rel_equiv_error_ci_low >= rows.ci_high - rows.ci_low
+    # --target-ci stops on that same interval (one head: the total is the head), counted in samples.
+    total = plan.summarize(stats).total
+    assert plan.total_interval(stats) == pytest.approx((total.rel_equiv_error_ci_low, total.rel_equiv_error_ci_high), rel=1e-12)
+    assert plan.total_interval(stats, min_samples=129) is None and plan.total_interval(stats, min_samples=128) is not None
 
 
 def test_fixed_times_in_the_metric_stream_equal_the_one_call_audit():
