@@ -41,7 +41,7 @@ from equiaudit.engine import HeadSpec, OrbitSpec, evaluate_orbits, evaluate_roun
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.fast import staged_batches
 from equiaudit.floor import FLOOR_COPIES, FLOOR_SAMPLES, flag, null_orbit_error
-from equiaudit.groups import GROUPS, Group, make_group
+from equiaudit.groups import GROUPS, Group, RotationAction, make_group
 from equiaudit.io.config import AuditConfig
 from equiaudit.local import local_batch
 from equiaudit.metrics import summarize as summarize_ratio
@@ -652,6 +652,12 @@ def resolve(
     spec = dataclasses.replace(spec, group=group)
     spec, continuous_grid = _grid_settings(config, spec, preset, options, fields, group)
     interp = continuous_grid if config.interp_floor == "auto" else bool(config.interp_floor)
+    if not isinstance(group.action, RotationAction):
+        # Both figures are about rotations: the round trip through a rotated grid, the Lie derivative along so(3).
+        if config.local:
+            raise ConfigError(f"config: local (the Lie derivative along so(3)) needs a rotation group (so3, o3, …), not {group.name}")
+        if interp:
+            raise ConfigError(f"config: interp_floor (the rotate-and-back round trip) needs a rotation group, not {group.name}")
     known = {k: v for k, v in config.breakdown.items() if k in ("elements", "worst", "bins")}
     breakdown = BreakdownOptions(by=tuple(config.breakdown.get("by", ())), **known)
     try:

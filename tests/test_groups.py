@@ -219,3 +219,16 @@ def test_a_sample_gets_the_same_elements_whatever_is_drawn_beside_it():
         assert not torch.equal(group.sample(torch.arange(10), 4), everything)  # another seed
     keys = make_group("permutation", 4, n_atoms=9).sample(torch.arange(3), 0)
     assert torch.equal(make_group("permutation", 4, n_atoms=5).sample(torch.arange(3), 0), keys[..., :5])  # padding
+
+
+@pytest.mark.parametrize("group", ["translation", "permutation"])
+@pytest.mark.parametrize("option, message", [("local", "local .* needs a rotation group"),
+                                             ("interp_floor", "interp_floor .* needs a rotation group")])
+def test_rotation_only_figures_are_refused_for_other_groups(group, option, message):
+    # --local differentiates along so(3) and the interpolation floor rotates and back: neither
+    # describes a translation or a permutation (they used to report a rotation figure, or crash).
+    import equiaudit
+    from test_api import SETTINGS, vectors
+
+    with pytest.raises(ConfigError, match=message):
+        equiaudit.audit(torch.nn.Identity(), vectors(8), **{**SETTINGS, "fields": {"pos": "point"}, "group": group, option: True})
