@@ -17,7 +17,6 @@ Prints samples Ã— rotations per second of both and their ratio (goal on a GPU: â
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 

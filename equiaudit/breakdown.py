@@ -30,7 +30,7 @@ over k is the sample's bias-corrected error (:class:`~equiaudit.metrics.OrbitTer
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch

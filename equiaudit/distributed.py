@@ -218,11 +218,20 @@ class Session:
             if not self.world.main:
                 raise Quiet(exit_code(error))
             if rank != 0:
-                # The same type where it can be rebuilt (so the exit code is the same), named by rank.
-                named = type(error)(f"rank {rank}: {error}") if isinstance(error, EquiauditError) else \
-                    DistributedError(f"rank {rank}: {type(error).__name__}: {first_line(error)}")
-                raise named from error
+                raise _named_by_rank(error, rank) from error
             raise error
+
+
+def _named_by_rank(error: BaseException, rank: int) -> BaseException:
+    """``error`` of another rank, its message prefixed with the rank: the same type and
+    ``status`` where it can be rebuilt (so the exit code and the CSV status are the same),
+    else a :class:`DistributedError` with its first line."""
+    if isinstance(error, EquiauditError):
+        try:
+            return type(error)(f"rank {rank}: {error}", status=error.status)
+        except TypeError:  # a subclass with a constructor of its own
+            pass
+    return DistributedError(f"rank {rank}: {type(error).__name__}: {first_line(error)}")
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -188,11 +187,12 @@ def _finished(path: Path) -> bool:
 
 def _read_part(path: Path) -> tuple[dict[str, Any], Any]:
     """``(meta, SampleStats or None)`` of one part file; :class:`ShardError` if it is not one."""
+    from equiaudit.io.safe_load import load_weights_only
     from equiaudit.stats import SampleStats
 
     try:
-        with path.open("rb") as handle:
-            state = torch.load(io.BytesIO(handle.read()), weights_only=True, map_location="cpu")
+        # The one weights-only loader: a part file is untrusted input too (size, pickle-work and regular-file bounds).
+        state = load_weights_only(path, map_location="cpu")
         if not isinstance(state, dict) or state.get("format") != SHARD_FORMAT:
             raise ValueError("no equiaudit shard header")
         if state.get("version") != SHARD_VERSION:

@@ -410,3 +410,13 @@ def test_sample_stats_state_round_trip_through_weights_only(tmp_path):
 def test_python_dash_m_equiaudit_runs_the_cli():
     proc = subprocess.run([sys.executable, "-m", "equiaudit", "--version"], capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0 and "equiaudit" in proc.stdout
+
+
+def test_another_ranks_error_keeps_its_type_and_status():
+    from equiaudit.distributed import DistributedError, _named_by_rank
+    from equiaudit.errors import CheckpointError
+
+    named = _named_by_rank(CheckpointError("step_9.pt: truncated", status="corrupt"), 1)
+    assert type(named) is CheckpointError and named.status == "corrupt" and str(named) == "rank 1: step_9.pt: truncated"
+    other = _named_by_rank(KeyError("x"), 2)
+    assert type(other) is DistributedError and str(other) == "rank 2: KeyError: 'x'"

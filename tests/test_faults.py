@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import resource
 import signal
 import stat
 import subprocess

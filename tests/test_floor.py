@@ -11,7 +11,7 @@ from equiaudit.engine import _orbit_inputs, evaluate_orbits
 from equiaudit.floor import AT_FLOOR, JITTER, JitterAction, flag, unit_roundoff
 from equiaudit.groups import make_group, make_rotation_set
 from equiaudit.random import SampleRandom
-from helpers import LinearMap, RadialScaling, random_matrix, run_audit, vector_dataset, vector_spec
+from helpers import RadialScaling, random_matrix, run_audit, vector_dataset, vector_spec
 
 
 class ScaledIdentity(torch.nn.Module):

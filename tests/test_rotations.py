@@ -61,7 +61,6 @@ def test_generators_and_axis_angle():
 
 
 def test_rotation_sets():
-    g = torch.Generator().manual_seed(0)
     octa = make_rotation_set("octahedral", None)
     assert octa.exact and octa.n_elements == 24
     assert octa.sample(5, 0).shape == (5, 24, 3, 3)

@@ -36,8 +36,8 @@ from equiaudit.report.products import write_products
 from equiaudit.report.summary import read_rows
 from equiaudit.runner import Runner, RunEvents, open_audit
 from equiaudit.report.table import format_interval, format_number, format_percent
-from equiaudit.zoo.recipes import RECIPES, TASKS, Recipe, make_cluster_data, split
-from equiaudit.zoo.train import TrainSettings, log_spaced_steps, train
+from equiaudit.zoo.recipes import RECIPES, Recipe, make_cluster_data, split
+from equiaudit.zoo.train import log_spaced_steps, train
 
 __all__ = ["write_data", "train_task", "run_train_command", "run_demo_command"]
 

@@ -1,4 +1,4 @@
-"""The one place equiaudit unpickles: ``torch.load(..., weights_only=True)``, nothing else.
+"""The one place equiaudit unpickles a file: ``torch.load(..., weights_only=True)``, nothing else.
 
 Checkpoints and data files alike are untrusted input. ``weights_only=True`` restricts the
 unpickler to torch's allowlist of data-carrying globals (tensors, storages, plain
