@@ -90,6 +90,22 @@ def test_jitter_copies_differ_by_rounding_only():
     assert 0 < ((back - copies).abs() / copies.norm(dim=-1, keepdim=True)).max() <= 2 * JITTER * unit_roundoff(torch.float64)  # + its own rounding
 
 
+def test_grid_jitter_is_a_copys_own():
+    # A voxel grid (≥ BULK numbers a copy) draws from its copy's own seeded generator: same copy,
+    # same jitter whatever is beside it; within ±1 rounding of each voxel.
+    from equiaudit.random import BULK
+
+    jitter = JitterAction(unit_roundoff(torch.float32), SampleRandom(3), centres_points=False)
+    grids = torch.rand(3, 2, 16, 16, 16, dtype=torch.float64) + 0.5
+    assert grids[0].numel() >= BULK
+    copy_ids = torch.arange(12).reshape(3, 4)
+    copies = jitter.act("voxel", grids, copy_ids)
+    assert torch.equal(jitter.act("voxel", grids[2:], copy_ids[2:]), copies[2:])
+    relative = (copies - grids.unsqueeze(1)) / grids.unsqueeze(1)
+    assert 0 < relative.abs().max() <= unit_roundoff(torch.float32)
+    assert not torch.equal(copies[0, 0], copies[0, 1])
+
+
 @pytest.mark.parametrize("model", [RadialScaling(), ScaledIdentity()], ids=["radial", "linear-identity"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_equivariant_models_read_within_the_floor(model, dtype):
