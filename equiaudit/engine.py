@@ -328,6 +328,7 @@ def evaluate_round_trip(
     results = {}
     for head in spec.heads:
         out = head_output(head, outputs[head.output_name], batch[head.target], b).double()
-        pred = actions.unrotate(head.rep, actions.rotate(head.rep, out, rotations), rotations)
+        mask = batch.get(spec.mask) if spec.mask else None  # a point output is centred on its valid atoms only
+        pred = actions.unrotate(head.rep, actions.rotate(head.rep, out, rotations, mask), rotations)
         results[head.name] = _head_statistics(head, pred, batch, spec)
     return results
