@@ -26,13 +26,12 @@ A shard rerun skips the checkpoints it already wrote (a preempted array task res
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +77,12 @@ def parse_shard(text: str) -> ShardSpec:
     return ShardSpec(int(match[1]), int(match[2]))
 
 
-def checkpoint_key(path: Path | str, size: int, mtime_ns: int, config_hash: str) -> str:
-    """16 hex digits naming one checkpoint file version under one set of settings."""
-    blob = json.dumps([os.path.abspath(path), size, mtime_ns, config_hash]).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def checkpoint_key(ref, found, settings: Mapping[str, Any]) -> str:
+    """16 hex digits naming one checkpoint file version (its EMA sibling's too) under one set
+    of settings (the data and factory files included): the cache's :func:`~equiaudit.io.cache.result_key`, cut."""
+    from equiaudit.io.cache import result_key
+
+    return result_key(ref, found, settings)[:16]
 
 
 def _manifest_name(shard: ShardSpec) -> str:
@@ -111,7 +112,7 @@ def run_shard(audit, refs: Sequence, out, shard: ShardSpec, *, mode: str = "auto
     """
     from equiaudit.distributed import choose_mode, owns_batch
     from equiaudit.io.atomic import atomic_write, atomic_write_text
-    from equiaudit.io.cache import stamp
+    from equiaudit.io.cache import settings_identity, stamp
     from equiaudit.io.layout import OutputFolder
     from equiaudit.runner import RunEvents, evaluate_share
 
@@ -124,6 +125,7 @@ def run_shard(audit, refs: Sequence, out, shard: ShardSpec, *, mode: str = "auto
     shards.mkdir(parents=True, exist_ok=True)
     config, plan = audit.config, audit.plan
     config_hash = config.settings_hash()
+    settings = settings_identity(config)
     n_batches = plan.n_batches(len(audit.prepared))
     chosen, reason = choose_mode(mode, len(refs), n_batches, shard.count)
     if on_mode is not None:
@@ -132,7 +134,7 @@ def run_shard(audit, refs: Sequence, out, shard: ShardSpec, *, mode: str = "auto
     for number, ref in enumerate(refs):
         found = stamp(ref.path)
         identity = _ref_identity(ref, found)
-        key = checkpoint_key(ref.path, identity["size"] or 0, identity["mtime_ns"] or 0, config_hash)
+        key = checkpoint_key(ref, found, settings)
         identity["key"] = key
         listed.append(identity)
         if chosen == "checkpoints":

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -420,3 +421,20 @@ def test_another_ranks_error_keeps_its_type_and_status():
     assert type(named) is CheckpointError and named.status == "corrupt" and str(named) == "rank 1: step_9.pt: truncated"
     other = _named_by_rank(KeyError("x"), 2)
     assert type(other) is DistributedError and str(other) == "rank 2: KeyError: 'x'"
+
+
+def test_a_shard_rerun_after_the_data_changed_audits_again(tmp_path):
+    # The part files are keyed like the cache (data and factory files, EMA sibling): new data
+    # must not resume parts computed on the old.
+    config = write_config(tmp_path / "p", samples=16, rotations=4)
+    run = make_run(tmp_path / "p", "aug", {10: 0.3})
+    out = tmp_path / "out"
+    assert _shard(config, run, out, "1/1").exit_code == 0
+    before = {p.name for p in (out / "shards").glob("*.pt")}
+    data = tmp_path / "p" / "data.npz"
+    arrays = dict(np.load(data))
+    np.savez(data, pos=arrays["pos"] * 2, target=arrays["target"] * 2)
+    os.utime(data, ns=(data.stat().st_mtime_ns + 10**9,) * 2)
+    assert _shard(config, run, out, "1/1").exit_code == 0
+    after = {p.name for p in (out / "shards").glob("*.pt")}
+    assert len(before) == 1 and len(after) == 2 and before < after  # a new part, under a new key

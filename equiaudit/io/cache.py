@@ -22,7 +22,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from equiaudit import __version__
 from equiaudit.io.checkpoints import CheckpointRef
 from equiaudit.io.config import AuditConfig, resolve_path
 
-__all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "CachedResult", "ResultCache", "SettleTracker"]
+__all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "result_key", "CachedResult", "ResultCache", "SettleTracker"]
 
 CACHE_FILE = "cache.sqlite"
 SCHEMA_VERSION = 3
@@ -96,6 +96,17 @@ def settings_identity(config: AuditConfig) -> dict[str, Any]:
     }
 
 
+def result_key(ref: CheckpointRef, found: Stamp | None, settings: Mapping[str, Any]) -> str:
+    """The identity of one checkpoint's result, 64 hex digits: the checkpoint's path, size and
+    mtime (and its EMA sibling's, whose change must re-audit it) and ``settings``
+    (:func:`settings_identity`: the config hash, version, data and factory files). The cache
+    and the array-job shards' part files are keyed by it."""
+    sibling = stamp(ref.ema_path) if ref.ema_path is not None else None
+    identity = [_path_text(ref.path), found.size if found else None, found.mtime_ns if found else None, settings,
+                [_path_text(ref.ema_path), sibling.size, sibling.mtime_ns] if sibling is not None else None]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
 def _jsonable(value):
     """Tensors (landscape grids) as nested lists."""
     if hasattr(value, "tolist"):
@@ -148,12 +159,8 @@ class ResultCache:
         return db
 
     def key(self, ref: CheckpointRef, found: Stamp) -> str:
-        """The result's key: the checkpoint's path, size and mtime (and its EMA sibling's,
-        whose change must re-audit it), and the settings."""
-        sibling = stamp(ref.ema_path) if ref.ema_path is not None else None
-        identity = [_path_text(ref.path), found.size, found.mtime_ns, self.settings,
-                    [_path_text(ref.ema_path), sibling.size, sibling.mtime_ns] if sibling is not None else None]
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        """The result's key (:func:`result_key` under this cache's settings)."""
+        return result_key(ref, found, self.settings)
 
     def get(self, key: str) -> CachedResult | None:
         """What is stored under ``key``, exactly as it was written, or ``None`` (also for an
