@@ -200,3 +200,16 @@ def test_a_torch_data_file_with_non_string_keys_is_refused_without_stringifying_
     torch.save({0: torch.zeros(3, 2, 3), "z": torch.ones(3, 2)}, tmp_path / "ints.pt")
     with pytest.raises(DataError, match=r"keys must be field names \(strings\); found a int key"):
         load_dataset(tmp_path / "ints.pt")
+
+
+@pytest.mark.parametrize("name", ["data.npz", "data.safetensors", "data.pt", "data.xyz", "data.h5", "data.db"])
+def test_a_fifo_named_like_data_is_refused_without_opening_it(tmp_path, name):
+    import os
+
+    path = tmp_path / name
+    try:
+        os.mkfifo(path)
+    except (AttributeError, OSError):
+        pytest.skip("no FIFOs here")
+    with pytest.raises(DataError, match="a FIFO, not a regular file: not opened"):
+        load_dataset(path)  # (opening it would block forever)

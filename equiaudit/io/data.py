@@ -52,6 +52,7 @@ Every failure raises :class:`equiaudit.errors.DataError` with a one-line message
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ import torch
 from equiaudit.errors import DataError, first_line
 from equiaudit.io.atomic import atomic_write
 from equiaudit.io.data_common import STRUCTURED_FIELDS, NotNumeric, Table, missing_extra, pad
-from equiaudit.io.safe_load import DamagedFile, RefusedPickle, load_weights_only
+from equiaudit.io.safe_load import DamagedFile, RefusedPickle, file_kind, load_weights_only
 
 __all__ = ["load_dataset", "canonical_dataset", "select", "subset_index", "save_npz", "CANONICAL_FIELDS", "VALUE_LIMIT"]
 
@@ -201,6 +202,9 @@ def _read(path: Path, keys: dict[str, str], pick: Pick) -> Table:
         from equiaudit.io.data_pyg import read_pyg_folder
 
         return read_pyg_folder(path, keys, pick)
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # opening a FIFO would block (every reader, whatever the format)
+        raise DataError(f"{path}: {file_kind(mode)}, not a regular file: not opened")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return Table(_read_npz(path))
