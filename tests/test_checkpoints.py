@@ -146,6 +146,18 @@ def test_hf_sharded_folder(tmp_path):
     assert_same_weights(model, state)
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "..", 7])
+def test_hf_index_naming_a_file_outside_its_folder_is_refused(tmp_path, name):
+    # The index is untrusted: a weight_map entry that leaves the folder (even to a valid file) is refused.
+    folder = tmp_path / "checkpoint-8"
+    folder.mkdir()
+    save_file(weights(5), tmp_path / "outside.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in weights(5)}}))
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(folder)
+    assert err.value.status == "corrupt" and "not a file of this folder: refused" in str(err.value)
+
+
 def test_lightning_module_with_extra_attributes_picks_the_network(tmp_path):
     # A LightningModule holding `model`, an `ema` copy and a loss with a buffer.
     state, ema = weights(1), weights(2)

@@ -976,9 +976,15 @@ def _read_hf_folder(folder: Path, map_location: Any, weights: str = "auto") -> L
 def _shard_files(index: Path) -> list[Path]:
     try:
         weight_map = _read_json(index)["weight_map"]
-        return [index.parent / name for name in sorted(set(weight_map.values())) if isinstance(name, str)]
+        names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _corrupt(index, exc) from None
+    for name in names:
+        # The index is untrusted: a shard is a file of this folder, never a path out of it.
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise CheckpointError(f"{display_name(index.parent.name)}/{display_name(index.name)}: weight_map names "
+                                  f"{_safe_key(name)}, not a file of this folder: refused", status="corrupt")
+    return [index.parent / name for name in names]
 
 
 def _file_tensors(file: Path, map_location: Any) -> dict[str, torch.Tensor]:
