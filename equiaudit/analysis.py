@@ -53,7 +53,8 @@ class DynamicsOptions:
         track_params: globs of parameters whose variance is recorded per checkpoint.
         landscape: ``True`` (every checkpoint), or the steps to draw a landscape at.
         grid: N of the N×N landscape grid.
-        samples: evaluate the dynamics on the audit's first ``samples`` samples (None: all).
+        samples: evaluate the dynamics on the audit's first ``samples`` rows (None: all); a
+            row is a sample, or one sample at one fixed time for ``flow.t`` / ``diffusion.sigma``.
         tol, max_iter: Lanczos tolerance (relative residual) and iteration cap.
     """
 

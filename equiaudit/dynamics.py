@@ -267,29 +267,10 @@ def gradient_split(objective: Objective, params: Sequence[torch.Tensor], *, meth
     Returns:
         :class:`GradientSplit`; gradients are accumulated over batches in float64.
     """
-    params = _check_params(params)
-    if method not in GRADIENT_METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(GRADIENT_METHODS)}")
-    acc_sym = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    acc_equiv = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    total_sym = total_equiv = 0.0
-    for loss_sym, equiv_error in objective():
-        loss_sym, equiv_error = _as_tensor(loss_sym), _as_tensor(equiv_error)
-        if method == "batched" and loss_sym.requires_grad and equiv_error.requires_grad:
-            both = torch.stack([loss_sym.reshape(()), equiv_error.reshape(()).to(loss_sym.dtype)])
-            cotangents = torch.eye(2, dtype=both.dtype, device=both.device)
-            grads = _grad(both, params, grad_outputs=cotangents, batched=True)
-            g_sym, g_equiv = [g[0] for g in grads], [g[1] for g in grads]
-        else:
-            g_equiv = _grad(equiv_error, params, retain_graph=True)
-            g_sym = _grad(loss_sym, params)
-        for a, g in zip(acc_sym, g_sym):
-            a.add_(g.to(torch.float64))
-        for a, g in zip(acc_equiv, g_equiv):
-            a.add_(g.to(torch.float64))
-        total_sym += float(loss_sym.detach())
-        total_equiv += float(equiv_error.detach())
-    return _split(total_sym, total_equiv, acc_sym, acc_equiv, params[0].device)
+    accumulator = GradientAccumulator(params, {"objective": 1.0}, method=method)
+    for parts in objective():
+        accumulator.add({"objective": parts})
+    return accumulator.splits()["objective"]
 
 
 def _split(total_sym: float, total_equiv: float, acc_sym: list[torch.Tensor], acc_equiv: list[torch.Tensor],
@@ -323,14 +304,18 @@ class GradientAccumulator:
     :meth:`add` takes one batch's ``{head: (loss_sym_part, equiv_error_part)}`` (as a
     :data:`HeadObjective` yields) and runs, per head, ``autograd.grad(EE_h)`` then
     ``autograd.grad(L_sym,h)`` through the shared graph (two backward passes per head; the
-    graph is freed after the last). The audit calls it on its own orbit forward pass, so the
+    graph is freed after the last; ``method="batched"``: one vmapped backward per head, as in
+    :func:`gradient_split`). The audit calls it on its own orbit forward pass, so the
     split costs the backward passes only. :meth:`splits` gives every head's
     :class:`GradientSplit` and the weighted ``total`` (``Σ_h w_h ∇(head)``, no pass of its own).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], weights: Mapping[str, float]):
+    def __init__(self, params: Sequence[torch.Tensor], weights: Mapping[str, float], *, method: str = "two_pass"):
+        if method not in GRADIENT_METHODS:
+            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(GRADIENT_METHODS)}")
         self.params = _check_params(params)
         self.weights = dict(weights)
+        self.method = method
         self._acc = {h: ([torch.zeros_like(p, dtype=torch.float64) for p in self.params],
                          [torch.zeros_like(p, dtype=torch.float64) for p in self.params]) for h in self.weights}
         self._totals = {h: [0.0, 0.0] for h in self.weights}
@@ -343,8 +328,14 @@ class GradientAccumulator:
         for i, head in enumerate(heads):
             loss_sym, equiv_error = (_as_tensor(v) for v in parts[head])
             last = i == len(heads) - 1
-            g_equiv = _grad(equiv_error, self.params, retain_graph=True)
-            g_sym = _grad(loss_sym, self.params, retain_graph=not last)
+            if self.method == "batched" and loss_sym.requires_grad and equiv_error.requires_grad:
+                both = torch.stack([loss_sym.reshape(()), equiv_error.reshape(()).to(loss_sym.dtype)])
+                cotangents = torch.eye(2, dtype=both.dtype, device=both.device)
+                grads = _grad(both, self.params, grad_outputs=cotangents, batched=True, retain_graph=not last)
+                g_sym, g_equiv = [g[0] for g in grads], [g[1] for g in grads]
+            else:
+                g_equiv = _grad(equiv_error, self.params, retain_graph=True)
+                g_sym = _grad(loss_sym, self.params, retain_graph=not last)
             for a, g in zip(self._acc[head][0], g_sym):
                 a.add_(g.to(torch.float64))
             for a, g in zip(self._acc[head][1], g_equiv):
@@ -629,7 +620,8 @@ class HessianEigen:
         eigenvectors: k unit directions, each a list of tensors shaped like ``params``
             (parameters' dtype); sign arbitrary.
         residuals, converged, n_iterations, ritz_values: see :class:`LanczosResult`.
-        n_hvp: Hessian-vector products used; ``n_passes``: passes over the data.
+        n_hvp: Hessian-vector products used; ``n_passes``: passes over the data, shared by
+            every term computed in the same call (one pass gives each active term its block).
         tol: the relative tolerance used.
     """
 
@@ -733,7 +725,7 @@ def hessian_eigen(
             converged=r.converged,
             n_iterations=r.n_iterations,
             n_hvp=r.n_matvecs,
-            n_passes=r.n_iterations,
+            n_passes=passes,
             tol=tol,
             ritz_values=r.ritz_values,
         )

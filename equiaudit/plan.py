@@ -185,7 +185,7 @@ class AuditPlan:
             for batch, _, elements, _ in part.batches(self.batch_size):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 results = evaluate_orbits(model, batch, elements.to(self.device), self.spec, differentiable=True)
-                yield {h: ((r.loss_aug - r.equiv_error).sum() / n, r.equiv_error.sum() / n) for h, r in results.items()}
+                yield split_parts(results, n)
 
         return closure
 
@@ -306,9 +306,8 @@ class AuditPlan:
         self._record_batch(model, batch, ids, elements, {h: r.detached() for h, r in results.items()} if differentiable else results,
                            stats, index)
         if differentiable:
-            chosen = (first + torch.arange(len(ids), device=device) < n_rows).to(torch.float64)
-            gradients.add({h: (((r.loss_aug - r.equiv_error) * chosen).sum() / n_rows, (r.equiv_error * chosen).sum() / n_rows)
-                           for h, r in results.items()}, rows=int(chosen.sum()))
+            chosen = first + torch.arange(len(ids), device=device) < n_rows
+            gradients.add(split_parts(results, n_rows, chosen), rows=int(chosen.sum()))
         return stats
 
     def _record_batch(self, model, batch, ids, elements, results, stats: SampleStats, index) -> None:
@@ -460,6 +459,16 @@ class AuditPlan:
             return result
         found = checkpoint_dynamics(self, model, prepared, options, step=step, splits=splits)
         return dataclasses.replace(result, dynamics=found.rows, landscape=found.landscape)
+
+
+def split_parts(results: Mapping[str, Any], n_rows: int, chosen: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One batch's ``{head: (L_sym part, EE part)}`` for the gradient split: per-row values
+    ``(B,)`` of the rows ``chosen`` (all by default) summed and divided by ``n_rows``, so the
+    parts of every batch add up to the means over the rows the split covers."""
+    def part(values: torch.Tensor) -> torch.Tensor:
+        return (values if chosen is None else values * chosen.to(values.dtype)).sum() / n_rows
+
+    return {h: (part(r.loss_aug - r.equiv_error), part(r.equiv_error)) for h, r in results.items()}
 
 
 def _cluster_means(aug: torch.Tensor, error: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,7 +221,9 @@ def test_lanczos_matches_the_dense_hessian_of_an_mlp(mlp_problem, mlp_dense_hess
             u = torch.cat([t.reshape(-1) for t in vector])
             assert u.norm().item() == pytest.approx(1, abs=1e-10)
             torch.testing.assert_close(h @ u, value * u, rtol=0, atol=1e-7 * h.abs().max().item())
-        assert result.n_hvp == result.n_iterations * 3 and result.n_passes == result.n_iterations
+        assert result.n_hvp == result.n_iterations * 3
+        # The terms share their passes over the data: as many as the slowest term's iterations.
+        assert result.n_passes == max(r.n_iterations for r in found.values())
 
 
 class ForceField(torch.nn.Module):

@@ -1,8 +1,8 @@
 """Centring of per-atom positions before a rotation about the origin. Pure math.
 
 Shapes: a field has a leading sample axis ``B``; per-atom fields are ``(B, N, ...)``
-padded with a boolean mask ``(B, N)``. The rotation kernels themselves are in
-:mod:`equiaudit.representations`.
+padded with a boolean mask ``(B, N)``. The rotation of each representation (which calls
+this centring for ``point`` fields) is defined in :mod:`equiaudit.representations`.
 """
 
 from __future__ import annotations

@@ -99,7 +99,6 @@ _ALIAS_RE = re.compile(
     r"(?:-v\d+)?|model|pytorch_model",
     re.I,
 )
-_TORCH_EMA_KEYS = ("shadow_params",)
 # Bounds on what describing an untrusted object may cost (keys listed, entries walked).
 _PREVIEW_KEYS = 3
 _MAX_LISTED = 20

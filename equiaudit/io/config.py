@@ -81,7 +81,7 @@ class ModelConfig:
     inputs: list[str] | dict[str, str] | None = None
     outputs: list[str] | None = None
     grad: bool = False
-    dtype: str = "float32"
+    dtype: str | None = "float32"  # None: a model the caller built keeps its own dtype
     autocast: str | None = None  # run the model under torch.autocast at this dtype
 
 

@@ -6,6 +6,8 @@ Works for direct-force models and for models that take ``-dE/dpos`` by autograd
 
 from equiaudit.tasks import TaskPreset, register_task
 
+__all__ = ["FORCE_FIELD"]
+
 FORCE_FIELD = register_task(
     TaskPreset(
         name="force_field",
