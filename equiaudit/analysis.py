@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from equiaudit import dynamics as dyn
+from equiaudit.result import as_float
 
 __all__ = ["DynamicsOptions", "CheckpointDynamics", "select_params", "checkpoint_dynamics", "trajectory_correlations",
            "DYNAMICS_COLUMNS"]
@@ -199,18 +200,12 @@ def _landscape(objective, params, eigens: Mapping[str, dyn.HessianEigen], option
     }
 
 
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
 
 def trajectory_correlations(dynamics_rows: Iterable[Mapping[str, Any]], summary_rows: Iterable[Mapping[str, Any]]) -> list[dict]:
     """Across each run's checkpoints and per head: Pearson and Spearman correlations of
     ``log REE`` (from ``summary.csv``) with ``log grad_norm_ratio`` and with every tracked
     ``log var/<param>`` (from ``dynamics.csv``); NaN below 3 usable points."""
-    ree = {(r["run"], r["checkpoint"], r["head"]): _number(r.get("rel_equiv_error"))
+    ree = {(r["run"], r["checkpoint"], r["head"]): as_float(r.get("rel_equiv_error"))
            for r in summary_rows if r.get("status", "ok") == "ok"}
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in dynamics_rows:
@@ -220,7 +215,7 @@ def trajectory_correlations(dynamics_rows: Iterable[Mapping[str, Any]], summary_
         xs = [ree.get((run, r["checkpoint"], head), math.nan) for r in rows]
         columns = ["grad_norm_ratio"] + sorted({k for r in rows for k in r if str(k).startswith("var/")})
         for column in columns:
-            ys = [_number(r.get(column)) for r in rows]
+            ys = [as_float(r.get(column)) for r in rows]
             pairs = [(x, y) for x, y in zip(xs, ys) if x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y)]
             out.append({"run": run, "head": head, "x": "log rel_equiv_error", "y": f"log {column}",
                         "pearson": dyn.pearson(xs, ys), "spearman": dyn.spearman(xs, ys), "n": len(pairs)})

@@ -34,6 +34,14 @@ MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "
 SCALAR_COLUMNS = ("rel_equiv_error", "loss_aug", "loss_sym")
 
 
+def as_float(value: Any) -> float:
+    """``float(value)``, or NaN for what is not a number (an empty CSV cell, None, text)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def scalars(rows: Iterable[Mapping[str, Any]], prefix: str = "equiaudit") -> dict[str, float]:
     """The logger scalars of one checkpoint's ``summary.csv`` rows: for the ``total`` row
     ``{prefix}/rel_equiv_error``, ``{prefix}/loss_aug``, ``{prefix}/loss_sym``; for each

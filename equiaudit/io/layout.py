@@ -37,10 +37,10 @@ from typing import Any
 from equiaudit.io.atomic import atomic_write_text
 from equiaudit.result import SUMMARY_COLUMNS
 
-__all__ = ["OutputFolder", "DamagedFile"]
+__all__ = ["OutputFolder", "DamagedCSV"]
 
 
-class DamagedFile(Exception):
+class DamagedCSV(Exception):
     """An output CSV that cannot be read back; ``reason`` says where."""
 
     def __init__(self, path: Path, reason: str):
@@ -51,7 +51,7 @@ class DamagedFile(Exception):
 def read_csv(path: Path, required: Sequence[str] = ()) -> list[dict]:
     """Rows of a CSV written by equiaudit as dicts of strings (empty when absent).
 
-    Raises :class:`DamagedFile` when the header lacks a ``required`` column or a row has
+    Raises :class:`DamagedCSV` when the header lacks a ``required`` column or a row has
     more or fewer fields than the header (a torn write by another program, hand edits).
     """
     if not path.is_file():
@@ -62,15 +62,15 @@ def read_csv(path: Path, required: Sequence[str] = ()) -> list[dict]:
             header = reader.fieldnames or []
             missing = [c for c in required if c not in header]
             if missing:
-                raise DamagedFile(path, f"its header lacks {', '.join(missing)}")
+                raise DamagedCSV(path, f"its header lacks {', '.join(missing)}")
             rows = []
             for number, row in enumerate(reader, start=2):
                 if None in row or any(value is None for value in row.values()):
-                    raise DamagedFile(path, f"line {number} has {'more' if None in row else 'fewer'} fields than the header")
+                    raise DamagedCSV(path, f"line {number} has {'more' if None in row else 'fewer'} fields than the header")
                 rows.append(row)
             return rows
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise DamagedFile(path, f"not a readable CSV ({type(exc).__name__})") from None
+        raise DamagedCSV(path, f"not a readable CSV ({type(exc).__name__})") from None
 
 
 class OutputFolder:
@@ -149,7 +149,7 @@ class OutputFolder:
     def _rows(path: Path, required, rebuild, warn) -> list[dict]:
         try:
             return read_csv(path, required)
-        except DamagedFile as exc:
+        except DamagedCSV as exc:
             if warn is not None:
                 warn(f"{exc.path} is damaged ({exc.reason}): rebuilt from {exc.path.parent / OutputFolder.CACHE}")
             return rebuild() if rebuild is not None else []

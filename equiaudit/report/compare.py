@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from equiaudit.report.table import format_interval, format_percent
+from equiaudit.result import as_float
 
 __all__ = [
     "X_AXES", "X_LABELS", "COMPARE_COLUMNS", "EFFICIENCY_COLUMNS", "Trajectory", "epochs_only", "trajectories",
@@ -43,12 +44,6 @@ COMPARE_COLUMNS = (
 EFFICIENCY_COLUMNS = ("run", "head", "loss_target", "hours_to_target", "speedup_needed", "final_loss_aug", "final_hours")
 _SERIES = ("rel_equiv_error", "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "loss_aug", "loss_sym", "equiv_error")
 
-
-def _number(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 @dataclass
@@ -83,24 +78,24 @@ def trajectories(rows: Sequence[dict], *, x: str = "step", run: str | None = Non
         raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     latest: dict[tuple, dict] = {}
     for row in rows:
-        step = _number(row.get("step"))
+        step = as_float(row.get("step"))
         if row.get("status") == "ok" and not math.isnan(step):
             latest[(row["run"], row["checkpoint"], row["head"])] = row
     starts: dict[str, float] = {}
     for (name, _, _), row in latest.items():
-        starts[name] = min(starts.get(name, math.inf), _number(row.get("checkpoint_time")))
+        starts[name] = min(starts.get(name, math.inf), as_float(row.get("checkpoint_time")))
     found: dict[tuple[str, str], Trajectory] = {}
-    for (name, _, head), row in sorted(latest.items(), key=lambda kv: (kv[0][0], int(_number(kv[1]["step"])))):
+    for (name, _, head), row in sorted(latest.items(), key=lambda kv: (kv[0][0], int(as_float(kv[1]["step"])))):
         traj = found.setdefault((name, head), Trajectory(run if run is not None else name, head))
-        traj.steps.append(int(_number(row["step"])))
+        traj.steps.append(int(as_float(row["step"])))
         if x == "step":
             traj.x.append(float(traj.steps[-1]))
         elif x == "epoch":
-            traj.x.append(_number(row.get("epoch")))
+            traj.x.append(as_float(row.get("epoch")))
         else:
-            traj.x.append((_number(row.get("checkpoint_time")) - starts[name]) / 3600)
+            traj.x.append((as_float(row.get("checkpoint_time")) - starts[name]) / 3600)
         for key in _SERIES:
-            traj.series[key].append(_number(row.get(key)))
+            traj.series[key].append(as_float(row.get(key)))
     # `total` first in each run, then the heads in the order they appear.
     return sorted(found.values(), key=lambda t: (t.run, t.head != "total"))
 
@@ -236,9 +231,9 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
             table.add_section()
         first = row["run"] != previous
         previous = row["run"]
-        threshold = _number(row["threshold"])
+        threshold = as_float(row["threshold"])
         reached = row["first_step_below"] not in (None, "")
-        final = _number(row["final_rel_equiv_error"])
+        final = as_float(row["final_rel_equiv_error"])
         table.add_row(
             Text(str(row["run"])) if first else "",  # Text: user names are never markup
             Text(str(row["head"])),

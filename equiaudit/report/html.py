@@ -43,8 +43,9 @@ from pathlib import Path
 
 from equiaudit.floor import AT_FLOOR
 from equiaudit.io.atomic import atomic_write_text
-from equiaudit.io.layout import DamagedFile, OutputFolder, read_csv
-from equiaudit.report.table import _float, _ree_style, format_interval, format_number, format_percent
+from equiaudit.io.layout import DamagedCSV, OutputFolder, read_csv
+from equiaudit.result import as_float
+from equiaudit.report.table import _ree_style, format_interval, format_number, format_percent
 
 __all__ = ["write_report", "render_report", "printable"]
 
@@ -174,7 +175,7 @@ class _Page:
     def csv(self, path: Path, required: Sequence[str] = ()) -> list[dict]:
         try:
             return read_csv(path, required)
-        except DamagedFile as exc:
+        except DamagedCSV as exc:
             self.notes.append(f"{exc.path.name} could not be read ({exc.reason}): its section is left out.")
             return []
 
@@ -252,7 +253,7 @@ def _trajectory_section(folder: OutputFolder, rows: Sequence[Mapping], threshold
 
 
 def _share_cell(value) -> str:
-    share = _float(value)
+    share = as_float(value)
     width = 0.0 if not math.isfinite(share) else max(0.0, min(100.0, 100 * share))
     return _cell(f'<span class="bar" style="width:{width:.1f}%"></span><span class="bar-text">{_esc(format_percent(value))}</span>',
                  "num share", raw=True)
@@ -352,7 +353,7 @@ def _dynamics_section(rows: Sequence[Mapping], correlations: Sequence[Mapping], 
 
 
 def _corr_text(value) -> str:
-    x = _float(value)
+    x = as_float(value)
     return "—" if math.isnan(x) else f"{x:.3f}"
 
 
@@ -381,7 +382,7 @@ def _landscape_items(page: _Page) -> list[tuple[str, list[dict], dict]]:
         except (OSError, ValueError):
             pass
         items.append((str(meta.get("checkpoint", path.stem)), rows, meta))
-    return sorted(items, key=lambda item: (_float(item[2].get("step")) if math.isfinite(_float(item[2].get("step"))) else math.inf, item[0]))
+    return sorted(items, key=lambda item: (as_float(item[2].get("step")) if math.isfinite(as_float(item[2].get("step"))) else math.inf, item[0]))
 
 
 def _landscape_section(items: Sequence[tuple[str, list[dict], dict]]) -> str:
@@ -421,7 +422,7 @@ def _twirl_section(rows: Sequence[Mapping]) -> str:
         curves.setdefault((str(row.get("run", "")), str(row.get("checkpoint", "")), str(row.get("head", ""))), []).append(row)
     tables: dict[str, list] = {}
     for (run, checkpoint, head), curve in curves.items():
-        curve = sorted(curve, key=lambda r: _float(r.get("k")))
+        curve = sorted(curve, key=lambda r: as_float(r.get("k")))
         last = curve[-1]
         k90 = str(curve[0].get("smallest_k_90", "") or "")
         k_max = format_number(last.get("k"))
@@ -447,7 +448,7 @@ def _compare_section(folder: OutputFolder, rows: Sequence[Mapping]) -> str:
         extra = [(c, name) for c, name in (("dip_step", "dip at step"), ("dip_rel_equiv_error", "dip REE")) if any(r.get(c) not in (None, "") for r in rows)]
         lines = []
         for row in rows:
-            threshold = _float(row.get("threshold"))
+            threshold = as_float(row.get("threshold"))
             reached = row.get("first_step_below") not in (None, "")
             stays = row.get("first_step_stays_below") not in (None, "")
             cells = [

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 
 from equiaudit.report.compare import X_LABELS
 from equiaudit.report.plot import _plain_log_formatter
-from equiaudit.report.table import _float
+from equiaudit.result import as_float
 
 __all__ = [
     "dynamics_figure", "landscape_figure", "twirl_figure", "per_t_figure", "draw_per_t", "plot_text", "series_label",
@@ -63,7 +63,7 @@ def series_label(run, head, *, runs: int = 1, heads: int = 1, suffix: str = "") 
 
 
 def _step(row) -> float:
-    return _float(row.get("step"))
+    return as_float(row.get("step"))
 
 
 def _latest(rows: Sequence[Mapping], key: Sequence[str]) -> list[Mapping]:
@@ -153,9 +153,9 @@ def dynamics_figure(rows: Sequence[Mapping], *, title: str | None = None):
     for i, ((run, head), group) in enumerate(groups.items()):
         color, label = f"C{i % 10}", series_label(run, head, runs=runs, heads=heads)
         steps = [_step(r) for r in group]
-        ratio = [_float(r.get("grad_norm_ratio")) for r in group]
-        cosine = [_float(r.get("grad_cosine")) for r in group]
-        ree = [_float(r.get("rel_equiv_error")) for r in group]
+        ratio = [as_float(r.get("grad_norm_ratio")) for r in group]
+        cosine = [as_float(r.get("grad_cosine")) for r in group]
+        ree = [as_float(r.get("rel_equiv_error")) for r in group]
         points = [(s, v) for s, v in zip(steps, ratio) if s >= 0 and math.isfinite(v) and v > 0]
         (line,) = ratio_ax.plot([s for s, _ in points], [v for _, v in points], "o-", color=color, label=label, markersize=4)
         points = [(s, v) for s, v in zip(steps, cosine) if s >= 0 and math.isfinite(v)]
@@ -216,14 +216,14 @@ def landscape_grid(rows: Sequence[Mapping], column: str):
     ``(alpha[i], beta[j])``, NaN where the grid has no row (numpy arrays)."""
     import numpy as np
 
-    alphas = sorted({a for a in (_float(r.get("alpha")) for r in rows) if math.isfinite(a)})
-    betas = sorted({b for b in (_float(r.get("beta")) for r in rows) if math.isfinite(b)})
+    alphas = sorted({a for a in (as_float(r.get("alpha")) for r in rows) if math.isfinite(a)})
+    betas = sorted({b for b in (as_float(r.get("beta")) for r in rows) if math.isfinite(b)})
     ia, ib = {a: i for i, a in enumerate(alphas)}, {b: j for j, b in enumerate(betas)}
     z = np.full((len(betas), len(alphas)), np.nan)
     for r in rows:
-        a, b = _float(r.get("alpha")), _float(r.get("beta"))
+        a, b = as_float(r.get("alpha")), as_float(r.get("beta"))
         if a in ia and b in ib:
-            z[ib[b], ia[a]] = _float(r.get(column))
+            z[ib[b], ia[a]] = as_float(r.get(column))
     return np.array(alphas), np.array(betas), z
 
 
@@ -231,7 +231,7 @@ def _direction_label(meta: Mapping, index: int, axis: str) -> str:
     directions = list(meta.get("directions") or [])
     name = str(directions[index]) if index < len(directions) else f"direction {index + 1}"
     value = (meta.get("eigenvalues") or {}).get(name) if isinstance(meta.get("eigenvalues"), Mapping) else None
-    eigen = f", λ = {_float(value):.4g}" if isinstance(value, (int, float, str)) and math.isfinite(_float(value)) else ""
+    eigen = f", λ = {as_float(value):.4g}" if isinstance(value, (int, float, str)) and math.isfinite(as_float(value)) else ""
     return f"{axis} along {plot_text(name.replace('_', ' '))}{eigen} (unit-norm steps)"
 
 
@@ -255,7 +255,7 @@ def landscape_figure(rows: Sequence[Mapping], meta: Mapping | None = None):
     panels = (("loss_sym", "L_sym (symmetrized loss)", "r2_sym"), ("equiv_error", "EE = L_aug − L_sym (equivariance error)", "r2_equiv"))
     for ax, (column, name, r2_key) in zip(axes, panels):
         alpha, beta, z = landscape_grid(rows, column)
-        r2 = _float(meta.get(r2_key))
+        r2 = as_float(meta.get(r2_key))
         ax.set_title(f"{name}\nquadratic fit R² = {r2:.4g}" if math.isfinite(r2) else f"{name}\nquadratic fit R² = n/a")
         ax.set_xlabel(_direction_label(meta, 0, "α"))
         ax.set_ylabel(_direction_label(meta, 1, "β"))
@@ -312,7 +312,7 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
     picked = [r for r in rows if str(r.get("head", "")) == head]
     latest = {}
     for row in picked:  # last row per checkpoint and k
-        latest[(str(row.get("run", "")), str(row.get("checkpoint", "")), _float(row.get("k")))] = row
+        latest[(str(row.get("run", "")), str(row.get("checkpoint", "")), as_float(row.get("k")))] = row
     curves = _groups(list(latest.values()), ("run", "checkpoint"))
     ordered = sorted(curves.items(), key=lambda kv: (kv[0][0], _step(kv[1][0])))
     keep = select_checkpoints([_step(g[0]) for _, g in ordered], most)
@@ -326,22 +326,22 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
     cmap = colormaps["viridis"]
     all_k: list[float] = []
     for (run, checkpoint), group in ordered:
-        group = sorted(group, key=lambda r: _float(r.get("k")))
+        group = sorted(group, key=lambda r: as_float(r.get("k")))
         step = _step(group[0])
         color = cmap(norm(step)) if math.isfinite(step) else "0.4"
         label = series_label(run, head, runs=runs, suffix=f"step {int(step)}" if math.isfinite(step) else plot_text(checkpoint))
-        ks = [_float(r.get("k")) for r in group]
+        ks = [as_float(r.get("k")) for r in group]
         all_k += ks
-        loss = [_float(r.get("loss_twirled")) for r in group]
-        share = [_float(r.get("share_of_equiv_error_removed")) for r in group]
+        loss = [as_float(r.get("loss_twirled")) for r in group]
+        share = [as_float(r.get("share_of_equiv_error_removed")) for r in group]
         loss_ax.plot(ks, loss, "o-", color=color, label=label, markersize=4)
         share_ax.plot(ks, [100 * s for s in share], "o-", color=color, label=label, markersize=4)
-        aug, sym = _float(group[0].get("loss_aug")), _float(group[0].get("loss_sym"))
+        aug, sym = as_float(group[0].get("loss_aug")), as_float(group[0].get("loss_sym"))
         if math.isfinite(aug):
             loss_ax.axhline(aug, color=color, linestyle=":", linewidth=1, label=f"{label}: L_aug")
         if math.isfinite(sym):
             loss_ax.axhline(sym, color=color, linestyle="--", linewidth=1, label=f"{label}: L_sym")
-        k90 = _float(group[0].get("smallest_k_90"))
+        k90 = as_float(group[0].get("smallest_k_90"))
         if math.isfinite(k90) and k90 in ks:
             at = loss[ks.index(k90)]
             loss_ax.plot([k90], [at], "*", color=color, markersize=15, markeredgecolor="black", zorder=4, label=f"{label}: smallest k")
@@ -402,7 +402,7 @@ def draw_per_t(ax, breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02
     shown = _latest(rows, ("run", "checkpoint", "head", "bin"))
     groups = _groups(shown, ("run", "head", "bin"))
     runs, heads = len({k[0] for k in groups}), len({k[1] for k in groups})
-    bins = sorted({k[2] for k in groups}, key=lambda b: (not math.isfinite(_float(b)), _float(b), b))
+    bins = sorted({k[2] for k in groups}, key=lambda b: (not math.isfinite(as_float(b)), as_float(b), b))
     order = {b: i for i, b in enumerate(bins)}
     cmap = colormaps["viridis"]
     series = list(dict.fromkeys((run, head) for run, head, _ in sorted(groups, key=lambda k: (k[0], k[1] != "total", k[1]))))
@@ -410,7 +410,7 @@ def draw_per_t(ax, breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02
     for (run, head, bin_), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "total", kv[0][1], order[kv[0][2]])):
         color = cmap(order[bin_] / max(1, len(bins) - 1) * 0.9)
         style = styles[series.index((run, head)) % len(styles)]
-        points = [(s, e) for s, e in ((_step(r), _float(r.get("rel_equiv_error"))) for r in group) if s >= 0 and math.isfinite(e) and e > 0]
+        points = [(s, e) for s, e in ((_step(r), as_float(r.get("rel_equiv_error"))) for r in group) if s >= 0 and math.isfinite(e) and e > 0]
         label = series_label(run, head, runs=runs, heads=heads, suffix=f"{plot_text(by)} = {plot_text(bin_)}")
         ax.plot([s for s, _ in points], [100 * e for _, e in points], marker="o", linestyle=style, color=color, label=label, markersize=4)
     _step_axis(ax, [_step(r) for r in shown])

@@ -9,31 +9,25 @@ from rich.table import Table
 from rich.text import Text
 
 from equiaudit.floor import AT_FLOOR  # the `flag` of a result within 10× of its float floor
+from equiaudit.result import as_float
 
 __all__ = ["summary_table", "format_percent", "format_interval", "format_number"]
 
 
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def format_number(value) -> str:
-    x = _float(value)
+    x = as_float(value)
     return "—" if math.isnan(x) else f"{x:.4g}"
 
 
 def format_percent(value) -> str:
     """``1.23 %`` from a fraction; ``—`` when missing."""
-    x = _float(value)
+    x = as_float(value)
     return "—" if math.isnan(x) else f"{100 * x:.3g} %"
 
 
 def format_interval(low, high) -> str:
     """``[1.01, 1.47] %`` from fractions; empty when missing."""
-    lo, hi = _float(low), _float(high)
+    lo, hi = as_float(low), as_float(high)
     return "" if math.isnan(lo) or math.isnan(hi) else f"[{100 * lo:.3g}, {100 * hi:.3g}]"
 
 
@@ -42,7 +36,7 @@ _EXTRA_HEADERS = {"interp_floor": "interp floor", "float_floor": "float floor", 
 
 
 def _ree_style(value, threshold: float) -> str:
-    x = _float(value)
+    x = as_float(value)
     if math.isnan(x):
         return "dim"
     return "green" if x <= threshold else ("yellow" if x <= 5 * threshold else "red")
