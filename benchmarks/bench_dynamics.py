@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
 from equiaudit import actions
 from equiaudit.dynamics import _hvp_blocks, gradient_split, orbit_contribution
 from equiaudit.groups import make_rotation_set
+from equiaudit.random import SampleRandom, sample_ids
+from timing import interleaved_medians
 
 
 class PointMLP(torch.nn.Module):
@@ -83,7 +83,7 @@ def main() -> None:
     n = args.batch * args.batches
     pos = torch.randn(n, args.atoms, 3, generator=g, dtype=torch.float64).to(device)
     target = torch.randn(n, args.atoms, 3, generator=g, dtype=torch.float64).to(device)
-    rotations = make_rotation_set("so3", args.rotations, "haar").sample(n, g).to(device)
+    rotations = make_rotation_set("so3", args.rotations, "haar").sample(sample_ids(n), SampleRandom.named(0, "rotations")).to(device)
     objective = make_objective(model, pos, target, rotations, args.batch)
     n_params = sum(p.numel() for p in params)
     block = torch.randn(args.block, n_params, generator=g, dtype=torch.float64).to(device)
@@ -115,28 +115,18 @@ def main() -> None:
     a = gradient_split(objective, params, method="two_pass")
     b = gradient_split(objective, params, method="batched")
     agree = max((x - y).abs().max().item() for x, y in zip(a.grad_sym + a.grad_equiv, b.grad_sym + b.grad_equiv))
-    for fn in cases.values():  # warm up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
+    median = interleaved_medians(cases, args.repeats, sync=sync)
 
     print(
         f"# {platform.machine()} {platform.processor() or ''} torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"device {device}; MLP width {args.width} ({n_params} params), {args.batches} batch(es) of B={args.batch} × "
         f"K={args.rotations} × {args.atoms} atoms; two_pass vs batched gradients agree to {agree:.1e}"
     )
-    base = statistics.median(times["forward"])
+    base = median["forward"]
     print(f"{'what':<18}{'median ms':>11}{'× forward':>11}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<18}{median * 1e3:>11.2f}{median / base:>11.2f}")
-    split, batched = statistics.median(times["split two_pass"]), statistics.median(times["split batched"])
+    for name, value in median.items():
+        print(f"{name:<18}{value * 1e3:>11.2f}{value / base:>11.2f}")
+    split, batched = median["split two_pass"], median["split batched"]
     print(f"gradient split (two_pass) = {split / base:.2f} forward-equivalents; batched / two_pass = {batched / split:.2f}")
 
 

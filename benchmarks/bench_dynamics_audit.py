@@ -22,9 +22,6 @@ two backward passes plus the graph's keep: "split alone" shows it.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
 
@@ -33,6 +30,7 @@ from equiaudit import dynamics as dyn
 from equiaudit.plan import evaluation_mode
 from equiaudit.lj import LJ13, sample_clusters
 from equiaudit.zoo import transformer_velocity
+from timing import interleaved_medians, machine_line
 
 
 def main() -> None:
@@ -66,16 +64,8 @@ def main() -> None:
         "audit + gradients + twirl": lambda: with_twirl(model),
         "split alone": split_alone,
     }
-    for fn in runs.values():  # warm-up
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(v) for name, v in times.items()}
-    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    median = interleaved_medians(runs, args.repeats)
+    print(machine_line())
     print(f"transformer_velocity(64, 2 layers), {sum(p.numel() for p in model.parameters())} parameters; "
           f"N={args.samples} × K={args.rotations} rotations")
     print(f"{'what':<28}{'median s':>10}{'forward-equivalents':>22}")

@@ -20,13 +20,11 @@ Timed interleaved (e3nn, audit, audit-no-floor, e3nn, ...), medians printed with
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
 
 import equiaudit
+from timing import interleaved_medians, machine_line
 
 
 def make_model():
@@ -80,15 +78,9 @@ def main() -> None:
         "equiaudit.audit, no floor": lambda: equiaudit.audit(model, data, float_floor=False, **settings),
     }
     outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the answers
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    median = interleaved_medians(runs, args.repeats, warmup=0)  # (the answers above were the warm-up)
 
-    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(machine_line())
     print(f"e3nn network: SH(l<=2) ⊗ SH → 16x0e+8x1o+4x2e → 1x1o, float32; B={args.samples} samples × "
           f"{args.atoms} atoms, K={args.rotations} rotations")
     print(f"{'what':<28}{'median s':>10}{'runs':>6}  answer")
@@ -100,7 +92,7 @@ def main() -> None:
         "equiaudit.audit, no floor": f"REE {100 * no_floor.rel_equiv_error:.3g} % (one pass of B·K = K forwards of B)",
     }
     for name in runs:
-        print(f"{name:<28}{median[name]:>10.4f}{len(times[name]):>6}  {answers[name]}")
+        print(f"{name:<28}{median[name]:>10.4f}{args.repeats:>6}  {answers[name]}")
     e3 = median["e3nn equivariance_error"]
     print(f"e3nn / equiaudit.audit            = {e3 / median['equiaudit.audit']:.2f}x   (goal >= 1.5)")
     print(f"e3nn / equiaudit.audit (no floor) = {e3 / median['equiaudit.audit, no floor']:.2f}x")

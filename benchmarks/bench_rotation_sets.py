@@ -77,10 +77,11 @@ def transformer_problem(n_samples: int, sharpness: float = 1.0):
 
 
 def per_sample(model, data, spec, rotation_set, seed):
-    """``(loss_aug, equiv_error)`` per sample ``(N,)`` for the weighted total."""
+    """``(loss_aug, equiv_error)`` per sample ``(N,)`` of the problem's one head."""
     plan = AuditPlan(dataclasses.replace(spec, group=rotation_set), seed=seed, float_floor=False)
     samples = plan.evaluate(model, plan.prepare(data)).finalized().tables["samples"]
-    return samples.column("loss_aug/forces"), samples.column("equiv_error/forces")
+    (head,) = (h.name for h in spec.heads)
+    return samples.column(f"loss_aug/{head}"), samples.column(f"equiv_error/{head}")
 
 
 def measure(model, data, spec, sampling: str, k: int) -> dict[str, float]:
