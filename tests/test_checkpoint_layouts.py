@@ -318,6 +318,37 @@ def test_published_weights_lacking_the_wrapper_prefix(tmp_path):
     assert err.value.status == "key_mismatch"
 
 
+class Renaming(nn.Module):
+    """A model whose project renamed its layers: old files say ``layer0``/``layer3`` where the
+    network now says ``0``/``3``; ``upgrade_state_dict`` maps them (as SevenNet's patches do)."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.net = net(99)
+        self.fail = fail
+
+    def upgrade_state_dict(self, state):
+        if self.fail:
+            raise KeyError("no rule for 'layer9'")
+        return {k.replace("net.layer", "net."): v for k, v in state.items()}
+
+
+def test_a_models_upgrade_state_dict_maps_its_old_layout(tmp_path):
+    old = {("net.layer" + k[4:] if k[4] in "03" else k): v for k, v in prefixed(sd(1), "net.").items()}
+    assert "net.layer0.weight" in old and "net.1.running_mean" in old
+    torch.save(old, tmp_path / "old.pt")
+    ckpt = read_checkpoint(tmp_path / "old.pt")
+    model = Renaming()
+    assert load_into_model(model, ckpt) is None
+    assert_params(model.net, 1)
+    assert torch.equal(model.net[1].running_mean, sd(1)["1.running_mean"])
+    with pytest.raises(CheckpointError, match=r"upgrade_state_dict failed: KeyError: .*layer9") as err:
+        load_into_model(Renaming(fail=True), ckpt)
+    assert err.value.status == "key_mismatch"
+    with pytest.raises(CheckpointError, match="keys do not match"):  # without the hook: a mismatch
+        load_into_model(Wrapper(), ckpt, prefix="")
+
+
 def test_ambiguous_prefix_asks_for_one(tmp_path):
     torch.save({**prefixed(sd(1), "a."), **prefixed(sd(2), "b.")}, tmp_path / "two.pt")
     with pytest.raises(CheckpointError, match=r"ambiguous key prefix: stripping 'b\.' or stripping 'a\.'") as err:

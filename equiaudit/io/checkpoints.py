@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from equiaudit.errors import CheckpointError, ConfigError
+from equiaudit.errors import CheckpointError, ConfigError, first_line
 from equiaudit.io.atomic import atomic_write
 from equiaudit.io.safe_load import (
     DamagedFile,
@@ -1032,12 +1032,24 @@ def load_into_model(model: torch.nn.Module, ckpt: LoadedCheckpoint, prefix: str 
     ``ckpt.ordered_params`` (torch_ema, NeMo EMAOptimizer) are mapped onto
     ``model.named_parameters()`` in order, shapes checked.
 
+    A model may define ``upgrade_state_dict(state_dict) -> state_dict``: it is given the
+    checkpoint's tensors as stored and returns them in its current layout (older key names
+    or tensor orders of its own project, as SevenNet's backward-compatibility patches do; see
+    :mod:`equiaudit.zoo.sevennet`). It sees tensors only; nothing from the file runs.
+
     The model is matched in train mode first, then in eval mode: some modules (escnn) have
     other state_dict keys in eval mode (cached ``filter``/``expanded_bias`` buffers) and a
     checkpoint saved during training has the train-mode keys. Returns a short description
     of what was done (``"stripped 'module.'"``, ``"added 'model.'; 12 parameters from ..."``),
     or ``None`` when the keys matched as stored. Raises ``CheckpointError("key_mismatch")``.
     """
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if callable(upgrade) and ckpt.state_dict:
+        try:
+            ckpt = replace(ckpt, state_dict=upgrade(dict(ckpt.state_dict)))
+        except Exception as exc:  # noqa: BLE001 - the model's own code: its failure is this checkpoint's
+            raise CheckpointError(f"the model's upgrade_state_dict failed: {type(exc).__name__}: {first_line(exc)}",
+                                  status="key_mismatch") from None
     modes = {}
     for training in (True, False):
         model.train(training)
