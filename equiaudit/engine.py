@@ -203,12 +203,32 @@ def _run_model(model, batch, rotations, spec: OrbitSpec, differentiable: bool = 
     needed = {h.output_name for h in spec.heads}
     device_type = rotations.device.type
     autocast = torch.autocast(device_type, dtype=spec.autocast) if spec.autocast else contextlib.nullcontext()
-    with torch.enable_grad() if spec.grad or differentiable else torch.inference_mode(), autocast:
+    frozen = _parameters_frozen(model) if spec.grad and not differentiable else contextlib.nullcontext()
+    with torch.enable_grad() if spec.grad or differentiable else torch.inference_mode(), autocast, frozen:
         outputs = _forward_orbit(model, spec, rotated, needed, differentiable)
     for name, out in outputs.items():
         if not torch.isfinite(out.detach()).all():
             raise ModelOutputError(f"the model returned NaN or inf in output {name!r}", status="nan_output")
     return outputs
+
+
+@contextlib.contextmanager
+def _parameters_frozen(model):
+    """The model's parameters with ``requires_grad=False`` for the forward, restored after.
+
+    For a ``grad`` model whose outputs are detached: its ``−dE/dpos`` then records no graph
+    to the weights, and a model that keeps the graph through its forces only when a weight
+    needs it (``equiaudit.zoo``'s: training, ``--dynamics``) skips ``create_graph``. On
+    SevenNet-0 that is 3.7× less memory and 18 % less time (README, Checkpoints).
+    """
+    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def head_output(head: HeadSpec, out: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:

@@ -167,3 +167,39 @@ def test_an_audit_stopped_early_computes_the_split_on_all_its_samples():
     assert result.total.n_samples < 256  # it did stop early
     total = next(row for row in result.dynamics if row["head"] == "total")
     assert total["grad_norm_sym"] == pytest.approx(_separate_split(auditor, model, None)["total"].grad_norm_sym, rel=1e-10)
+
+
+class GradientForcesProbe(GradientForces):
+    """GradientForces recording, per forward, whether any weight required grad; can fail once."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.seen: list[bool] = []
+        self.fail = fail
+
+    def forward(self, pos):
+        self.seen.append(any(p.requires_grad for p in self.parameters()))
+        if self.fail:
+            raise ValueError("boom")
+        return super().forward(pos)
+
+
+def test_plain_audit_of_a_grad_model_records_no_graph_to_its_weights():
+    # The forces are detached after a plain audit's forward, so the weights are frozen during it
+    # (no second-order graph: SevenNet-0 needs 3.7x less memory); the split needs them live.
+    data = vectors(40)
+    data["energy"] = torch.zeros(40, dtype=torch.float64)
+    extra = {"fields": {"pos": "point"}, "outputs": ["energy", "forces"], "grad": True,
+             "heads": {"energy": {"rep": "scalar", "target": "energy"}, "forces": {"rep": "vector", "target": "y"}}}
+    model = GradientForcesProbe()
+    plain = equiaudit.audit(model, data, **{**HAAR, **extra})
+    assert model.seen and not any(model.seen) and model.w.requires_grad
+    model.seen.clear()
+    with_split = equiaudit.audit(model, data, dynamics={"twirl": False}, **{**HAAR, **extra})
+    assert all(model.seen) and model.w.requires_grad and model.w.grad is None
+    assert with_split.total.rel_equiv_error == pytest.approx(plain.total.rel_equiv_error, rel=1e-12)
+    assert next(r for r in with_split.dynamics if r["head"] == "forces")["grad_norm_equiv"] > 1e-6
+    failing = GradientForcesProbe(fail=True)  # a forward that raises still gets its weights back
+    with pytest.raises(Exception, match="boom"):
+        equiaudit.audit(failing, data, **{**HAAR, **extra})
+    assert failing.w.requires_grad

@@ -100,9 +100,11 @@ def _energy_and_forces(model: nn.Module, pos: torch.Tensor, run) -> dict[str, to
 
     Works whatever the caller's grad mode (it enables grad locally). The graph through the
     forces is kept while training (force loss needs second derivatives) and when ``pos``
-    already required grad (the caller differentiates the forces further).
+    already required grad while a weight requires grad too (the caller differentiates the
+    forces further: ``--dynamics``, ``--local``). An audit's plain forward freezes the
+    weights (``engine._parameters_frozen``), so it builds no second-order graph.
     """
-    create_graph = model.training or pos.requires_grad
+    create_graph = model.training or (pos.requires_grad and any(p.requires_grad for p in model.parameters()))
     with torch.enable_grad():
         if not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
