@@ -159,3 +159,12 @@ def test_multi_fidelity_needs_a_modal():
         sevennet_force_field("7net-mf-0")
     with pytest.raises(ValueError, match="not one of"):
         sevennet_force_field("7net-mf-0", modal="nope")
+
+
+@pytest.mark.skipif("7net-0" not in shipped_checkpoints(), reason="7net-0 not shipped in this sevenn wheel")
+def test_an_element_the_model_never_saw_is_named():
+    model = sevennet_force_field("7net-0").eval()
+    _, pos, z, mask = padded(MOLECULES[:2])
+    z[0, 0] = 118  # oganesson: not in SevenNet-0's 89 elements
+    with pytest.raises(ValueError, match=r"not trained on atomic numbers \[118\]"):
+        model(pos.float(), z, mask)
