@@ -137,15 +137,11 @@ def evaluate_share(audit: OpenAudit, ref: CheckpointRef, *, batches: Callable[[i
     config, plan = audit.config, audit.plan
     chosen = tuple(i for i in range(plan.n_batches(len(audit.prepared))) if batches is None or batches(i))
     try:
-        # The ref, not its path: discovery paired EMA siblings with their raw twins.
-        loaded = read_checkpoint(ref, map_location=plan.device, weights=config.weights)
+        loaded = load_weights(audit, ref)
         if loaded.step is not None:
             identity["step"] = loaded.step
         identity["epoch"] = loaded.epoch if loaded.epoch is not None else ref.epoch
         identity["weights"], identity["weights_source"] = loaded.weights, loaded.weights_source
-        load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
-        if plan.model_dtype is not None:
-            audit.model.to(dtype=plan.model_dtype)
         accumulator = plan.gradient_accumulator(audit.model) if gradients else None
         stats = plan.evaluate(audit.model, audit.prepared, on_batch=on_batch, batches=batches, piece=piece, stop=stop,
                               gradients=accumulator)
@@ -158,6 +154,19 @@ def evaluate_share(audit: OpenAudit, ref: CheckpointRef, *, batches: Callable[[i
             on_error(ref, exc)
         status, message = _failure(exc, plan)
         return CheckpointShare(identity, chosen, None, status, message, seconds=time.perf_counter() - start)
+
+
+def load_weights(audit: OpenAudit, ref: CheckpointRef):
+    """Read ``ref``'s chosen weights (``checkpoints.weights``) into ``audit.model``, in eval
+    mode and the plan's dtype; returns the :class:`~equiaudit.io.checkpoints.LoadedCheckpoint`.
+    Raises what reading or matching the checkpoint raises."""
+    config, plan = audit.config, audit.plan
+    # The ref, not its path: discovery paired EMA siblings with their raw twins.
+    loaded = read_checkpoint(ref, map_location=plan.device, weights=config.weights)
+    load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
+    if plan.model_dtype is not None:
+        audit.model.to(dtype=plan.model_dtype)
+    return loaded
 
 
 def finish_checkpoint(audit: OpenAudit, shares: Sequence[CheckpointShare], *, ref: CheckpointRef | None = None,

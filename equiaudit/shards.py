@@ -96,7 +96,8 @@ def _part_name(key: str, shard: ShardSpec) -> str:
 def _ref_identity(ref, found) -> dict[str, Any]:
     return {"path": os.path.abspath(ref.path), "name": ref.name, "run": ref.run, "step": ref.step,
             "step_source": ref.step_source, "size": found.size if found else None,
-            "mtime_ns": found.mtime_ns if found else None}
+            "mtime_ns": found.mtime_ns if found else None,
+            "ema_path": os.path.abspath(ref.ema_path) if ref.ema_path is not None else None}
 
 
 # ---------------------------------------------------------------------- one shard
@@ -185,6 +186,30 @@ def _finished(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------- merging
+
+
+def _weights_here(audit, ref, item: Mapping[str, Any], events) -> bool:
+    """Load ``ref``'s weights into ``audit.model`` for ``--dynamics`` at merge time: only the
+    file the shards audited (same size and mtime); otherwise a warning, and no dynamics rows
+    for that checkpoint (its REE rows stand)."""
+    from equiaudit.io.cache import stamp
+    from equiaudit.runner import load_weights
+
+    found = stamp(ref.path)
+    if found is None or (found.size, found.mtime_ns) != (item.get("size"), item.get("mtime_ns")):
+        reason = "it is gone" if found is None else "it changed since the shards ran"
+        problem = f"cannot load {ref.name} here ({reason})"
+    else:
+        try:
+            load_weights(audit, ref)
+            return True
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - its REE rows still stand
+            problem = f"cannot load {ref.name} here ({type(exc).__name__}: {first_line(exc)})"
+    if events.on_warning:
+        events.on_warning(f"--dynamics skipped for {ref.run}/{ref.name}: {problem}")
+    return False
 
 
 def _read_part(path: Path) -> tuple[dict[str, Any], Any]:
@@ -333,16 +358,26 @@ def merge_shards(out, *, events=None, device: str = "cpu"):
         raise ShardError(f"the data now gives {len(audit.prepared)} samples, the shards had {first['n_samples']}: "
                          "the data file changed since the shards ran; rerun them")
     results = []
+    # Twirling comes from the statistics; everything else --dynamics computes needs the weights.
+    options = audit.plan.dynamics
+    dynamics = options is not None and bool(options.gradients or options.hessian or options.landscape or options.track_params)
+    if dynamics and events.on_warning:
+        events.on_warning(f"--dynamics: merge loads each of the {len(order)} checkpoint(s) and computes its gradient "
+                          "split, curvature and landscape here (the shards carry statistics, not gradients)")
     with Runner(audit, folder, force=True, events=events) as runner:
         runner.metadata_extra["shards"] = {"count": count, "mode": first["mode"], "reason": first.get("reason"),
                                            "files": sum(len(p) for p in loaded.values())}
         for key in order:
             item = seen[key]
-            ref = CheckpointRef(Path(item["path"]), item["name"], item["run"], item["step"], item.get("step_source"))
+            ema = item.get("ema_path")
+            ref = CheckpointRef(Path(item["path"]), item["name"], item["run"], item["step"], item.get("step_source"),
+                                ema_path=Path(ema) if ema else None)
             shares = [CheckpointShare(meta["identity"], tuple(meta["batches"]), stats, meta["status"], meta["message"],
                                       float(meta["seconds"])) for meta, stats in loaded[key]]
-            # The weights are not loaded here: the shards ran them; dynamics need --dynamics without --shard.
-            result = finish_checkpoint(audit, shares, ref=ref, on_error=events.on_error, model_loaded=False)
+            # The REE comes from the shards' statistics; --dynamics (gradients, curvature,
+            # landscape) needs the weights, so this process loads them and computes it.
+            model_loaded = dynamics and all(share.ok for share in shares) and _weights_here(audit, ref, item, events)
+            result = finish_checkpoint(audit, shares, ref=ref, on_error=events.on_error, model_loaded=model_loaded)
             epoch = next((meta["epoch"] for meta, _ in loaded[key] if meta.get("epoch") is not None), None)
             result = result.with_identity(epoch=epoch)
             found = Stamp(item["size"], item["mtime_ns"]) if item.get("size") is not None else None
