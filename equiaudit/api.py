@@ -175,7 +175,9 @@ class EquivarianceMetric:
 
     Under ``torch.distributed``, :meth:`compute` gathers every rank's statistics, so every
     rank returns what one process seeing all the batches would.
-    ``samples=N`` stops counting after the first N sample ids.
+    ``samples=N`` stops counting after the first N sample ids. ``target_ci=W``: the loop may
+    stop once :attr:`target_reached` (the 95 % interval of the total REE is at most ±W), as
+    ``--target-ci`` does; the metric never stops by itself.
     """
 
     def __init__(self, *, config: str | Path | Mapping[str, Any] | None = None, device: str | torch.device | None = "auto",
@@ -227,10 +229,8 @@ class EquivarianceMetric:
         with evaluation_mode(model):
             self.plan.evaluate_batch(model, prepared.data, prepared.ids, prepared.elements, stats=self._stats, index=ids)
 
-    def compute(self) -> AuditResult:
-        """The audit of every sample seen so far, on every rank the same."""
-        if self.plan is None:
-            raise DataError("compute() before any update(): the metric has seen no samples")
+    def _gathered(self) -> SampleStats:
+        """Every rank's statistics merged (a collective under ``torch.distributed``)."""
         import torch.distributed as dist
 
         stats = self._stats
@@ -239,4 +239,28 @@ class EquivarianceMetric:
             pieces: list[Any] = [None] * world
             dist.all_gather_object(pieces, stats, group=self.process_group)
             stats = SampleStats.merge(pieces)
-        return self.plan.summarize(stats)
+        return stats
+
+    def compute(self) -> AuditResult:
+        """The audit of every sample seen so far, on every rank the same."""
+        if self.plan is None:
+            raise DataError("compute() before any update(): the metric has seen no samples")
+        return self.plan.summarize(self._gathered())
+
+    @property
+    def target_reached(self) -> bool:
+        """``target_ci=W`` given and the samples seen so far (on every rank: a collective
+        under ``torch.distributed``, so call it on all ranks) put the 95 % interval of the
+        total REE within ±W, with at least 32 samples — the rule ``--target-ci`` stops on.
+        ::
+
+            for batch in val_loader:
+                metric.update(model, batch)
+                if metric.target_reached:
+                    break
+        """
+        if self.config.target_ci is None:
+            raise ConfigError("target_reached needs target_ci=W (the half-width of the 95 % interval, a fraction)")
+        if self.plan is None:
+            return False
+        return self.plan.target_reached(self._gathered())

@@ -136,6 +136,30 @@ def test_metric_fed_in_four_batches_equals_the_one_call_audit():
     assert metric.compute().total == one_call.total
 
 
+def test_metric_target_ci_stops_where_the_audit_does():
+    # The same rule as --target-ci: fed batches of 16, the loop breaks at the batch the audit
+    # (batch_size 16) stops at, and compute() then equals that audit.
+    model, data = LinearMap(random_matrix()).double(), vectors(512)
+    data["y"] = data["y"] + 0.5 * torch.from_numpy(np.random.default_rng(1).normal(size=data["y"].shape))
+    width = 0.01
+    audited = equiaudit.audit(model, data, target_ci=width, batch_size=16, **SETTINGS)
+    assert 48 <= audited.total.n_samples < 512, audited.total.n_samples  # it stopped early, not at the minimum
+    metric = equiaudit.EquivarianceMetric(target_ci=width, **SETTINGS)
+    assert not metric.target_reached  # nothing seen yet
+    fed = 0
+    for start in range(0, 512, 16):
+        metric.update(model, {k: v[start:start + 16] for k, v in data.items()})
+        fed += 16
+        if metric.target_reached:
+            break
+    assert fed == audited.total.n_samples
+    unlike = {"config_hash", "seconds"}  # batch_size is one of the audit's settings, not the metric's
+    assert [{k: v for k, v in r.items() if k not in unlike} for r in metric.compute().rows()] == \
+        [{k: v for k, v in r.items() if k not in unlike} for r in audited.rows()]
+    with pytest.raises(equiaudit.ConfigError, match="target_reached needs target_ci"):
+        equiaudit.EquivarianceMetric(**SETTINGS).target_reached
+
+
 def test_metric_under_torch_distributed_gloo_equals_one_process(tmp_path):
     """Two CPU processes, a DistributedSampler-style split: every rank returns the one-process result."""
     script = tmp_path / "ddp.py"
