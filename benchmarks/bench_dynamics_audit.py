@@ -17,6 +17,7 @@ products through the model (∇L_sym and ∇EE share no backward pass), so its f
 two backward passes plus the graph's keep: "split alone" shows it.
 
     python benchmarks/bench_dynamics_audit.py [--samples 128] [--rotations 16] [--repeats 5]
+        [--device cuda] [--hidden 64] [--layers 2]
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--rotations", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     data = sample_clusters(args.samples, LJ13, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model = transformer_velocity(hidden=64, layers=2)
-    settings = dict(task="flow_matching", rotations=args.rotations, seed=0, device="cpu")
+    model = transformer_velocity(hidden=args.hidden, layers=args.layers).to(args.device)
+    settings = dict(task="flow_matching", rotations=args.rotations, seed=0, device=args.device)
     auditor = equiaudit.Auditor(data, **settings)
     plan = auditor.plan(model)
     prepared = auditor.prepared(plan)
@@ -64,9 +68,10 @@ def main() -> None:
         "audit + gradients + twirl": lambda: with_twirl(model),
         "split alone": split_alone,
     }
-    median = interleaved_medians(runs, args.repeats)
-    print(machine_line())
-    print(f"transformer_velocity(64, 2 layers), {sum(p.numel() for p in model.parameters())} parameters; "
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    median = interleaved_medians(runs, args.repeats, sync=sync)
+    print(machine_line() if not args.device.startswith("cuda") else f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"transformer_velocity({args.hidden}, {args.layers} layers), {sum(p.numel() for p in model.parameters())} parameters; "
           f"N={args.samples} × K={args.rotations} rotations")
     print(f"{'what':<28}{'median s':>10}{'forward-equivalents':>22}")
     unit = median["orbit pass"]

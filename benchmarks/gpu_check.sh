@@ -10,7 +10,15 @@
 #   exact cube rotations <= 1.5 x a clone of the same bytes     (bench_voxels.py)
 #   fused Triton voxel kernel vs grid_sample + transpose        (bench_voxels.py, when Triton imports)
 #   ~100M-parameter transformer at bf16: samples x rotations/s, engine/forward <= 1.05 (bench_throughput.py)
+#   --dynamics gradients <= ~3 forward-equivalents of the audit's orbit pass (bench_dynamics_audit.py; issue 12)
+#
+# Parts, so that each fits a 10-minute command (the device machine's limit per call; the sums of
+# the time limits are 510 s each):  gpu_check.sh 1   tests, engine, voxels, dynamics
+#                                   gpu_check.sh 2   100M-parameter throughput (eager, compiled), demo
+#                                   gpu_check.sh     both
 set -uo pipefail
+part="${1:-all}"
+case "$part" in 1|2|all) ;; *) echo "usage: gpu_check.sh [1|2]" >&2; exit 2 ;; esac
 out="${OUT:-}"
 if [ -n "$out" ]; then mkdir -p "$out"; exec > >(tee "$out/gpu_check.log") 2>&1; fi
 failed=()
@@ -32,14 +40,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 python -c 'import triton; print("triton", triton.__version__)' 2>/dev/null || echo "triton: not installed (the fused voxel kernel is skipped)"
 
-step tests 150 python -m pytest -q -m gpu tests/test_gpu.py tests/test_voxels_kernel.py tests/test_fast.py
-step engine 90 python benchmarks/bench_engine.py --device cuda --naive-repeats 1
-step engine_large 60 python benchmarks/bench_engine.py --device cuda --batch 1024 --rotations 32 --naive-repeats 0
-step voxels 60 python benchmarks/bench_voxels.py --device cuda
-step voxels_64 60 python benchmarks/bench_voxels.py --device cuda --grid 64 --batch 4
-step throughput_bf16 120 python benchmarks/bench_throughput.py --device cuda --hidden 1024 --layers 12 --autocast bfloat16
-step throughput_bf16_compile 150 python benchmarks/bench_throughput.py --device cuda --hidden 1024 --layers 12 --autocast bfloat16 --compile --repeats 3
-step demo 240 equiaudit demo --device cuda --task flow_matching --out "${out:-/tmp}/demo_gpu"
+if [ "$part" != 2 ]; then
+    step tests 150 python -m pytest -q -m gpu tests/test_gpu.py tests/test_voxels_kernel.py tests/test_fast.py
+    step engine 90 python benchmarks/bench_engine.py --device cuda --naive-repeats 1
+    step engine_large 60 python benchmarks/bench_engine.py --device cuda --batch 1024 --rotations 32 --naive-repeats 0
+    step voxels 60 python benchmarks/bench_voxels.py --device cuda
+    step voxels_64 60 python benchmarks/bench_voxels.py --device cuda --grid 64 --batch 4
+    step dynamics 90 python benchmarks/bench_dynamics_audit.py --device cuda --samples 512 --rotations 16 --hidden 256 --layers 4
+fi
+if [ "$part" != 1 ]; then
+    step throughput_bf16 120 python benchmarks/bench_throughput.py --device cuda --hidden 1024 --layers 12 --autocast bfloat16
+    step throughput_bf16_compile 150 python benchmarks/bench_throughput.py --device cuda --hidden 1024 --layers 12 --autocast bfloat16 --compile --repeats 3
+    step demo 240 equiaudit demo --device cuda --task flow_matching --out "${out:-/tmp}/demo_gpu"
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi
 echo "all GPU checks ran"
