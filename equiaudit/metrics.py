@@ -281,6 +281,17 @@ def ratio_interval(
     return (ratio - half).reshape(batch_shape), (ratio + half).reshape(batch_shape)
 
 
+def ratio_standard_error(loss_aug: torch.Tensor, equiv_error: torch.Tensor) -> float:
+    """The delta-method standard error of ``ΣEE/ΣL`` over the N samples ``(N,)``: the ``se``
+    of :func:`ratio_interval`, whose half-width is ``q·se`` (NaN for N < 2 or ``ΣL ≤ 0``)."""
+    aug, err = loss_aug.double().cpu(), equiv_error.double().cpu()
+    n = aug.numel()
+    if n < 2 or not aug.sum() > 0:
+        return math.nan
+    d = err - err.sum() / aug.sum() * aug
+    return float(_ratio_se(d.square().sum(), aug.sum(), n))
+
+
 def _ratio_se(sum_sq: torch.Tensor, sum_aug: torch.Tensor, n: int) -> torch.Tensor:
     """Delta-method standard error from ``Σ(EE − r·L)²`` and ``ΣL`` over N samples."""
     return sum_sq.clamp_min(0).div(n * (n - 1)).sqrt() / (sum_aug / n)

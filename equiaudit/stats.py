@@ -65,9 +65,10 @@ class Table:
                 out._parts[name].extend(values)
         return out
 
-    def select(self, keep: torch.Tensor, order: torch.Tensor | None = None) -> Table:
-        """A one-part table of the rows where ``keep`` (bool, rows) holds, in ``order`` if given."""
-        columns = self.columns()
+    def select(self, keep: torch.Tensor, order: torch.Tensor | None = None, names: Iterable[str] | None = None) -> Table:
+        """A one-part table of the rows where ``keep`` (bool, rows) holds, in ``order`` if given;
+        only the columns ``names`` when given."""
+        columns = self.columns() if names is None else {name: self.column(name) for name in names if name in self}
         index = keep.nonzero().squeeze(1) if order is None else order[keep[order]]
         return Table({name: [value[index]] for name, value in columns.items()})
 
@@ -115,9 +116,10 @@ class SampleStats:
         out._rows = sum(p._rows for p in pieces)
         return out
 
-    def finalized(self) -> SampleStats:
+    def finalized(self, columns: Iterable[str] | None = None) -> SampleStats:
         """Tables in sample-id order (units: by id, then head, then unit), each sample id
-        once (its first evaluation, by origin)."""
+        once (its first evaluation, by origin). ``columns``: only those columns of
+        ``samples`` and no other table, the cheap view ``--target-ci`` checks after every batch."""
         samples = self.tables["samples"]
         out = SampleStats(self.heads, self.piece)
         if len(samples) == 0:
@@ -128,7 +130,10 @@ class SampleStats:
         sorted_ids = ids[order]
         first[order[1:]] = sorted_ids[1:] != sorted_ids[:-1]
         kept = origins[first]
-        out.tables["samples"] = samples.select(first, order)
+        out.tables["samples"] = samples.select(first, order, names=None if columns is None else ["id", "origin", *columns])
+        if columns is not None:
+            out._rows = self._rows
+            return out
         for name in ("floor", "units"):
             table = self.tables[name]
             if len(table) == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -158,6 +159,28 @@ def test_metric_target_ci_stops_where_the_audit_does():
         [{k: v for k, v in r.items() if k not in unlike} for r in audited.rows()]
     with pytest.raises(equiaudit.ConfigError, match="target_reached needs target_ci"):
         equiaudit.EquivarianceMetric(**SETTINGS).target_reached
+
+
+def test_target_ci_screen_never_changes_the_decision():
+    # target_reached skips the bootstrap while 1.5·se (delta method) exceeds W; the bootstrap-t
+    # half-width q·se has q ≈ 1.96+ at 95 %, so on every prefix and width the screened decision
+    # must equal the bare rule "half-width of the interval summarize reports <= W".
+    from equiaudit.plan import TARGET_MIN_SAMPLES
+
+    model, data = LinearMap(random_matrix()).double(), vectors(256)
+    data["y"] = data["y"] + 0.5 * torch.from_numpy(np.random.default_rng(2).normal(size=data["y"].shape))
+    auditor = equiaudit.Auditor(data, **SETTINGS)
+    plan = auditor.plan(model)
+    stats = plan.evaluate(model, auditor.prepared(plan))
+    decisions = []
+    for n in range(TARGET_MIN_SAMPLES, 257, 8):
+        prefix = stats.select_ids(lambda ids: ids < n)
+        low, high = plan.total_interval(prefix)
+        for width in np.geomspace(0.2, 0.002, 15):
+            screened = dataclasses.replace(plan, target_ci=float(width)).target_reached(prefix)
+            assert screened == ((high - low) / 2 <= width), (n, width, (high - low) / 2)
+            decisions.append(screened)
+    assert any(decisions) and not all(decisions)  # both sides of the rule were exercised
 
 
 def test_metric_under_torch_distributed_gloo_equals_one_process(tmp_path):
