@@ -6,7 +6,9 @@ test), so each case can fail on its own.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 
 import pytest
@@ -86,6 +88,33 @@ def test_timm_state_dict_ema_is_chosen_by_auto_and_said(tmp_path):
 
     info = describe_checkpoint(tmp_path / "checkpoint-7.pth.tar")
     assert (info["weights"], info["weights_source"], info["weight_sets"]) == ("ema", "state_dict_ema", ["raw", "ema"])
+
+
+class _Payload:
+    """Unpickling this would call ``func(*args)`` (the classic code-carrying pickle)."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def test_timm_training_args_namespace_is_data_and_code_inside_it_is_refused(tmp_path):
+    # timm's train.py saves its argparse.Namespace as "args": an attribute bag, allowlisted.
+    args = argparse.Namespace(model="net", lr=0.1, epochs=7, layers=[1, 2], amp=True, mean=(0.5, 0.5))
+    torch.save({"epoch": 7, "arch": "net", "state_dict": sd(1), "state_dict_ema": sd(2), "args": args,
+                "version": 2, "metric": 0.5}, tmp_path / "checkpoint-7.pth.tar")
+    ckpt = read_checkpoint(tmp_path / "checkpoint-7.pth.tar")
+    assert (ckpt.weights, ckpt.step, ckpt.step_source) == ("ema", 7, "epoch")
+    assert_params(loaded(ckpt)[0], 2)
+    # An attribute that carries code is still refused, naming what it wanted, and never runs.
+    marker = tmp_path / "ran"
+    args.hook = _Payload(os.system, f"touch {marker}")
+    torch.save({"epoch": 8, "state_dict": sd(1), "args": args}, tmp_path / "checkpoint-8.pth.tar")
+    with pytest.raises(CheckpointError, match=r"refused: the pickle needs `(posix|os|nt)\.system`"):
+        read_checkpoint(tmp_path / "checkpoint-8.pth.tar")
+    assert not marker.exists()
 
 
 def test_ema_only_file_and_missing_ema_are_clear_errors(tmp_path):

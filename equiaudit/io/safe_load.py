@@ -4,8 +4,11 @@ Checkpoints and data files alike are untrusted input. ``weights_only=True`` rest
 unpickler to torch's allowlist of data-carrying globals (tensors, storages, plain
 containers) plus, here, numpy's data-only reconstructors and dtype classes
 (:data:`NUMPY_DATA_GLOBALS`: arrays and scalars of numbers and fixed-width strings, as
-SevenNet stores in its configs); a pickle that names anything else (a class, ``os.system``,
-``exec``) is refused before any of it runs.
+SevenNet stores in its configs) and :data:`DATA_CLASSES` (``argparse.Namespace``, the
+``args`` of timm's and many research repositories' training checkpoints: an attribute bag,
+rebuilt by ``object.__new__`` and a ``__dict__`` update, no method of its own runs, and its
+attributes are held to the same allowlist); a pickle that names anything else (a class,
+``os.system``, ``exec``) is refused before any of it runs.
 
 Before torch sees a file, :func:`load_weights_only` bounds what reading it can cost:
 
@@ -32,6 +35,7 @@ Callers map them to their own :class:`~equiaudit.errors.EquiauditError` subclass
 
 from __future__ import annotations
 
+import argparse
 import errno
 import io
 import os
@@ -51,7 +55,7 @@ import torch
 __all__ = [
     "RefusedPickle", "DamagedFile", "TooLarge", "NotRegularFile", "load_weights_only", "damaged_reason",
     "readable_global", "file_kind", "open_regular", "MAX_UNCOMPRESSED_BYTES", "MAX_COMPRESSION_RATIO", "RATIO_CHECK_MIN_BYTES",
-    "PICKLE_WORK_MIN", "PICKLE_WORK_PER_BYTE", "NUMPY_DATA_GLOBALS",
+    "PICKLE_WORK_MIN", "PICKLE_WORK_PER_BYTE", "NUMPY_DATA_GLOBALS", "DATA_CLASSES",
 ]
 
 # Resource bounds (see the module docstring). torch.save never compresses, so the ratio cap
@@ -72,6 +76,8 @@ NUMPY_DATA_GLOBALS = (
     "numpy.ndarray", "numpy.dtype",
 )
 _NUMPY_DTYPE_CODES = "?bBhHiIlLqQefdgFDGSU"
+# Plain attribute bags with no __reduce__/__setstate__/__new__ of their own.
+DATA_CLASSES = (argparse.Namespace,)
 
 # torch names the refused global as "GLOBAL numpy.core.multiarray._reconstruct was not an
 # allowed global ..." or "Unsupported global: GLOBAL os.system ... whose module ...".
@@ -185,7 +191,8 @@ def load_weights_only(
         summary = scan_pickle(pickled) if pickled is not None else None
         handle.seek(0)
         try:
-            with warnings.catch_warnings(), torch.serialization.safe_globals([*numpy_safe_globals(), *safe_globals]):
+            with warnings.catch_warnings(), torch.serialization.safe_globals([*numpy_safe_globals(), *DATA_CLASSES,
+                                                                              *safe_globals]):
                 warnings.simplefilter("ignore")  # e.g. torch's pickle-protocol warning: noise for users
                 # torch maps only by path, and its C++ side needs the path as UTF-8.
                 mapped = mmap and is_zip and _utf8(path)
