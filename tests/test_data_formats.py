@@ -60,6 +60,39 @@ def _check_padded(data, samples, forces_key="forces"):
         torch.testing.assert_close(data["energy"], torch.tensor([s["energy"] for s in samples], dtype=torch.float64))
 
 
+# ------------------------------------------------------------------------------ ASE .traj
+
+
+def test_ase_trajectory_frames_become_samples(tmp_path):
+    # An MD or relaxation trajectory as ASE writes it (binary ULM), mixed sizes; each frame a sample.
+    pytest.importorskip("ase")
+    import ase.io
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    samples = _samples(4)
+    frames = []
+    for s in samples:
+        atoms = Atoms(numbers=s["numbers"], positions=s["positions"])
+        atoms.calc = SinglePointCalculator(atoms, energy=s["energy"], forces=s["forces"])
+        frames.append(atoms)
+    ase.io.write(tmp_path / "md.traj", frames)
+    data = load_dataset(tmp_path / "md.traj")
+    assert set(data) >= {"pos", "z", "energy", "forces", "mask"}
+    _check_padded(data, samples)
+
+
+def test_old_pickle_trajectory_is_refused_without_running(tmp_path):
+    # ASE's pre-2015 PickleTrajectory format: ase.io reads .traj as ULM only, so a pickle
+    # planted after the old magic is never unpickled.
+    pytest.importorskip("ase")
+    marker = tmp_path / "executed"
+    (tmp_path / "old.traj").write_bytes(b"PickleTrajectory" + pickle.dumps({"pbc": _Payload(marker)}))
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path / "old.traj")
+    assert "cannot read" in _one_line(err) and not marker.exists()
+
+
 # ------------------------------------------------------------------------------ ASE db
 
 

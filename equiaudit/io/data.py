@@ -16,8 +16,10 @@ Units are never converted: values stay in the units the file stores them in.
 
 Array formats: ``.npz`` (never unpickles), ``.safetensors``, ``.pt``/``.pth`` holding a
 dict of tensors (``weights_only=True``: pickled code is refused, never run), a flat
-HDF5 file of ``(N, ...)`` datasets (``h5py``, ``equiaudit[hdf5]``) and
-``.xyz``/``.extxyz`` (ASE, ``equiaudit[ase]``). Structured formats, each read with the
+HDF5 file of ``(N, ...)`` datasets (``h5py``, ``equiaudit[hdf5]``), ``.xyz``/``.extxyz``
+and ASE's ``.traj`` trajectories (ASE, ``equiaudit[ase]``; ``.traj`` is ASE's binary ULM
+format, which ASE reads without unpickling: an old pickle-based trajectory is refused by ASE
+itself, nothing in it runs). Structured formats, each read with the
 field's own library (see their modules for the rules):
 
 * ASE databases ``.db`` (``equiaudit[ase]``) and ``.aselmdb`` (``equiaudit[aselmdb]``):
@@ -82,7 +84,7 @@ _ROLE = {"pos": "positions", "z": "atomic numbers"}
 #: float64 (max 1.8e308) even summed over 1e8 terms.
 VALUE_LIMIT = 1e150
 
-_SUFFIXES = ".npz, .safetensors, .pt/.pth, .xyz/.extxyz, .db, .aselmdb, .h5/.hdf5 or a PyG dataset folder"
+_SUFFIXES = ".npz, .safetensors, .pt/.pth, .xyz/.extxyz, .traj, .db, .aselmdb, .h5/.hdf5 or a PyG dataset folder"
 
 
 def load_dataset(
@@ -96,7 +98,7 @@ def load_dataset(
     """Load a dataset file into a dict of tensors with a leading sample axis ``N``.
 
     Args:
-        path: ``.npz``, ``.safetensors``, ``.pt``/``.pth``, ``.xyz``/``.extxyz``, an ASE
+        path: ``.npz``, ``.safetensors``, ``.pt``/``.pth``, ``.xyz``/``.extxyz``, ``.traj``, an ASE
             database (``.db``, ``.aselmdb``), an HDF5 file (``.h5``/``.hdf5``/``.hdf``) or a
             PyTorch Geometric dataset folder (``root`` with ``processed/*.pt``, or the
             ``processed`` folder itself).
@@ -212,8 +214,8 @@ def _read(path: Path, keys: dict[str, str], pick: Pick) -> Table:
         return Table(_read_safetensors(path))
     if suffix in (".pt", ".pth"):
         return _read_torch(path, keys, pick)
-    if suffix in (".xyz", ".extxyz"):
-        return Table(_read_extxyz(path))
+    if suffix in (".xyz", ".extxyz", ".traj"):
+        return Table(_read_ase_frames(path))
     if suffix in (".db", ".aselmdb"):
         from equiaudit.io.data_ase import read_ase_db
 
@@ -286,13 +288,14 @@ def _read_torch(path: Path, keys: dict[str, str], pick: Pick) -> Table:
     )
 
 
-def _read_extxyz(path: Path) -> dict[str, Any]:
-    """Frames -> padded arrays: pos, z, mask, energy/forces (when every frame has them),
-    plus numeric ``info`` entries (per frame) and ``arrays`` entries (per atom, padded)."""
+def _read_ase_frames(path: Path) -> dict[str, Any]:
+    """The frames of an ``.xyz``/``.extxyz``/``.traj`` file (``ase.io.read``) -> padded
+    arrays: pos, z, mask, energy/forces (when every frame has them), plus numeric ``info``
+    entries (per frame) and ``arrays`` entries (per atom, padded)."""
     try:
         import ase.io
     except ImportError:
-        raise missing_extra("extxyz", "ase", "ASE") from None
+        raise missing_extra(path.suffix.lstrip(".").lower(), "ase", "ASE") from None
     try:
         frames = ase.io.read(str(path), index=":")
     except Exception as e:
