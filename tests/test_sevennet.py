@@ -84,13 +84,13 @@ def load_example():
     return module
 
 
-def audit(tmp_path: Path, factory: str | None = None, rotations: int = 4, names=MOLECULES) -> dict[str, dict]:
+def audit(tmp_path: Path, factory: str | None = None, rotations: int = 4, names=MOLECULES, extra=()) -> dict[str, dict]:
     config_path = load_example().write_example(tmp_path / "example", names=names, rotations=rotations)
     if factory is not None:
         config = yaml.safe_load(config_path.read_text())
         config["model"]["factory"] = factory
         config_path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(app, ["audit", str(config_path), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["audit", str(config_path), "--out", str(tmp_path / "out"), *extra])
     assert result.exit_code == 0, result.output
     with open(tmp_path / "out" / "summary.csv", newline="") as handle:
         return {row["head"]: row for row in csv.DictReader(handle)}
@@ -168,3 +168,17 @@ def test_an_element_the_model_never_saw_is_named():
     z[0, 0] = 118  # oganesson: not in SevenNet-0's 89 elements
     with pytest.raises(ValueError, match=r"not trained on atomic numbers \[118\]"):
         model(pos.float(), z, mask)
+
+
+@pytest.mark.slow  # ~35 s: double backward through SevenNet's e3nn convolutions
+@pytest.mark.skipif("7net-0" not in shipped_checkpoints(), reason="7net-0 not shipped in this sevenn wheel")
+def test_published_sevennet_has_no_equivariance_gradient(tmp_path):
+    # An exactly equivariant model: ∇θ EE at the float floor relative to ∇θ L_sym (issue 12's
+    # negative control, on a real published network with autograd forces).
+    audit(tmp_path, names=MOLECULES[:4], extra=("--dynamics",))
+    with open(tmp_path / "out" / "dynamics.csv", newline="") as handle:
+        rows = {row["head"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"total", "energy", "forces"}
+    for row in rows.values():
+        assert float(row["grad_norm_sym"]) > 1e-3
+        assert float(row["grad_norm_equiv"]) < 1e-9 * float(row["grad_norm_sym"]), row
