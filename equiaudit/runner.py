@@ -402,7 +402,8 @@ class Runner:
 
     def watch(self, paths: Sequence[str], *, interval: float, stop: threading.Event | None = None) -> dict[str, AuditResult]:
         """Audit the checkpoints of ``paths`` as they appear, polling every ``interval`` seconds,
-        until ``stop`` is set (or KeyboardInterrupt). Returns the latest result of every
+        until ``stop`` is set (a ``threading.Event``, or anything with ``is_set()`` and
+        ``wait(timeout)``: the CLI's ``SignalStop``) or KeyboardInterrupt. Returns the latest result of every
         checkpoint evaluated, by path (a checkpoint first caught half-written and later audited
         ``ok`` counts as ``ok``; cached ones are ``ok`` by construction).
 

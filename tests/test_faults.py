@@ -211,7 +211,8 @@ def test_two_concurrent_audits_into_one_folder_lose_no_row(tmp_path):
 # ----------------------------------------------------- 10. --watch exit code after a retry
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
-def test_watch_exits_0_when_a_half_written_checkpoint_was_retried_and_audited(tmp_path):
+@pytest.mark.parametrize("interrupts", [1, 3])  # 3: an impatient double Ctrl-C lands in the wind-down
+def test_watch_exits_0_when_a_half_written_checkpoint_was_retried_and_audited(tmp_path, interrupts):
     config = write_config(tmp_path)
     run_dir = tmp_path / "runs" / "live"
     run_dir.mkdir(parents=True)
@@ -229,7 +230,9 @@ def test_watch_exits_0_when_a_half_written_checkpoint_was_retried_and_audited(tm
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not ((out / "summary.csv").exists() and statuses(out / "summary.csv").get("step_000100.pt") == "ok"):
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        for _ in range(interrupts):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
         _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

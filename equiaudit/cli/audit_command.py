@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,21 +89,73 @@ def audit_with_progress(audit: OpenAudit, refs, out: OutputFolder, *, force: boo
     return results, rows
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """Ctrl-C (SIGINT) and SIGTERM end a watch as KeyboardInterrupt, even when the process
-    was started with SIGINT ignored (a background job, a CI runner, nohup)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+class _Wake(KeyboardInterrupt):
+    """Raised by :class:`SignalStop` to end its own wait between polls."""
+
+
+class SignalStop:
+    """The stop of a CLI ``--watch``: Ctrl-C (SIGINT) or SIGTERM, also when the process was
+    started with SIGINT ignored (a background job, a CI runner, nohup).
+
+    Between polls the watch waits in :meth:`wait`, and a signal ends the wait at once. While
+    it audits or writes, the first signal is only noted (the watch stops once that checkpoint
+    is done): a KeyboardInterrupt in the middle of a lazy import or of a C extension's set-up
+    broke the wind-down (``ImportError: initialization failed``, a fatal error at exit). A
+    second signal during that work interrupts it (files are written atomically: nothing is
+    torn). Once the watch has ended, signals are ignored, so a double Ctrl-C neither cuts the
+    writing of the outputs short nor changes the exit code; after a signal they stay ignored
+    (the process is on its way out), else the previous handlers come back.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = 0
+        self._waiting = False
+        self._over = False
+        self._previous: dict = {}
+
+    def is_set(self) -> bool:
+        return self.requested > 0
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep ``timeout`` seconds, or until a signal; True once a stop was asked for."""
+        if self.requested:
+            return True
+        self._waiting = True
+        try:
+            time.sleep(timeout)
+        except _Wake:
+            pass
+        finally:
+            self._waiting = False
+        return self.is_set()
+
+    def _handle(self, signum, frame) -> None:
+        if self._over:
+            return
+        self.requested += 1
+        if self._waiting:
+            raise _Wake
+        if self.requested == 1:
+            os.write(2, b"stopping once the checkpoint being audited is written (Ctrl-C again to stop now)\n")
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+        return self
+
+    def ended(self) -> None:
+        """The watch has returned: from now on signals are ignored."""
+        self._over = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
 
 
 _WEIGHTS = {"auto": "EMA where a checkpoint has it, else raw", "raw": "raw weights", "ema": "EMA weights"}
@@ -195,10 +249,14 @@ def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, 
         shown = events.on_result
         events.on_result = lambda result: (shown(result), render(result.rows()))
         events.on_cached = render
-        with Runner(audit, folder, force=force, events=events) as runner, _stop_on_signals():
-            latest = runner.watch(paths, interval=interval)
-        failed = sum(not r.ok for r in latest.values())
-        stderr.print(f"stopped watching: {len(latest)} checkpoint(s) audited; results in {escape(str(folder.summary))}", highlight=False)
+        with SignalStop() as stop:  # around the wind-down too: signals are ignored there
+            with Runner(audit, folder, force=force, events=events) as runner:
+                latest = runner.watch(paths, interval=interval, stop=stop)
+                stop.ended()
+            failed = sum(not r.ok for r in latest.values())
+            stderr.print(f"stopped watching: {len(latest)} checkpoint(s) audited; results in {escape(str(folder.summary))}", highlight=False)
+            return _written(folder, failed, output_format=output_format, stdout=stdout, stderr=stderr, plot=plot,
+                            tensorboard=tensorboard)
     else:
         if scale.main:
             stderr.print(f"auditing {len(refs)} checkpoint(s) of {_banner(audit)}", highlight=False)
@@ -208,7 +266,6 @@ def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, 
             return 0  # rank 0 reports (and exits 1 when a checkpoint failed)
         return report_rows(audit, folder, results, rows, output_format=output_format, stdout=stdout, stderr=stderr,
                            plot=plot, threshold=threshold, tensorboard=tensorboard)
-    return _written(folder, failed, output_format=output_format, stdout=stdout, stderr=stderr, plot=plot, tensorboard=tensorboard)
 
 
 def report_rows(audit: OpenAudit, folder: OutputFolder, results: Sequence[AuditResult], rows: list[dict], *,
