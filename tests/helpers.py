@@ -43,6 +43,17 @@ def vector_dataset(n_samples: int, n_atoms: int, seed: int = 0) -> dict[str, tor
     return {"pos": pos, "target": pos.clone()}
 
 
+def molecule_clouds(n: int = 64, atoms: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``pos (n, atoms, 3)`` float64 off the origin, ``z``, ``mask``: every third molecule two
+    atoms smaller (padded), for the generative tasks' tests (flow matching, diffusion)."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(n, atoms, 3, generator=g, dtype=torch.float64) * 1.5 + 3.0
+    mask = torch.ones(n, atoms, dtype=torch.bool)
+    mask[::3, -2:] = False  # some molecules are smaller
+    pos = pos * mask[..., None]
+    return {"pos": pos, "z": torch.full((n, atoms), 6) * mask, "mask": mask}
+
+
 def vector_spec(rep: str = "vector", loss: str = "mse") -> OrbitSpec:
     return OrbitSpec(
         fields={"pos": rep},

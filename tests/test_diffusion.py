@@ -13,18 +13,12 @@ from equiaudit.io.config import read_yaml
 from equiaudit.metrics import summarize
 from equiaudit.plan import resolve
 from equiaudit.tasks.diffusion import edm_weight
+from helpers import molecule_clouds
 
 SAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "sample_configs" / "diffusion.yaml"
 LEVELS = [0.05, 0.2, 1.0, 5.0]
 
 
-def _dataset(n=64, atoms=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pos = torch.randn(n, atoms, 3, generator=g, dtype=torch.float64) * 1.5 + 3.0
-    mask = torch.ones(n, atoms, dtype=torch.bool)
-    mask[::3, -2:] = False  # some molecules are smaller
-    pos = pos * mask[..., None]
-    return {"pos": pos, "z": torch.full((n, atoms), 6) * mask, "mask": mask}
 
 
 class Denoiser(torch.nn.Module):
@@ -60,7 +54,7 @@ def _closed_form(prepared, bias, sigma_data=1.0):
 
 
 def test_prepared_fields_are_consistent_and_seeded_per_sample():
-    dataset = _dataset(n=2000, atoms=4)
+    dataset = molecule_clouds(n=2000, atoms=4)
     plan = _plan(dataset, **_options())
     whole = plan.prepare(dataset)
     prepared = whole.data
@@ -92,7 +86,7 @@ def test_prepared_fields_are_consistent_and_seeded_per_sample():
 
 
 def test_fixed_levels_share_the_noise_of_their_sample():
-    dataset = _dataset(n=10)
+    dataset = molecule_clouds(n=10)
     plan = _plan(dataset, **_options(sigma=LEVELS))
     whole = plan.prepare(dataset)
     t = len(LEVELS)
@@ -111,7 +105,7 @@ def test_fixed_levels_share_the_noise_of_their_sample():
 
 @pytest.mark.parametrize("diffusion", [{}, {"weighting": "none"}, {"sigma": LEVELS}, {"sigma_data": 0.5}])
 def test_equivariant_denoiser_reads_at_the_float_floor(diffusion):
-    result = equiaudit.audit(Denoiser(sigma_data=diffusion.get("sigma_data", 1.0)), _dataset(), device="cpu",
+    result = equiaudit.audit(Denoiser(sigma_data=diffusion.get("sigma_data", 1.0)), molecule_clouds(), device="cpu",
                              **_options(**diffusion))
     assert result.heads["x1"].loss_aug > 0.01
     assert abs(result.total.rel_equiv_error) < 1e-5 and result.total.flag == "at_float_floor"
@@ -122,7 +116,7 @@ def test_constant_bias_has_closed_form_ree_with_edm_weights(diffusion):
     """``D = D_eq + b``: per sample EE = λ(σ)·|b|²/3 and L_sym = λ(σ)·L_eq; REE is their ratio of sums."""
     bias = (0.4, -0.3, 0.2)
     sigma_data = diffusion.get("sigma_data", 1.0)
-    dataset = _dataset(n=512)
+    dataset = molecule_clouds(n=512)
     options = _options(k=16, **diffusion)
     prepared = _plan(dataset, **options).prepare(dataset).data
     result = equiaudit.audit(Denoiser(bias, sigma_data), dataset, device="cpu", **options)
@@ -139,7 +133,7 @@ def test_constant_bias_has_closed_form_ree_with_edm_weights(diffusion):
 
 def test_end_to_end_audit_with_a_sigma_breakdown():
     bias = (0.4, -0.3, 0.2)
-    dataset = _dataset(n=128)
+    dataset = molecule_clouds(n=128)
     options = _options(sigma=LEVELS)
     plan = _plan(dataset, by=["sigma"], **options)
     prepared = plan.prepare(dataset)
@@ -174,7 +168,7 @@ def test_end_to_end_audit_with_a_sigma_breakdown():
 
 
 def test_the_metric_stream_equals_the_one_call_audit():
-    dataset = _dataset(n=40)
+    dataset = molecule_clouds(n=40)
     options = _options(sigma=[0.1, 1.0])
     one_call = equiaudit.audit(Denoiser((0.1, 0.0, 0.0)), dataset, device="cpu", **options)
     metric = equiaudit.EquivarianceMetric(device="cpu", **options)
@@ -193,7 +187,7 @@ def test_the_metric_stream_equals_the_one_call_audit():
 ])
 def test_bad_diffusion_options_are_config_errors(diffusion, message):
     with pytest.raises(ConfigError) as info:
-        equiaudit.audit(Denoiser(), _dataset(n=4), device="cpu", **_options(**diffusion))
+        equiaudit.audit(Denoiser(), molecule_clouds(n=4), device="cpu", **_options(**diffusion))
     assert message in str(info.value)
 
 
@@ -201,5 +195,5 @@ def test_the_sample_config_is_valid():
     raw = read_yaml(SAMPLE_CONFIG)
     assert raw["task"] == "diffusion"
     options = {k: v for k, v in raw.items() if k not in ("model", "checkpoints", "data")}
-    result = equiaudit.audit(Denoiser((0.1, 0.0, 0.0)), _dataset(n=16), device="cpu", config={**options, "bootstrap": 50})
+    result = equiaudit.audit(Denoiser((0.1, 0.0, 0.0)), molecule_clouds(n=16), device="cpu", config={**options, "bootstrap": 50})
     assert result.heads["x1"].rel_equiv_error > 0 and any(r["by"] == "sigma" for r in result.breakdown)

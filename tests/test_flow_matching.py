@@ -9,15 +9,9 @@ from equiaudit.breakdown import field_bins
 from equiaudit.errors import ConfigError
 from equiaudit.metrics import summarize
 from equiaudit.plan import resolve
+from helpers import molecule_clouds
 
 
-def _dataset(n=64, atoms=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pos = torch.randn(n, atoms, 3, generator=g, dtype=torch.float64) * 1.5 + 3.0
-    mask = torch.ones(n, atoms, dtype=torch.bool)
-    mask[::3, -2:] = False  # some molecules are smaller
-    pos = pos * mask[..., None]
-    return {"pos": pos, "z": torch.full((n, atoms), 6) * mask, "mask": mask}
 
 
 class Velocity(torch.nn.Module):
@@ -40,7 +34,7 @@ def _audit(model, dataset, k=8, seed=0):
 
 
 def test_prepared_fields_are_consistent():
-    prepared, _ = _audit(Velocity(), _dataset())
+    prepared, _ = _audit(Velocity(), molecule_clouds())
     mask = prepared["mask"]
     x0, x1, t = prepared["x0"], prepared["x1"], prepared["t"]
     assert torch.allclose(prepared["x_t"], (1 - t[:, None, None]) * x0 + t[:, None, None] * x1)
@@ -49,12 +43,12 @@ def test_prepared_fields_are_consistent():
     assert x0[~mask].abs().max() == 0 and x1[~mask].abs().max() == 0
     valid = mask[..., None].double()
     assert ((x0 * valid).sum(1) / valid.sum(1)).abs().max() < 1e-12  # centred on valid atoms
-    again, _ = _audit(Velocity(), _dataset())
+    again, _ = _audit(Velocity(), molecule_clouds())
     assert torch.equal(again["x_t"], prepared["x_t"])  # seeded: identical for every checkpoint
 
 
 def test_equivariant_velocity_reads_at_float_floor():
-    _, summary = _audit(Velocity(), _dataset())
+    _, summary = _audit(Velocity(), molecule_clouds())
     assert summary["velocity"].loss_aug > 0.1
     assert abs(summary["velocity"].rel_equiv_error) < 1e-5
 
@@ -62,7 +56,7 @@ def test_equivariant_velocity_reads_at_float_floor():
 def test_constant_bias_has_closed_form_ree():
     """``v = v_eq + b``: P(g) = v_eq + Rᵀb, so EE = |b|²/3 per component and L_sym is v_eq's loss."""
     bias = torch.tensor([0.4, -0.3, 0.2], dtype=torch.float64)
-    dataset = _dataset(n=512)
+    dataset = molecule_clouds(n=512)
     prepared, summary = _audit(Velocity(bias=bias.tolist()), dataset, k=16)
     mask = prepared["mask"][..., None].double().expand(-1, -1, 3)
     v_eq = 0.5 * prepared["x_t"] * (1 + prepared["t"][:, None, None])
@@ -86,7 +80,7 @@ def _audit_with(model, dataset, k=8, seed=0, **flow):
 
 @pytest.mark.parametrize("time,target", CONVENTIONS)
 def test_each_convention_prepares_its_path_and_head(time, target):
-    plan, prepared, _ = _audit_with(Velocity(), _dataset(n=16), time=time, target=target)
+    plan, prepared, _ = _audit_with(Velocity(), molecule_clouds(n=16), time=time, target=target)
     x0, x1, s = prepared["x0"], prepared["x1"], prepared["t"][:, None, None]
     if time == "noise_at_0":
         assert torch.allclose(prepared["x_t"], (1 - s) * x0 + s * x1)
@@ -97,17 +91,17 @@ def test_each_convention_prepares_its_path_and_head(time, target):
     (head,) = plan.spec.heads
     assert (head.name, head.target, head.rep) == (target, target, "vector" if target == "velocity" else "point")
     # The noise and the time of a sample do not depend on the conventions (common random numbers).
-    _, default, _ = _audit_with(Velocity(), _dataset(n=16))
+    _, default, _ = _audit_with(Velocity(), molecule_clouds(n=16))
     assert torch.equal(default["x0"], x0) and torch.equal(default["t"], prepared["t"])
 
 
 @pytest.mark.parametrize("time,target", CONVENTIONS)
 def test_each_convention_has_the_known_answers(time, target):
     """Equivariant ``f = a·x_t·(1 + t)`` reads at the floor; ``f + b`` has EE = |b|²/3 per component."""
-    _, _, exact = _audit_with(Velocity(), _dataset(), time=time, target=target)
+    _, _, exact = _audit_with(Velocity(), molecule_clouds(), time=time, target=target)
     assert exact[target].loss_aug > 0.1 and abs(exact[target].rel_equiv_error) < 1e-5
     bias = torch.tensor([0.4, -0.3, 0.2], dtype=torch.float64)
-    _, prepared, summary = _audit_with(Velocity(bias=bias.tolist()), _dataset(n=512), k=16, time=time, target=target)
+    _, prepared, summary = _audit_with(Velocity(bias=bias.tolist()), molecule_clouds(n=512), k=16, time=time, target=target)
     mask = prepared["mask"][..., None].double().expand(-1, -1, 3)
     f_eq = 0.5 * prepared["x_t"] * (1 + prepared["t"][:, None, None])
     sym_loss = (((f_eq - prepared[target]) ** 2 * mask).sum((1, 2)) / mask.sum((1, 2))).mean()
@@ -117,7 +111,7 @@ def test_each_convention_has_the_known_answers(time, target):
 
 
 def test_default_conventions_are_todays():
-    dataset = _dataset(n=32)
+    dataset = molecule_clouds(n=32)
     _, explicit, a = _audit_with(Velocity(bias=(0.1, 0.0, 0.0)), dataset, time="noise_at_0", target="velocity", noise_scale=1.0)
     _, default, b = _audit_with(Velocity(bias=(0.1, 0.0, 0.0)), dataset)
     assert default.keys() == explicit.keys() and all(torch.equal(default[k], explicit[k]) for k in default)
@@ -134,7 +128,7 @@ def test_default_conventions_are_todays():
 ])
 def test_bad_flow_options_are_config_errors(flow, message):
     with pytest.raises(ConfigError) as info:
-        equiaudit.audit(Velocity(), _dataset(n=4), task="flow_matching", rotations=4, device="cpu", flow=flow)
+        equiaudit.audit(Velocity(), molecule_clouds(n=4), task="flow_matching", rotations=4, device="cpu", flow=flow)
     assert message in str(info.value)
 
 
@@ -162,7 +156,7 @@ def _fixed_plan(dataset, times=TIMES, k=8, **extra):
 
 
 def test_fixed_times_repeat_each_sample_with_its_own_noise():
-    dataset = _dataset(n=12)
+    dataset = molecule_clouds(n=12)
     plan, _ = _fixed_plan(dataset)
     whole = plan.prepare(dataset)
     t_count = len(TIMES)
@@ -199,7 +193,7 @@ def _closed_form_per_t(prepared, bias, scale=0.5):
 
 def test_fixed_times_summary_breakdown_and_growth_with_t():
     bias = (0.4, -0.3, 0.2)
-    dataset = _dataset(n=256)
+    dataset = molecule_clouds(n=256)
     plan, options = _fixed_plan(dataset, k=16)
     prepared = plan.prepare(dataset)
     stats = plan.evaluate(GrowingBias(bias), prepared)
@@ -241,7 +235,7 @@ class SampleBias(torch.nn.Module):
 
 
 def test_fixed_times_interval_resamples_samples():
-    dataset = _dataset(n=128)
+    dataset = molecule_clouds(n=128)
     dataset["z"] = torch.randint(1, 10, (128, 1), generator=torch.Generator().manual_seed(1)) * dataset["mask"]
     plan, _ = _fixed_plan(dataset)
     stats = plan.evaluate(SampleBias(), plan.prepare(dataset))
@@ -269,7 +263,7 @@ def test_fixed_times_interval_resamples_samples():
 
 
 def test_fixed_times_in_the_metric_stream_equal_the_one_call_audit():
-    dataset = _dataset(n=40)
+    dataset = molecule_clouds(n=40)
     _, options = _fixed_plan(dataset, times=[0.1, 0.5, 0.9], by=["n_atoms"])
     one_call = equiaudit.audit(GrowingBias(), dataset, device="cpu", **options)
     metric = equiaudit.EquivarianceMetric(device="cpu", **options)

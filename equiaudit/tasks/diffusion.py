@@ -41,7 +41,7 @@ from equiaudit.actions import centre
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.random import SampleRandom
 from equiaudit.tasks import TaskPreset, register_task
-from equiaudit.tasks.flow_matching import fixed_values, repeat_rows
+from equiaudit.tasks.flow_matching import fixed_values, rows_at
 
 __all__ = ["WEIGHTINGS", "edm_weight", "resolve_diffusion_options", "prepare_diffusion", "DIFFUSION"]
 
@@ -97,10 +97,8 @@ def prepare_diffusion(dataset: dict[str, torch.Tensor], options: Mapping[str, An
         extra: dict[str, torch.Tensor] = {}
     else:
         # One row per (sample, level), the sample's ε repeated: T rows share x1 and ε.
-        dataset, cluster = repeat_rows({**dataset, "x1": x1, "noise": noise}, ids, len(levels))
+        dataset, sigma, extra = rows_at({**dataset, "x1": x1, "noise": noise}, ids, levels, like=pos)
         x1, noise = dataset.pop("x1"), dataset.pop("noise")
-        sigma = torch.tensor(levels, dtype=pos.dtype, device=pos.device).repeat(len(pos))
-        extra = {"cluster": cluster.to(pos.device)}
     x_sigma = x1 + sigma[:, None, None] * noise
     # float64 whatever the data: λ spans decades (1/σ² at small σ) and only scales losses.
     if options.get("weighting", "edm") == "edm":

@@ -49,7 +49,7 @@ from equiaudit.errors import ConfigError, DataError
 from equiaudit.random import SampleRandom
 from equiaudit.tasks import TaskPreset, register_task
 
-__all__ = ["TIMES", "TARGETS", "flow_heads", "resolve_flow_options", "fixed_values", "repeat_rows", "prepare_flow", "FLOW_MATCHING"]
+__all__ = ["TIMES", "TARGETS", "flow_heads", "resolve_flow_options", "fixed_values", "rows_at", "prepare_flow", "FLOW_MATCHING"]
 
 TIMES = ("noise_at_0", "noise_at_1")
 TARGETS = ("velocity", "x1", "x0")
@@ -97,12 +97,18 @@ def resolve_flow_options(options: Mapping[str, Any], dataset: Mapping[str, torch
     return options
 
 
-def repeat_rows(dataset: Mapping[str, torch.Tensor], ids: torch.Tensor, repeat: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Every field ``(B, ...)`` with each sample's row repeated ``repeat`` times in place
-    (``(B·T, ...)``, sample-major), and ``cluster`` ``(B·T,)``: the sample id of each row."""
+def rows_at(dataset: Mapping[str, torch.Tensor], ids: torch.Tensor, values, like: torch.Tensor
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One row per (sample, fixed value): every field ``(B, ...)`` with each sample's row
+    repeated ``T = len(values)`` times in place (``(B·T, ...)``, sample-major), the values
+    ``(B·T,)`` in ``like``'s dtype and device, and ``{"cluster": (B·T,)}``, the sample id of
+    each row (the interval then resamples samples, not rows). Shared by ``flow.t`` and
+    ``diffusion.sigma``."""
     ids = torch.as_tensor(ids, dtype=torch.int64)
+    repeat = len(values)
     rows = {name: value.repeat_interleave(repeat, 0) for name, value in dataset.items()}
-    return rows, ids.repeat_interleave(repeat)
+    column = torch.tensor(values, dtype=like.dtype, device=like.device).repeat(len(ids))
+    return rows, column, {"cluster": ids.repeat_interleave(repeat).to(like.device)}
 
 
 def prepare_flow(dataset: dict[str, torch.Tensor], options: Mapping[str, Any], random: SampleRandom, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,10 +133,8 @@ def prepare_flow(dataset: dict[str, torch.Tensor], options: Mapping[str, Any], r
         extra: dict[str, torch.Tensor] = {}
     else:
         # One row per (sample, time), the sample's noise repeated: T rows share x0 and x1.
-        dataset, cluster = repeat_rows({**dataset, "x0": x0, "x1": x1}, ids, len(times))
+        dataset, t, extra = rows_at({**dataset, "x0": x0, "x1": x1}, ids, times, like=pos)
         x0, x1 = dataset.pop("x0"), dataset.pop("x1")
-        t = torch.tensor(times, dtype=pos.dtype, device=pos.device).repeat(len(pos))
-        extra = {"cluster": cluster.to(pos.device)}
     s = t[:, None, None]
     if options.get("time", "noise_at_0") == "noise_at_0":
         x_t, velocity = (1 - s) * x0 + s * x1, x1 - x0

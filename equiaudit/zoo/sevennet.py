@@ -10,8 +10,8 @@ What runs and what does not:
 
 * The architecture comes from the checkpoint's ``config``, read through equiaudit's
   weights-only loader (numpy's data globals and ``torch.device`` allowlisted): nothing in the
-  file runs. SevenNet's own ``SevenNetCheckpoint`` is not used because it calls
-  ``torch.load(weights_only=False)``. The config then goes through SevenNet's own
+  file runs. SevenNet's own ``SevenNetCheckpoint`` is not used because it unpickles
+  the whole file with torch's weights-only guard switched off. The config then goes through SevenNet's own
   ``_config_cp_routine`` (defaults, old-version patches, shift/scale) and
   ``build_E3_equivariant_model``, so the network is the one SevenNet builds.
 * The weights are NOT loaded here: equiaudit loads each audited checkpoint's
