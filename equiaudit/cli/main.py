@@ -184,12 +184,13 @@ def merge(
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
     threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Your YAML config: the model --dynamics builds at merge comes from it, never from OUT (the shards' model section must match it).")] = None,
 ):
     """Combine the shards of an array job into OUT/summary.csv, breakdown.csv, run.json and the plot, as one process writes them."""
     from equiaudit.cli.scale_command import run_merge_command
 
     raise typer.Exit(run_merge_command(out=out, output_format=output_format.value, plot=plot, threshold=threshold,
-                                       stdout=stdout, stderr=stderr, debug=_state["debug"]))
+                                       stdout=stdout, stderr=stderr, debug=_state["debug"], config_path=config))
 
 
 class XAxis(str, Enum):
