@@ -25,29 +25,169 @@ Two layouts, told apart by the file's top level:
 * **flat** (every top-level item a dataset): each dataset is an array ``(N, ...)`` (or
   ``(A,)`` atom types shared by all samples), read like the arrays of an ``.npz``,
   including the MD17 layouts; string datasets are metadata.
+
+Files an HDF5 file pulls in: before any object is opened, every link of the file is walked
+without being followed, and every other file it names — an ``ExternalLink``'s target, a
+dataset's raw ``external=`` storage, a virtual dataset's sources — is checked, recursively
+(a linked file's own links too) with :func:`_external_candidates`' idea of where HDF5 looks:
+
+* it must be a **regular file**, whatever the options: a FIFO, socket or device (``/dev/zero``)
+  would hang or never end the read; every place HDF5 may look for it is checked;
+* it must lie in the **data file's folder** (or below), symlinks resolved: an external link or
+  virtual source leaving it (``../outside/secret.h5``, an absolute path elsewhere) is refused
+  unless ``data.follow_external: true``, and then each one followed is said
+  (:class:`ExternalDataWarning`). Raw external storage is held to the same folder rule.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from equiaudit.errors import DataError, first_line
+from equiaudit.errors import DataError, DataWarning, first_line
 from equiaudit.io.data_common import NotNumeric, Table, missing_extra
+from equiaudit.io.safe_load import file_kind
 
-__all__ = ["read_hdf5"]
+__all__ = ["read_hdf5", "ExternalDataWarning", "check_references"]
 
 _ENERGY = "dft_total_energy"
 _GRADIENT = "dft_total_gradient"
 _SPICE_NEEDS = "every molecule group needs atomic_numbers (atoms,) and conformations (conformations, atoms, 3)"
 
 
-def read_hdf5(path: Path, keys: dict[str, str], pick: Callable) -> Table:
+class ExternalDataWarning(DataWarning):
+    """An HDF5 file read data from outside its folder (``data.follow_external: true``)."""
+
+
+# How deep external links may chain (file → file → ...), and how many links one check may visit.
+_MAX_DEPTH = 8
+_MAX_LINKS = 10_000_000
+
+
+def _external_candidates(name: str, folder: Path, kind: str) -> list[Path]:
+    """Every path HDF5 may open for a file ``name`` referenced from a file in ``folder``, in
+    its search order (H5Lcreate_external, H5Pset_virtual_prefix, H5Pset_efile_prefix):
+    links and virtual sources try an absolute name as is, then (absolute or not) the name
+    under the environment's prefix, the referring file's folder and the working directory;
+    raw external storage tries its prefix, else the working directory."""
+    env = {"link": "HDF5_EXT_PREFIX", "virtual": "HDF5_VDS_PREFIX", "raw": "HDF5_EXTFILE_PREFIX"}[kind]
+    prefixes = [p.replace("${ORIGIN}", str(folder)) for p in os.environ.get(env, "").split(os.pathsep) if p]
+    given = Path(name)
+    if kind == "raw":
+        if given.is_absolute():
+            return [given]
+        return [Path(p) / given for p in prefixes] + [Path.cwd() / given]
+    relative = Path(given.name) if given.is_absolute() else given
+    return ([given] if given.is_absolute() else []) + [Path(p) / relative for p in prefixes] + [folder / relative, Path.cwd() / relative]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
+
+
+def _check_target(name: str, referrer: Path, home: Path, kind: str, what: str, follow_external: bool) -> Path | None:
+    """The file HDF5 would open for ``name`` (None when none exists), after the two rules:
+    regular file (every candidate), inside ``home`` (the one opened) unless ``follow_external``."""
+    found = None
+    for candidate in _external_candidates(name, referrer.parent, kind):
+        try:
+            mode = os.stat(candidate).st_mode  # follows symlinks: the file HDF5 would read
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{referrer}: {what} names {candidate}, {file_kind(mode)}, not a regular file: not opened")
+        found = found or candidate
+    found = Path(os.path.normpath(found)) if found is not None else None
+    if found is not None and not _inside(found, home):
+        if not follow_external:
+            raise DataError(f"{referrer}: {what} reads {found}, outside the data file's folder {home}: refused "
+                            "(set data.follow_external: true to follow it)")
+        warnings.warn(f"{referrer}: {what} reads {found}, outside the data file's folder (data.follow_external: true)",
+                      ExternalDataWarning, stacklevel=2)
+    return found
+
+
+def _links(group, seen: set) -> Iterator[tuple[str, Any, Any]]:
+    """(name, link, object or None) of every link under ``group``, depth first, never following
+    an external link; hard-linked groups are entered once."""
+    import h5py
+
+    stack = [group]
+    while stack:
+        current = stack.pop()
+        for name in current.keys():  # link names: nothing resolved
+            link = current.get(name, getlink=True)
+            full = f"{current.name.rstrip('/')}/{name}"
+            if isinstance(link, h5py.ExternalLink):
+                yield full, link, None
+            elif isinstance(link, h5py.HardLink):
+                item = current.get(name)
+                if isinstance(item, h5py.Group):
+                    if item.id not in seen:
+                        seen.add(item.id)
+                        stack.append(item)
+                yield full, link, item
+            # a soft link names a path in this file, whose every link is walked here
+
+
+def check_references(handle, path: Path, *, follow_external: bool = False, home: Path | None = None, depth: int = 0,
+                     visited: set | None = None) -> None:
+    """Apply the two rules of the module docstring to every file ``handle`` (an open
+    ``h5py.File`` at ``path``) pulls in, recursively; :class:`DataError` names the first
+    breach. ``home``: the folder of the data file the user named."""
+    import h5py
+
+    home = path.parent if home is None else home
+    visited = set() if visited is None else visited
+    visited.add(os.path.realpath(path))
+    count = 0
+    for name, link, item in _links(handle, set()):
+        count += 1
+        if count > _MAX_LINKS:
+            raise DataError(f"{path}: more than {_MAX_LINKS:,} links; refused")
+        if isinstance(link, h5py.ExternalLink):
+            target = _check_target(link.filename, path, home, "link", f"external link '{name}'", follow_external)
+            if target is not None and os.path.realpath(target) not in visited:
+                if depth >= _MAX_DEPTH:
+                    raise DataError(f"{path}: external links chain deeper than {_MAX_DEPTH} files; refused")
+                try:
+                    inner = h5py.File(target, "r")
+                except Exception as e:  # noqa: BLE001 - HDF5 names what is wrong
+                    raise DataError(f"{path}: external link '{name}' leads to {target}, not readable as HDF5: {first_line(e)}") from None
+                with inner:
+                    check_references(inner, Path(target), follow_external=follow_external, home=home, depth=depth + 1,
+                                     visited=visited)
+            continue
+        if not isinstance(item, h5py.Dataset):
+            continue
+        for file_name, _, _ in item.external or ():
+            _check_target(os.fsdecode(file_name), path, home, "raw", f"dataset '{name}' (raw external storage)", follow_external)
+        if item.is_virtual:
+            for source in item.virtual_sources():
+                if source.file_name == ".":
+                    continue  # this same file
+                target = _check_target(source.file_name, path, home, "virtual", f"virtual dataset '{name}'", follow_external)
+                if target is not None and os.path.realpath(target) not in visited:
+                    if depth >= _MAX_DEPTH:
+                        raise DataError(f"{path}: virtual sources chain deeper than {_MAX_DEPTH} files; refused")
+                    try:
+                        inner = h5py.File(target, "r")
+                    except Exception as e:  # noqa: BLE001
+                        raise DataError(f"{path}: virtual dataset '{name}' reads {target}, not readable as HDF5: {first_line(e)}") from None
+                    with inner:
+                        check_references(inner, Path(target), follow_external=follow_external, home=home, depth=depth + 1,
+                                         visited=visited)
+
+
+def read_hdf5(path: Path, keys: dict[str, str], pick: Callable, *, follow_external: bool = False) -> Table:
     try:
         import h5py
     except ImportError:
@@ -58,6 +198,8 @@ def read_hdf5(path: Path, keys: dict[str, str], pick: Callable) -> Table:
         raise DataError(f"cannot read {path} as HDF5: {first_line(e)}") from None
     try:
         with handle:
+            # Before any object is opened (items() follows external links): what else would be read.
+            check_references(handle, Path(path), follow_external=follow_external)
             items = list(handle.items())
             groups = [name for name, item in items if isinstance(item, h5py.Group)]
             datasets = [name for name, item in items if isinstance(item, h5py.Dataset)]
