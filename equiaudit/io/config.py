@@ -73,8 +73,8 @@ MAX_CONFIG_VALUES = 100_000
 # Work bounds (docs/safety.md). Each is far beyond real use and far below what would exhaust
 # a machine: one rotation is 72 bytes (float64 3×3) per sample, one bootstrap resample one
 # pass over the samples per interval.
-MAX_ROTATIONS = 100_000  # group.rotations: typical audits use 8–64; 10⁵ already pins the REE to ~0.3 % of itself
-MAX_BOOTSTRAP = 100_000  # bootstrap: the 95 % quantile's Monte Carlo error at 10⁵ resamples is ~0.2 %
+MAX_ROTATIONS = 100_000  # group.rotations: audits use 8–64; Monte Carlo error ∝ 1/√K, 0.3 % at 10⁵
+MAX_BOOTSTRAP = 100_000  # bootstrap: the 95 % quantile's Monte Carlo error is then ~0.3 % (normal |t|)
 MAX_ROTATION_ROWS = 100_000_000  # (sample, rotation) pairs held at once: 7.2 GB of float64 rotations
 MAX_ATOMS = 1_000_000  # data.max_atoms default: atoms in one structure of a text file (extxyz), checked before parsing
 SIZE_LIMITS = {  # the other sizes whose work grows with the value
