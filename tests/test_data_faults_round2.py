@@ -92,6 +92,25 @@ def test_a_fifo_pulled_in_by_an_hdf5_file_is_never_opened(tmp_path, how, where):
         load_dataset(path, follow_external=True)
 
 
+def test_a_spice_molecule_whose_gradient_lives_in_a_fifo_is_refused(tmp_path):
+    pipe = fifo(tmp_path / "pipe.bin")
+    path = tmp_path / "spice.h5"
+    with h5py.File(path, "w") as handle:
+        for name in ("good", "bad"):
+            group = handle.create_group(name)
+            group["atomic_numbers"] = np.array([8, 1, 1])
+            group["conformations"] = np.zeros((2, 3, 3))
+            if name == "good":
+                group["dft_total_gradient"] = np.zeros((2, 3, 3))
+            else:
+                group.create_dataset("dft_total_gradient", shape=(2, 3, 3), dtype="f8",
+                                     external=[(pipe.name, 0, h5py.h5f.UNLIMITED)])
+    with unblocked(pipe), pytest.raises(DataError, match=r"dataset '/bad/dft_total_gradient' \(raw external storage\) "
+                                                         r"names .*pipe\.bin, a FIFO"):
+        with contextlib.chdir(tmp_path):  # raw external names are found from the working directory
+            load_dataset(path)
+
+
 def test_a_device_as_raw_external_storage_is_refused(tmp_path):
     if not Path("/dev/zero").exists():
         pytest.skip("no /dev/zero")
