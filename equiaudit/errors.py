@@ -42,6 +42,11 @@ class ModelOutputError(EquiauditError):
     status = "bad_output"
 
 
+class DataWarning(UserWarning):
+    """Something about the data the user must hear, though the audit goes on (the CLI shows
+    it as one ``warning:`` line): e.g. an HDF5 file followed outside its folder on request."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (library messages can run to
     paragraphs), or the exception's type name when it has none."""

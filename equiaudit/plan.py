@@ -42,7 +42,7 @@ from equiaudit.errors import ConfigError, DataError
 from equiaudit.fast import staged_batches
 from equiaudit.floor import FLOOR_COPIES, FLOOR_SAMPLES, flag, null_orbit_error
 from equiaudit.groups import GROUPS, Group, RotationAction, make_group
-from equiaudit.io.config import AuditConfig
+from equiaudit.io.config import AuditConfig, check_rotation_rows
 from equiaudit.local import local_batch
 from equiaudit.metrics import ratio_standard_error
 from equiaudit.metrics import summarize as summarize_ratio
@@ -215,6 +215,7 @@ class AuditPlan:
             repeat = len(prepared[CLUSTER]) // n
             ids = ids.repeat_interleave(repeat) * repeat + torch.arange(repeat, dtype=torch.int64).repeat(n)
             index = None if index is None else torch.as_tensor(index).repeat_interleave(repeat)
+        check_rotation_rows(len(ids), self.group.n_elements)  # before allocating (N, K, 3, 3)
         return Prepared(prepared, ids, self.group.sample(ids, self.random("rotations")), index)
 
     # ------------------------------------------------------------------ evaluating

@@ -58,18 +58,22 @@ class OpenAudit:
     prepared: Prepared
 
 
-def open_audit(config: AuditConfig, *, device: str | torch.device = "auto", compile: bool = False) -> OpenAudit:
+def open_audit(config: AuditConfig, *, device: str | torch.device = "auto", compile: bool = False,
+               model: torch.nn.Module | None = None) -> OpenAudit:
     """Load the config's data, build its model, resolve the plan and prepare the data
     (pinned in host memory for a CUDA device: :mod:`equiaudit.fast`). ``compile``:
-    ``torch.compile`` the model's forward."""
+    ``torch.compile`` the model's forward. ``model``: use this one instead of calling
+    ``model.factory`` (``merge`` builds none from a manifest)."""
     from equiaudit.fast import compile_model, pinned
 
     dataset, index = load_dataset(
-        config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True
+        config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True,
+        follow_external=config.data.follow_external, max_atoms=config.data.max_atoms,
     )
     plan = resolve(config, dataset, device=device)
     prepared = pinned(plan.prepare(dataset, index=index), plan.device)
-    model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
+    if model is None:
+        model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
     model = model.to(device=plan.device, dtype=plan.model_dtype)
     if compile:
         model = compile_model(model)

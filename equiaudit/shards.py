@@ -21,6 +21,15 @@ parts: batches ``i ≡ I−1 (mod N)`` of every checkpoint (samples), or checkpo
 the batches of every checkpoint are covered exactly once, by shards of one split made
 with the same settings, and names what is missing, duplicated or different (exit 2).
 A shard rerun skips the checkpoints it already wrote (a preempted array task resumes).
+
+What ``merge`` trusts: nothing inside ``OUT``. Part files are read weights-only and their
+metadata checked field by field; manifests are checked field by field too (a missing or
+mistyped field is one line naming the manifest and the field, exit 2). The model — the one
+setting that runs code (``model.factory``, its ``kwargs``, the file it imports) — is never
+taken from a manifest: a merge without ``--dynamics`` builds no model at all (the
+statistics are in the parts), and one with ``--dynamics`` builds it from the user's own
+config (``equiaudit merge OUT --config CFG``), refusing when the manifest's model section
+differs from it (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -212,6 +221,80 @@ def _weights_here(audit, ref, item: Mapping[str, Any], events) -> bool:
     return False
 
 
+# ---------------------------------------------------------------------- field checks
+# Manifests and part metadata are files inside OUT: anyone who can write there can write
+# them, so every field merge uses is checked for presence and type before any is used.
+
+_INT = (int,)
+_OPTIONAL_INT = (int, type(None))
+_TEXT = (str,)
+_OPTIONAL_TEXT = (str, type(None))
+_NUMBER = (int, float)
+_KEY = re.compile(r"^[0-9a-f]{16}$")
+
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "shard": _INT, "of": _INT, "mode": _TEXT, "config_hash": _TEXT, "config": (dict,),
+    "config_path": _OPTIONAL_TEXT, "cwd": _OPTIONAL_TEXT, "n_samples": _INT, "n_batches": _INT,
+    "checkpoints": (list,), "files": (list,),
+}
+_CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
+    "key": _TEXT, "path": _TEXT, "name": _TEXT, "run": _TEXT, "step": _OPTIONAL_INT, "step_source": _OPTIONAL_TEXT,
+    "size": _OPTIONAL_INT, "mtime_ns": _OPTIONAL_INT, "ema_path": _OPTIONAL_TEXT,
+}
+_PART_FIELDS: dict[str, tuple[type, ...]] = {
+    "config_hash": _TEXT, "identity": (dict,), "batches": (list,), "status": _OPTIONAL_TEXT,
+    "message": _OPTIONAL_TEXT, "seconds": _NUMBER, "epoch": (int, float, type(None)),
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "text", dict: "a mapping", list: "a list", type(None): "null"}
+
+
+def _field_error(path: Path, field: str, value: Any, allowed: tuple[type, ...], what: str) -> ShardError:
+    wanted = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in allowed))
+    shown = "missing" if value is _MISSING else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
+    return ShardError(f"{path}: field '{field}' must be {wanted}, got {shown}: not a {what} this equiaudit wrote; "
+                      "remove it and rerun its shard")
+
+
+_MISSING = object()
+
+
+def _check_fields(path: Path, data: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]], what: str,
+                  prefix: str = "") -> None:
+    for field, allowed in fields.items():
+        value = data.get(field, _MISSING)
+        # bool is an int to Python, never a count or a step here.
+        if value is _MISSING or isinstance(value, bool) or not isinstance(value, allowed):
+            raise _field_error(path, prefix + field, value, allowed, what)
+
+
+def _check_manifest(path: Path, data: Mapping[str, Any]) -> None:
+    """Every manifest field merge reads, present and of its type (:class:`ShardError` naming the first that is not)."""
+    _check_fields(path, data, _MANIFEST_FIELDS, "manifest")
+    if data["mode"] not in ("samples", "checkpoints"):
+        raise ShardError(f"{path}: field 'mode' must be samples or checkpoints, got {str(data['mode'])[:40]!r}")
+    for field in ("n_samples", "n_batches"):
+        if data[field] < 0:
+            raise ShardError(f"{path}: field '{field}' must be ≥ 0, got {data[field]}")
+    for number, item in enumerate(data["checkpoints"]):
+        if not isinstance(item, dict):
+            raise _field_error(path, f"checkpoints[{number}]", item, (dict,), "manifest")
+        _check_fields(path, item, _CHECKPOINT_FIELDS, "manifest", prefix=f"checkpoints[{number}].")
+        if not _KEY.match(item["key"]):
+            raise ShardError(f"{path}: field 'checkpoints[{number}].key' must be 16 hex digits, got {item['key'][:40]!r}")
+    for number, name in enumerate(data["files"]):
+        if not isinstance(name, str):
+            raise _field_error(path, f"files[{number}]", name, _TEXT, "manifest")
+
+
+def _check_part_meta(path: Path, meta: Any) -> None:
+    if not isinstance(meta, dict):
+        raise ShardError(f"{path}: its metadata is {type(meta).__name__}, not a mapping; remove it and rerun its shard")
+    _check_fields(path, meta, _PART_FIELDS, "part file")
+    for number, batch in enumerate(meta["batches"]):
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise _field_error(path, f"batches[{number}]", batch, _INT, "part file")
+
+
 def _read_part(path: Path) -> tuple[dict[str, Any], Any]:
     """``(meta, SampleStats or None)`` of one part file; :class:`ShardError` if it is not one."""
     from equiaudit.io.safe_load import load_weights_only
@@ -226,9 +309,10 @@ def _read_part(path: Path) -> tuple[dict[str, Any], Any]:
             raise ValueError(f"shard format version {state.get('version')!r}; this equiaudit writes {SHARD_VERSION}")
         meta = json.loads(state["meta"])
         stats = None if state.get("stats") is None else SampleStats.from_state(state["stats"])
-        return meta, stats
     except Exception as exc:  # noqa: BLE001 - any unreadable file is named, with why
         raise ShardError(f"{path}: not a readable shard file ({first_line(exc)}); remove it and rerun its shard") from None
+    _check_part_meta(path, meta)
+    return meta, stats
 
 
 def _read_manifests(shards: Path) -> dict[tuple[int, int], dict[str, Any]]:
@@ -243,6 +327,7 @@ def _read_manifests(shards: Path) -> dict[tuple[int, int], dict[str, Any]]:
                 raise ValueError("no equiaudit shard header")
         except (OSError, ValueError) as exc:
             raise ShardError(f"{path}: not a readable shard manifest ({first_line(exc)}); rerun its shard") from None
+        _check_manifest(path, data)
         manifests[(int(match[1]), int(match[2]))] = data
     return manifests
 
@@ -276,19 +361,38 @@ def _check_manifests(shards: Path, manifests: dict[tuple[int, int], dict[str, An
     return count
 
 
-def merge_shards(out, *, events=None, device: str = "cpu"):
+class _NoModel(torch.nn.Module):
+    """Stands in for the model where merge needs none (no ``--dynamics``): building the
+    model would run the factory's code, and nothing here evaluates it."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("merge built no model (it combines the shards' statistics)")
+
+
+def _model_section(raw: Any) -> Any:
+    return raw.get("model") if isinstance(raw, Mapping) else None
+
+
+def merge_shards(out, *, config=None, events=None, device: str = "cpu"):
     """Combine the finished shards of ``OUT/shards`` into ``OUT``'s summary, breakdown,
     ``run.json`` and cache, through the runner's record path, as one process would have
     written them. Returns ``(audit, results, rows)``: the re-opened
     :class:`~equiaudit.runner.OpenAudit`, then as :meth:`~equiaudit.runner.Runner.run`.
 
-    Raises :class:`ShardError` (one line, exit 2) for missing, duplicated or inconsistent
-    shards before anything is written.
+    ``config``: the user's own :class:`~equiaudit.io.config.AuditConfig` (``--config``). The
+    model is built only when ``--dynamics`` needs the weights, and then only from ``config``
+    (never from a manifest: files in OUT are untrusted); a manifest whose ``model`` section
+    differs from ``config``'s is refused. Without ``--dynamics`` no model is built and no
+    user code runs.
+
+    Raises :class:`ShardError` (one line, exit 2) for missing, duplicated, malformed or
+    inconsistent shards before anything is written.
     """
     from equiaudit.io.cache import Stamp
     from equiaudit.io.checkpoints import CheckpointRef
     from equiaudit.io.config import parse_config
     from equiaudit.io.layout import OutputFolder
+    from equiaudit.io.models import build_model
     from equiaudit.report.summary import merge_rows
     from equiaudit.runner import CheckpointShare, Runner, RunEvents, finish_checkpoint, open_audit
 
@@ -345,15 +449,25 @@ def merge_shards(out, *, events=None, device: str = "cpu"):
             who = f" (shard(s) {_names((i, count) for i in owners)} by the {first['mode']} split)"
             raise ShardError(f"missing shards: {name} lacks batch(es) {shown} of {n_batches}{who}; rerun them")
         loaded[key] = pieces
-    # Re-open the audit the shards ran (same raw settings, from the folder they ran in) to summarize.
-    raw_source = first.get("config_path")
-    config = parse_config(first["config"], Path(raw_source) if raw_source else None)
+    # Re-open the audit the shards ran (same raw settings) to summarize. Paths (the data)
+    # resolve from the user's config when given, else from the folder the shards ran in.
+    first_path = shards / _manifest_name(ShardSpec(1, count))
+    user = config
+    raw_source = first.get("config_path") if user is None else (str(user.source) if user.source else None)
+    try:
+        config = parse_config(first["config"], Path(raw_source) if raw_source else None)
+    except ConfigError as exc:
+        raise ShardError(f"{first_path}: field 'config': {first_line(exc)}") from None
     if config.settings_hash() != first["config_hash"]:
         raise ShardError(f"the shards' settings do not parse back to their hash {first['config_hash']} "
                          "(a different equiaudit version?): rerun the shards with this one")
-    cwd = first.get("cwd")
+    if user is not None and _model_section(first["config"]) != _model_section(user.raw):
+        shown = json.dumps(_model_section(first["config"]), sort_keys=True, default=str)[:120]
+        raise ShardError(f"{first_path}: field 'config.model' ({shown}) differs from the model section of your config "
+                         f"{user.source or ''}: merge builds only the model your own config names; rerun the shards with it")
+    cwd = first.get("cwd") if user is None else None
     with contextlib.chdir(cwd) if cwd and Path(cwd).is_dir() else contextlib.nullcontext():
-        audit = open_audit(config, device=device)
+        audit = open_audit(config, device=device, model=_NoModel())
     if audit.plan.n_batches(len(audit.prepared)) != n_batches:
         raise ShardError(f"the data now gives {len(audit.prepared)} samples, the shards had {first['n_samples']}: "
                          "the data file changed since the shards ran; rerun them")
@@ -361,6 +475,13 @@ def merge_shards(out, *, events=None, device: str = "cpu"):
     # Twirling comes from the statistics; everything else --dynamics computes needs the weights.
     options = audit.plan.dynamics
     dynamics = options is not None and bool(options.gradients or options.hessian or options.landscape or options.track_params)
+    if dynamics:
+        if user is None:
+            raise ShardError("--dynamics at merge loads each checkpoint into the model, and merge never builds a model "
+                             f"that a file inside OUT names: pass your own config, `equiaudit merge {out} --config CFG`")
+        # The user's factory, resolved from the user's config's folder (outside the chdir above).
+        model = build_model(user.model.factory, user.model.kwargs, user.source.parent if user.source else None)
+        audit.model = model.to(device=audit.plan.device, dtype=audit.plan.model_dtype)
     if dynamics and events.on_warning:
         events.on_warning(f"--dynamics: merge loads each of the {len(order)} checkpoint(s) and computes its gradient "
                           "split, curvature and landscape here (the shards carry statistics, not gradients)")

@@ -245,7 +245,10 @@ def test_dynamics_through_shards_are_computed_at_merge_and_said(project, tmp_pat
     out = tmp_path / "out"
     for part in ("1/2", "2/2"):
         assert _shard(config, run, out, part, "--dynamics", "--distribute", "samples").exit_code == 0
-    merged = CliRunner().invoke(app, ["merge", str(out)])
+    # merge builds the model only from the user's own config (never from a manifest in OUT).
+    refused = CliRunner().invoke(app, ["merge", str(out)])
+    assert refused.exit_code == 2 and "--config CFG" in refused.output, refused.output
+    merged = CliRunner().invoke(app, ["merge", str(out), "--config", str(config)])
     assert merged.exit_code == 0, merged.output
     assert "merge loads each of the 4 checkpoint(s)" in " ".join(merged.output.split())
     assert_same_outputs(one, out)
@@ -257,7 +260,7 @@ def test_dynamics_through_shards_are_computed_at_merge_and_said(project, tmp_pat
     mtime = changed.stat().st_mtime_ns
     try:
         os.utime(changed, ns=(mtime, mtime + 10**9))
-        again = CliRunner().invoke(app, ["merge", str(fresh)])
+        again = CliRunner().invoke(app, ["merge", str(fresh), "--config", str(config)])
     finally:
         os.utime(changed, ns=(mtime, mtime))  # the module's run is shared by other tests
     assert again.exit_code == 0, again.output

@@ -7,10 +7,12 @@ line, 1 when some checkpoint failed (the rest are still written), 0 otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from equiaudit import __version__
-from equiaudit.errors import CheckpointError, ConfigError, DataError, EquiauditError
+from equiaudit.errors import CheckpointError, ConfigError, DataError, DataWarning, EquiauditError
 
 app = typer.Typer(
     name="equiaudit",
@@ -62,13 +64,32 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def said_warnings():
+    """Show each :class:`~equiaudit.errors.DataWarning` (e.g. an HDF5 file read from outside its
+    folder) as one ``warning:`` line on stderr, every time; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        python_shows = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                stderr.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+            else:
+                python_shows(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", DataWarning)
+        yield
+
+
 def friendly_errors(command):
     """Map library exceptions to one actionable line and an exit code."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with said_warnings():
+                return command(*args, **kwargs)
         except typer.Exit:
             raise
         except (ConfigError, DataError, CheckpointError) as exc:
@@ -184,12 +205,13 @@ def merge(
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
     threshold: Annotated[float, typer.Option("--threshold", help="REE target (fraction) marked in the table and plot.")] = 0.02,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/trajectory.png.")] = True,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Your YAML config: the model --dynamics builds at merge comes from it, never from OUT (the shards' model section must match it).")] = None,
 ):
     """Combine the shards of an array job into OUT/summary.csv, breakdown.csv, run.json and the plot, as one process writes them."""
     from equiaudit.cli.scale_command import run_merge_command
 
     raise typer.Exit(run_merge_command(out=out, output_format=output_format.value, plot=plot, threshold=threshold,
-                                       stdout=stdout, stderr=stderr, debug=_state["debug"]))
+                                       stdout=stdout, stderr=stderr, debug=_state["debug"], config_path=config))
 
 
 class XAxis(str, Enum):

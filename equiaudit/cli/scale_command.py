@@ -172,12 +172,16 @@ def scaled(options: Mapping[str, Any], *, device: str, watch: bool, stderr: Cons
 
 
 def run_merge_command(*, out: Path, output_format: str, plot: bool, threshold: float, stdout: Console, stderr: Console,
-                      debug: bool = False) -> int:
-    """Body of ``equiaudit merge``; returns the exit code."""
+                      debug: bool = False, config_path: Path | None = None) -> int:
+    """Body of ``equiaudit merge``; returns the exit code. ``config_path``: the user's own
+    config, the only source of the model merge builds (for ``--dynamics``)."""
+    from equiaudit.io.config import load_config
+
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
+    config = load_config(config_path) if config_path is not None else None
     events = _events(None, stderr, debug, 0)
-    audit, results, rows = merge_shards(out, events=events)
+    audit, results, rows = merge_shards(out, config=config, events=events)
     folder = OutputFolder(out)
     stderr.print(f"merged {len(results)} checkpoint(s) from {escape(str(folder.shards))}", highlight=False)
     return report_rows(audit, folder, results, rows, output_format=output_format, stdout=stdout, stderr=stderr,

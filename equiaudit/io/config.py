@@ -12,6 +12,12 @@ the config file's folder.
 Size guard: a config is data, but YAML aliases let 800 bytes stand for gigabytes once
 expanded ("billion laughs"); a config whose expansion exceeds :data:`MAX_CONFIG_VALUES`
 values is refused before anything uses it.
+
+Work bounds: sizes that set how much memory or time the audit takes are refused up front
+(exit 2, the bound named) beyond limits no real use reaches — :data:`MAX_ROTATIONS`,
+:data:`MAX_BOOTSTRAP`, :data:`MAX_ROTATION_ROWS` (rotations × samples, checked once the data
+is read), :data:`MAX_ATOMS` (atoms per structure, ``data.max_atoms``) and the dynamics and
+breakdown sizes of :data:`SIZE_LIMITS`. docs/safety.md lists every bound.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from equiaudit.tasks import task_names, task_sections
 
 __all__ = [
     "AuditConfig", "ModelConfig", "DataConfig", "HeadConfig", "load_config", "parse_config", "settings_mapping",
-    "read_yaml", "apply_overrides", "KEYWORDS", "MAX_CONFIG_VALUES", "WEIGHT_SETS",
+    "read_yaml", "apply_overrides", "KEYWORDS", "MAX_CONFIG_VALUES", "WEIGHT_SETS", "MAX_ROTATIONS", "MAX_BOOTSTRAP",
+    "MAX_ROTATION_ROWS", "MAX_ATOMS", "SIZE_LIMITS", "check_rotation_rows",
 ]
 
 BASE_KEYS = (
@@ -43,7 +50,7 @@ BASE_KEYS = (
     "float_floor", "interp_floor", "dynamics", "target_ci",
 )
 MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
-DATA_KEYS = ("path", "keys", "samples", "subset_seed")
+DATA_KEYS = ("path", "keys", "samples", "subset_seed", "follow_external", "max_atoms")
 HEAD_KEYS = ("rep", "target", "loss", "weight", "output", "huber_delta")
 CHECKPOINT_KEYS = ("path", "weights", "prefix")
 WEIGHT_SETS = ("auto", "raw", "ema")
@@ -63,6 +70,20 @@ KEYWORDS = {
     "landscape": "dynamics.landscape", "twirl": "dynamics.twirl",
 }
 MAX_CONFIG_VALUES = 100_000
+# Work bounds (docs/safety.md). Each is far beyond real use and far below what would exhaust
+# a machine: one rotation is 72 bytes (float64 3×3) per sample, one bootstrap resample one
+# pass over the samples per interval.
+MAX_ROTATIONS = 100_000  # group.rotations: audits use 8–64; Monte Carlo error ∝ 1/√K, 0.3 % at 10⁵
+MAX_BOOTSTRAP = 100_000  # bootstrap: the 95 % quantile's Monte Carlo error is then ~0.3 % (normal |t|)
+MAX_ROTATION_ROWS = 100_000_000  # (sample, rotation) pairs held at once: 7.2 GB of float64 rotations
+MAX_ATOMS = 1_000_000  # data.max_atoms default: atoms in one structure of a text file (extxyz), checked before parsing
+SIZE_LIMITS = {  # the other sizes whose work grows with the value
+    "dynamics.grid": 1_000,  # grid × grid loss-landscape evaluations
+    "dynamics.hessian": 1_000,  # Hessian eigenvalues: Lanczos vectors kept in memory
+    "dynamics.max_iter": 10_000,
+    "breakdown.worst": 1_000_000,
+    "breakdown.bins": 10_000,
+}
 
 
 def top_level_keys() -> tuple[str, ...]:
@@ -91,6 +112,8 @@ class DataConfig:
     keys: dict[str, str] = field(default_factory=dict)
     samples: int | None = None
     subset_seed: int | None = None
+    follow_external: bool = False  # HDF5: follow external links / virtual sources outside the file's folder
+    max_atoms: int = MAX_ATOMS  # atoms per structure a text file may declare (checked before parsing)
 
 
 @dataclass(frozen=True)
@@ -168,10 +191,25 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _positive_int(key: str, value: Any, *, minimum: int = 1) -> int:
+def _positive_int(key: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"config: {key}={value!r} must be an integer ≥ {minimum}")
+    maximum = SIZE_LIMITS.get(key) if maximum is None else maximum
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"config: {key}={value:,} is over its bound of {maximum:,} (refused before any work; "
+                          "see docs/safety.md)")
     return value
+
+
+def check_rotation_rows(n_rows: int, n_rotations: int) -> None:
+    """Refuse holding ``n_rows × n_rotations`` rotations (``(N, K, 3, 3)`` float64, 72 bytes
+    each) beyond :data:`MAX_ROTATION_ROWS`: one line naming both sizes, before allocating."""
+    if n_rows * n_rotations > MAX_ROTATION_ROWS:
+        gigabytes = n_rows * n_rotations * 72 / 1e9
+        raise ConfigError(
+            f"config: {n_rows:,} samples × {n_rotations:,} rotations = {n_rows * n_rotations:,} rotations to hold "
+            f"({gigabytes:,.1f} GB), over the bound of {MAX_ROTATION_ROWS:,}: lower group.rotations or data.samples"
+        )
 
 
 def resolve_path(value: str | Path, base: Path | None) -> Path:
@@ -359,6 +397,10 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         raise ConfigError("config: data.keys must be a mapping {field: key_in_file}")
     samples = data.get("samples")
     subset_seed = data.get("subset_seed")
+    follow_external = data.get("follow_external", False)
+    if not isinstance(follow_external, bool):
+        raise ConfigError(f"config: data.follow_external={follow_external!r} must be true or false")
+    max_atoms = _positive_int("data.max_atoms", data.get("max_atoms", MAX_ATOMS))
     if subset_seed is not None and (isinstance(subset_seed, bool) or not isinstance(subset_seed, int)):
         raise ConfigError(f"config: data.subset_seed={subset_seed!r} must be an integer")
     fields = top.get("fields") or {}
@@ -373,7 +415,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         _choice("group.name", group["name"], group_names())
     rotations = group.get("rotations")
     if rotations is not None:
-        _positive_int("group.rotations", rotations, minimum=2)
+        _positive_int("group.rotations", rotations, minimum=2, maximum=MAX_ROTATIONS)
     if group.get("sampling") is not None:
         _choice("group.sampling", group["sampling"], SAMPLINGS)
     checkpoints = top.get("checkpoints")
@@ -417,6 +459,8 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
             keys={str(k): str(v) for k, v in keys.items()},
             samples=None if samples is None else _positive_int("data.samples", samples),
             subset_seed=subset_seed,
+            follow_external=follow_external,
+            max_atoms=max_atoms,
         ),
         checkpoints=None if checkpoints.get("path") is None else resolve_path(checkpoints["path"], base),
         weights=weights,
@@ -429,7 +473,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         seed=seed,
         batch_size=_positive_int("batch_size", top.get("batch_size", 64)),
         chunk_size=_positive_int("chunk_size", top.get("chunk_size", 8192)),
-        bootstrap=_positive_int("bootstrap", top.get("bootstrap", 1000), minimum=0),
+        bootstrap=_positive_int("bootstrap", top.get("bootstrap", 1000), minimum=0, maximum=MAX_BOOTSTRAP),
         mask=str(top.get("mask", "mask")),
         task_options=dict(top.get(own_section) or {}) if own_section else {},
         name=None if top.get("name") is None else str(top.get("name")),

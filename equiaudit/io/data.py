@@ -64,6 +64,7 @@ import torch
 
 from equiaudit.errors import DataError, first_line
 from equiaudit.io.atomic import atomic_write
+from equiaudit.io.config import MAX_ATOMS
 from equiaudit.io.data_common import STRUCTURED_FIELDS, NotNumeric, Table, missing_extra, pad
 from equiaudit.io.safe_load import DamagedFile, RefusedPickle, file_kind, load_weights_only
 
@@ -94,6 +95,8 @@ def load_dataset(
     samples: int | None = None,
     subset_seed: int | None = None,
     return_index: bool = False,
+    follow_external: bool = False,
+    max_atoms: int = MAX_ATOMS,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Load a dataset file into a dict of tensors with a leading sample axis ``N``.
 
@@ -112,6 +115,11 @@ def load_dataset(
         return_index: also return each kept sample's index in the file, int64 ``(N,)``
             (an ASE database's row order is by row id; HDF5: molecules in the file's
             group order, then conformations; PyG: the graph's index).
+        follow_external: HDF5 only: follow external links and virtual-dataset sources
+            that leave the data file's folder (said with a warning); by default they are
+            refused. Every file an HDF5 file pulls in must be a regular file, always.
+        max_atoms: ``.xyz``/``.extxyz``: a frame declaring more atoms is refused before
+            parsing (its atom-count line is read, nothing else).
 
     Returns:
         ``{field: tensor}``. Atom types given once per molecule, ``(A,)``, are
@@ -130,7 +138,7 @@ def load_dataset(
         return subset_index(n, samples, subset_seed)
 
     origin = str(path)
-    table = _read(path, keys, pick)
+    table = _read(path, keys, pick, follow_external=follow_external, max_atoms=max_atoms)
     data, mapping = _select(table, keys, origin)
     data = _canonicalize(data, origin)
     if table.index is None:
@@ -197,7 +205,8 @@ def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray | torch.Tensor]) 
 Pick = Callable[[int], "torch.Tensor | None"]
 
 
-def _read(path: Path, keys: dict[str, str], pick: Pick) -> Table:
+def _read(path: Path, keys: dict[str, str], pick: Pick, *, follow_external: bool = False,
+          max_atoms: int = MAX_ATOMS) -> Table:
     """File -> :class:`Table`. Values that are not arrays are kept (as they are, or as
     :class:`NotNumeric`) so that selection can report them or skip them as metadata."""
     if path.is_dir():
@@ -214,6 +223,8 @@ def _read(path: Path, keys: dict[str, str], pick: Pick) -> Table:
         return Table(_read_safetensors(path))
     if suffix in (".pt", ".pth"):
         return _read_torch(path, keys, pick)
+    if suffix in (".xyz", ".extxyz"):
+        _check_atom_counts(path, max_atoms)
     if suffix in (".xyz", ".extxyz", ".traj"):
         return Table(_read_ase_frames(path))
     if suffix in (".db", ".aselmdb"):
@@ -223,8 +234,35 @@ def _read(path: Path, keys: dict[str, str], pick: Pick) -> Table:
     if suffix in (".h5", ".hdf5", ".hdf"):
         from equiaudit.io.data_hdf5 import read_hdf5
 
-        return read_hdf5(path, keys, pick)
+        return read_hdf5(path, keys, pick, follow_external=follow_external)
     raise DataError(f"unsupported data format '{suffix or path.name}' for {path}; use {_SUFFIXES}")
+
+
+def _check_atom_counts(path: Path, max_atoms: int) -> None:
+    """Refuse an ``.xyz``/``.extxyz`` frame that declares more than ``max_atoms`` atoms, before
+    ASE parses anything: a reader trusting a count line of 999999999999 loops or allocates
+    for ever. Reads the count lines only (a frame is its count line, a comment line and
+    one line per atom); a line that is not a count ends the scan (ASE then says what is wrong)."""
+    from itertools import islice
+
+    with path.open("rb") as handle:
+        frame = 0
+        for line in handle:
+            text = line.strip()
+            if not text:
+                return  # blank line: the end of the frames
+            try:
+                count = int(text)
+            except ValueError:
+                return
+            if count > max_atoms:
+                raise DataError(f"{path}: frame {frame} declares {count:,} atoms, over the limit of {max_atoms:,} atoms "
+                                "per structure (data.max_atoms); refused before parsing")
+            if count < 0:
+                return
+            if sum(1 for _ in islice(handle, count + 1)) < count + 1:
+                return  # truncated: ASE names it
+            frame += 1
 
 
 def _read_npz(path: Path) -> dict[str, Any]:

@@ -25,11 +25,26 @@ Two layouts, told apart by the file's top level:
 * **flat** (every top-level item a dataset): each dataset is an array ``(N, ...)`` (or
   ``(A,)`` atom types shared by all samples), read like the arrays of an ``.npz``,
   including the MD17 layouts; string datasets are metadata.
+
+Files an HDF5 file pulls in — an ``ExternalLink``'s target, a dataset's raw ``external=``
+storage, a virtual dataset's sources — are checked before HDF5 may open them (external links
+up front, walked without being followed, a linked file's own links too; a dataset's storage
+before the dataset is read), everywhere :func:`_external_candidates` says HDF5 looks:
+
+* it must be a **regular file**, whatever the options: a FIFO, socket or device (``/dev/zero``)
+  would hang or never end the read; every place HDF5 may look for it is checked;
+* it must lie in the **data file's folder** (or below), symlinks resolved: an external link or
+  virtual source leaving it (``../outside/secret.h5``, an absolute path elsewhere) is refused
+  unless ``data.follow_external: true``, and then each one followed is said
+  (:class:`ExternalDataWarning`). Raw external storage is held to the same folder rule.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
+import stat
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,17 +52,159 @@ from typing import Any
 import numpy as np
 import torch
 
-from equiaudit.errors import DataError, first_line
+from equiaudit.errors import DataError, DataWarning, first_line
 from equiaudit.io.data_common import NotNumeric, Table, missing_extra
+from equiaudit.io.safe_load import file_kind
 
-__all__ = ["read_hdf5"]
+__all__ = ["read_hdf5", "ExternalDataWarning"]
 
 _ENERGY = "dft_total_energy"
 _GRADIENT = "dft_total_gradient"
 _SPICE_NEEDS = "every molecule group needs atomic_numbers (atoms,) and conformations (conformations, atoms, 3)"
 
 
-def read_hdf5(path: Path, keys: dict[str, str], pick: Callable) -> Table:
+class ExternalDataWarning(DataWarning):
+    """An HDF5 file read data from outside its folder (``data.follow_external: true``)."""
+
+
+# How deep external links may chain (file → file → ...), and how many links one check may visit.
+_MAX_DEPTH = 8
+_MAX_LINKS = 10_000_000
+
+
+def _external_candidates(name: str, folder: Path, kind: str) -> list[Path]:
+    """Every path HDF5 may open for a file ``name`` referenced from a file in ``folder``, in
+    its search order (H5Lcreate_external, H5Pset_virtual_prefix, H5Pset_efile_prefix):
+    links and virtual sources try an absolute name as is, then (absolute or not) the name
+    under the environment's prefix, the referring file's folder and the working directory;
+    raw external storage tries its prefix, else the working directory."""
+    env = {"link": "HDF5_EXT_PREFIX", "virtual": "HDF5_VDS_PREFIX", "raw": "HDF5_EXTFILE_PREFIX"}[kind]
+    prefixes = [p.replace("${ORIGIN}", str(folder)) for p in os.environ.get(env, "").split(os.pathsep) if p]
+    given = Path(name)
+    if kind == "raw":
+        if given.is_absolute():
+            return [given]
+        return [Path(p) / given for p in prefixes] + [Path.cwd() / given]
+    relative = Path(given.name) if given.is_absolute() else given
+    return ([given] if given.is_absolute() else []) + [Path(p) / relative for p in prefixes] + [folder / relative, Path.cwd() / relative]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
+
+
+def _check_target(name: str, referrer: Path, home: Path, kind: str, what: str, follow_external: bool) -> Path | None:
+    """The file HDF5 would open for ``name`` (None when none exists), after the two rules:
+    regular file (every candidate), inside ``home`` (the one opened) unless ``follow_external``."""
+    found = None
+    for candidate in _external_candidates(name, referrer.parent, kind):
+        try:
+            mode = os.stat(candidate).st_mode  # follows symlinks: the file HDF5 would read
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{referrer}: {what} names {candidate}, {file_kind(mode)}, not a regular file: not opened")
+        found = found or candidate
+    found = Path(os.path.normpath(found)) if found is not None else None
+    if found is not None and not _inside(found, home):
+        if not follow_external:
+            raise DataError(f"{referrer}: {what} reads {found}, outside the data file's folder {home}: refused "
+                            "(set data.follow_external: true to follow it)")
+        warnings.warn(f"{referrer}: {what} reads {found}, outside the data file's folder (data.follow_external: true)",
+                      ExternalDataWarning, stacklevel=2)
+    return found
+
+
+class _Guard:
+    """The two rules of the module docstring, for one data file the user named (its folder: ``home``).
+
+    External links are checked up front (:meth:`links`: h5py follows them whenever a group is
+    listed); a dataset's own storage — raw external files, virtual sources — is checked when
+    the reader touches that dataset (:meth:`dataset`), before its shape or values are read:
+    HDF5 opens those files only to read (a FIFO there blocks the read, not the open), and a
+    SPICE file holds ~10⁶ datasets, most never read."""
+
+    def __init__(self, home: Path, follow_external: bool):
+        self.home, self.follow_external = home, follow_external
+        self.visited: set[str] = set()  # files whose links were checked (real paths)
+
+    def links(self, handle, path: Path, depth: int = 0) -> None:
+        """Every external link of ``handle`` (an open ``h5py.File`` at ``path``), and of the
+        files they lead to, recursively: ``H5Lvisit`` lists every link with its type and
+        recurses through hard links only (an external link is listed, never followed)."""
+        import h5py
+        from h5py import h5l
+
+        self.visited.add(os.path.realpath(path))
+        found: list[tuple[str, str]] = []
+        root = handle.id
+
+        def on_link(name: bytes, info) -> None:
+            if info.type == h5l.TYPE_EXTERNAL:
+                found.append((os.fsdecode(name), os.fsdecode(root.links.get_val(name)[0])))
+            if len(found) > _MAX_LINKS:
+                return True  # stop: refused below
+
+        root.links.visit(on_link, info=True)
+        if len(found) > _MAX_LINKS:
+            raise DataError(f"{path}: more than {_MAX_LINKS:,} external links; refused")
+        for name, file_name in found:
+            what = f"external link '/{name}'"
+            target = _check_target(file_name, path, self.home, "link", what, self.follow_external)
+            if target is None or os.path.realpath(target) in self.visited:
+                continue
+            with self._open(target, path, what, depth) as inner:
+                self.links(inner, target, depth + 1)
+
+    def dataset(self, dataset, depth: int = 0) -> None:
+        """``dataset``'s raw external files and virtual sources, before it is read (recursively:
+        a virtual source's file has its links checked and its source dataset's storage too)."""
+        import h5py
+        from h5py import h5d
+
+        plist = dataset.id.get_create_plist()  # the one query for the ~all datasets that name no file
+        virtual = plist.get_layout() == h5d.VIRTUAL
+        if not virtual and plist.get_external_count() == 0:
+            return
+        path = Path(dataset.file.filename)
+        for i in range(plist.get_external_count()):
+            _check_target(os.fsdecode(plist.get_external(i)[0]), path, self.home, "raw",
+                          f"dataset '{dataset.name}' (raw external storage)", self.follow_external)
+        if not virtual:
+            return
+        for i in range(plist.get_virtual_count()):
+            file_name, source = os.fsdecode(plist.get_virtual_filename(i)), plist.get_virtual_dsetname(i)
+            if file_name == ".":
+                inner_name = os.fsdecode(source)
+                if depth >= _MAX_DEPTH:
+                    raise DataError(f"{path}: virtual dataset '{dataset.name}' chains sources deeper than {_MAX_DEPTH}; refused")
+                if inner_name in dataset.file:
+                    self.dataset(dataset.file[inner_name], depth + 1)
+                continue
+            what = f"virtual dataset '{dataset.name}'"
+            target = _check_target(file_name, path, self.home, "virtual", what, self.follow_external)
+            if target is None:
+                continue
+            with self._open(target, path, what, depth) as inner:
+                if os.path.realpath(target) not in self.visited:
+                    self.links(inner, target, depth + 1)
+                name = os.fsdecode(source)
+                if name in inner and isinstance(inner[name], h5py.Dataset):
+                    self.dataset(inner[name], depth + 1)
+
+    @staticmethod
+    def _open(target: Path, referrer: Path, what: str, depth: int):
+        import h5py
+
+        if depth >= _MAX_DEPTH:
+            raise DataError(f"{referrer}: {what} chains files deeper than {_MAX_DEPTH}; refused")
+        try:
+            return h5py.File(target, "r")
+        except Exception as e:  # noqa: BLE001 - HDF5 names what is wrong
+            raise DataError(f"{referrer}: {what} leads to {target}, not readable as HDF5: {first_line(e)}") from None
+
+
+def read_hdf5(path: Path, keys: dict[str, str], pick: Callable, *, follow_external: bool = False) -> Table:
     try:
         import h5py
     except ImportError:
@@ -58,6 +215,9 @@ def read_hdf5(path: Path, keys: dict[str, str], pick: Callable) -> Table:
         raise DataError(f"cannot read {path} as HDF5: {first_line(e)}") from None
     try:
         with handle:
+            # Before any object is opened (items() follows external links): the files linked.
+            guard = _Guard(Path(path).parent, follow_external)
+            guard.links(handle, Path(path))
             items = list(handle.items())
             groups = [name for name, item in items if isinstance(item, h5py.Group)]
             datasets = [name for name, item in items if isinstance(item, h5py.Dataset)]
@@ -69,27 +229,30 @@ def read_hdf5(path: Path, keys: dict[str, str], pick: Callable) -> Table:
                     "expected one group per molecule (SPICE layout) or only datasets (a flat file)"
                 )
             if datasets:
-                return Table({name: _read_flat(handle[name]) for name in datasets})
-            return _read_spice(handle, groups, keys, pick, path)
+                return Table({name: _read_flat(handle[name], guard) for name in datasets})
+            return _read_spice(handle, groups, keys, pick, path, guard)
     except DataError:
         raise
     except Exception as e:  # h5py errors while reading a damaged file
         raise DataError(f"cannot read {path} as HDF5: {first_line(e)}") from None
 
 
-def _read_flat(dataset) -> Any:
+def _read_flat(dataset, guard: _Guard) -> Any:
     if dataset.dtype.kind not in "biuf":
         return NotNumeric(f"HDF5 dtype {dataset.dtype}")
+    guard.dataset(dataset)
     return dataset[()]
 
 
 class _Molecule:
-    def __init__(self, name: str, group, path: Path):
+    def __init__(self, name: str, group, path: Path, guard: _Guard):
         self.name = name
         self.group = group
+        self.guard = guard
         for key in ("atomic_numbers", "conformations"):
             if key not in group or not hasattr(group[key], "shape"):
                 raise DataError(f"{path}: molecule group '{name}' has no '{key}' dataset; {_SPICE_NEEDS}")
+            guard.dataset(group[key])  # before its shape (an unlimited virtual dataset's opens its sources)
         shape = group["conformations"].shape
         numbers = group["atomic_numbers"].shape
         if len(shape) != 3 or shape[2] != 3 or numbers != (shape[1],):
@@ -105,6 +268,7 @@ class _Molecule:
         ds = self.group[key]
         if not hasattr(ds, "shape") or ds.dtype.kind not in "biuf":
             raise DataError(f"{path}: '{key}' in molecule group '{self.name}' is not a numeric dataset")
+        self.guard.dataset(ds)
         if len(ds.shape) == 0 or ds.shape[0] != self.n_conf:
             raise DataError(
                 f"{path}: '{key}' in molecule group '{self.name}' has shape {ds.shape}, "
@@ -113,8 +277,8 @@ class _Molecule:
         return ds[()] if local is None else ds[local]  # h5py: increasing indices, read only those
 
 
-def _read_spice(handle, groups: list[str], keys: dict[str, str], pick: Callable, path: Path) -> Table:
-    molecules = [_Molecule(name, handle[name], path) for name in groups]
+def _read_spice(handle, groups: list[str], keys: dict[str, str], pick: Callable, path: Path, guard: _Guard) -> Table:
+    molecules = [_Molecule(name, handle[name], path, guard) for name in groups]
     starts = np.cumsum([0] + [m.n_conf for m in molecules])
     n = int(starts[-1])
     if n == 0:

@@ -174,11 +174,16 @@ def read_pyg_object(obj: Any, path: Path, keys: dict[str, str], pick: Callable) 
     except Exception as e:  # inconsistent slices, ...
         raise DataError(f"cannot rebuild the graphs of {path} with PyTorch Geometric: {first_line(e)}") from None
 
-    counts = [_num_nodes(g) for g in graphs]
+    present = set.intersection(*(set(_attr_names(g)) for g in graphs))
+    # Every attribute read below must hold numbers (a file is untrusted: `pos="not a tensor"`).
+    used = {"pos", "z", *_ENERGY_SOURCES, *_FORCE_SOURCES, *keys.values()}
+    for i, graph in zip(rows, graphs):
+        for name in sorted(used & set(_attr_names(graph))):
+            _check_value(graph[name], path, i, name, per_node=name in ("pos", "z", *_FORCE_SOURCES))
+    counts = [_num_nodes(g, path, i) for i, g in zip(rows, graphs)]
     a_max = max(counts)
     arrays: dict[str, Any] = {"mask": np.arange(a_max)[None, :] < np.asarray(counts)[:, None]}
     sources: dict[str, str] = {}
-    present = set.intersection(*(set(_attr_names(g)) for g in graphs))
     for field in ("pos", "z"):
         if field in present:
             arrays[field] = _per_node(graphs, field, counts, path)
@@ -207,15 +212,35 @@ def read_pyg_object(obj: Any, path: Path, keys: dict[str, str], pick: Callable) 
     return Table(arrays, index=torch.as_tensor(rows, dtype=torch.int64), structured=True, names=names, sources=sources)
 
 
+def _check_value(value: Any, path: Path, sample: int, name: str, *, per_node: bool) -> None:
+    """A field's value in one graph: a real-valued tensor (per-node fields: at least 1-d), or,
+    for per-graph fields, a plain number; :class:`DataError` naming file, graph and field."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or not (value.dtype.is_floating_point or value.dtype in _INTEGER_DTYPES):
+            raise DataError(f"{path}: graph {sample}: field '{name}' is a {value.dtype} tensor, not real numbers")
+        if per_node and value.ndim == 0:
+            raise DataError(f"{path}: graph {sample}: field '{name}' is a 0-d tensor; expected one row per node")
+        return
+    if not per_node and isinstance(value, (int, float, bool)):
+        return
+    raise DataError(f"{path}: graph {sample}: field '{name}' is a {type(value).__name__}, not a tensor")
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+
+
 def _tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
 
 
-def _num_nodes(graph) -> int:
+def _num_nodes(graph, path: Path, sample: int) -> int:
     if "pos" in _attr_names(graph):
         return int(graph.pos.shape[0])
-    n = graph.num_nodes
-    return int(n) if n is not None else 0
+    try:
+        n = graph.num_nodes
+        return int(n) if n is not None else 0
+    except (TypeError, ValueError, AttributeError) as e:  # a num_nodes that is not a count
+        raise DataError(f"{path}: graph {sample}: its node count cannot be read ({first_line(e)})") from None
 
 
 def _per_node(graphs, key: str, counts, path: Path) -> np.ndarray:

@@ -37,7 +37,34 @@ from typing import Any
 from equiaudit.io.atomic import atomic_write_text
 from equiaudit.result import SUMMARY_COLUMNS
 
-__all__ = ["OutputFolder", "DamagedCSV"]
+__all__ = ["OutputFolder", "DamagedCSV", "csv_cell", "csv_text", "FORMULA_STARTS"]
+
+# Spreadsheet formula injection (OWASP "CSV injection"): a cell starting with one of these is
+# evaluated by Excel, LibreOffice and Google Sheets (`=HYPERLINK(…)`, `@SUM(…)`, `+cmd|…`).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_QUOTE = "'"
+
+
+def csv_cell(text: str) -> str:
+    """``text`` as equiaudit writes it in a CSV cell: a text cell that a spreadsheet would
+    evaluate (it starts with ``= + - @``, a tab or a carriage return) gets a leading ``'``
+    (the OWASP convention; spreadsheets show the text, unevaluated). A number, ``-0.5``,
+    ``-inf``, is written as is. A text starting with ``'`` gets one more, so that
+    :func:`csv_text` gives back every text exactly."""
+    if not text or not (text.startswith(FORMULA_STARTS) or text.startswith(_QUOTE)):
+        return text
+    if text[0] != _QUOTE:
+        try:
+            float(text)
+            return text  # a number: nothing to evaluate beyond its value
+        except ValueError:
+            pass
+    return _QUOTE + text
+
+
+def csv_text(cell: str) -> str:
+    """The text :func:`csv_cell` wrote in ``cell`` (the leading ``'`` removed)."""
+    return cell[1:] if cell.startswith(_QUOTE) else cell
 
 
 class DamagedCSV(Exception):
@@ -58,16 +85,18 @@ def read_csv(path: Path, required: Sequence[str] = ()) -> list[dict]:
         return []
     try:
         with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            header = reader.fieldnames or []
+            reader = csv.reader(handle)
+            header = [csv_text(name) for name in next(reader, [])]
             missing = [c for c in required if c not in header]
             if missing:
                 raise DamagedCSV(path, f"its header lacks {', '.join(missing)}")
             rows = []
-            for number, row in enumerate(reader, start=2):
-                if None in row or any(value is None for value in row.values()):
-                    raise DamagedCSV(path, f"line {number} has {'more' if None in row else 'fewer'} fields than the header")
-                rows.append(row)
+            for number, cells in enumerate(reader, start=2):
+                if not cells:
+                    continue  # a blank line (csv.DictReader skips them too)
+                if len(cells) != len(header):
+                    raise DamagedCSV(path, f"line {number} has {'more' if len(cells) > len(header) else 'fewer'} fields than the header")
+                rows.append(dict(zip(header, map(csv_text, cells))))
             return rows
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DamagedCSV(path, f"not a readable CSV ({type(exc).__name__})") from None

@@ -1,8 +1,9 @@
 """``summary.csv``: tidy long format, one row per checkpoint × head; and the merge rule of every output CSV.
 
 Rows are plain dicts keyed by column name (:meth:`equiaudit.result.AuditResult.rows`); numbers
-are written with ``repr`` precision so a re-read gives the same floats. Files are written
-atomically (:mod:`equiaudit.io.atomic`).
+are written with ``repr`` precision so a re-read gives the same floats. Text cells that a
+spreadsheet would evaluate get a leading ``'`` (:func:`equiaudit.io.layout.csv_cell`, removed
+again on reading). Files are written atomically (:mod:`equiaudit.io.atomic`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from equiaudit.io.atomic import atomic_write_text
-from equiaudit.io.layout import read_csv
+from equiaudit.io.layout import csv_cell, read_csv
 from equiaudit.result import EXTRA_COLUMNS, SUMMARY_COLUMNS
 
 __all__ = ["SUMMARY_COLUMNS", "EXTRA_COLUMNS", "read_rows", "write_rows", "merge_rows", "step_key"]
@@ -24,7 +25,7 @@ def _fmt(value) -> str:
         return ""
     if isinstance(value, float):
         return "" if value != value else repr(value)  # NaN → empty
-    return str(value)
+    return csv_cell(str(value))  # a name such as "=HYPERLINK(…)" is not evaluated by a spreadsheet
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -65,8 +66,8 @@ def write_rows(path: str | Path, rows: Sequence[dict], columns: Sequence[str] = 
     for row in rows:
         header.extend(k for k in row if k not in header)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([csv_cell(str(name)) for name in header])
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in header})
+        writer.writerow([_fmt(row.get(k)) for k in header])
     atomic_write_text(path, buffer.getvalue())
