@@ -33,6 +33,7 @@ _EXPORTS = {
     "Auditor": "equiaudit.api",
     "EquivarianceMetric": "equiaudit.api",
     "settings": "equiaudit.api",
+    "Symmetrized": "equiaudit.symmetrize",
     "AuditResult": "equiaudit.result",
     "HeadResult": "equiaudit.result",
     "EquiauditError": "equiaudit.errors",

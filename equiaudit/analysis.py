@@ -57,6 +57,8 @@ class DynamicsOptions:
         samples: evaluate the dynamics on the audit's first ``samples`` rows (None: all); a
             row is a sample, or one sample at one fixed time for ``flow.t`` / ``diffusion.sigma``.
         tol, max_iter: Lanczos tolerance (relative residual) and iteration cap.
+        twirl_target: the share of the equivariance error the recommended k-rotation average
+            removes (``twirl.csv``'s ``smallest_k``: the smallest measured k reaching it).
     """
 
     gradients: bool = True
@@ -69,6 +71,7 @@ class DynamicsOptions:
     samples: int | None = None
     tol: float = 1e-3
     max_iter: int = 40
+    twirl_target: float = 0.9
 
     def landscape_at(self, step: int | None) -> bool:
         if self.landscape is True:

@@ -427,11 +427,12 @@ class AuditPlan:
             r = results[head]
             losses = values.mean(0)
             share = dyn.share_of_equiv_error_removed(augs[head], values, errors[head])
-            smallest = dyn.smallest_k_removing(self.twirl_ks, share, 0.9)
+            target = self.dynamics.twirl_target if self.dynamics is not None else 0.9
+            smallest = dyn.smallest_k_removing(self.twirl_ks, share, target)
             for k, loss, removed in zip(self.twirl_ks, losses.tolist(), share.tolist()):
                 rows.append({"head": head, "k": k, "loss_twirled": loss, "share_of_equiv_error_removed": removed,
                              "loss_aug": r.loss_aug, "loss_sym": r.loss_sym, "equiv_error": r.equiv_error,
-                             "smallest_k_90": smallest})
+                             "smallest_k": smallest, "twirl_target": target})
         return rows
 
     def gradient_accumulator(self, model: torch.nn.Module) -> dyn.GradientAccumulator | None:

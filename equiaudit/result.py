@@ -25,9 +25,10 @@ SUMMARY_COLUMNS = (
 # `epoch` and `checkpoint_time` (the checkpoint's mtime, Unix seconds) let plots use other x
 # axes; `weights` says which weight set of the checkpoint was audited (raw, ema).
 EXTRA_COLUMNS = ("median_rel_equiv_error", "message", "config_hash", "seconds", "epoch", "checkpoint_time", "weights")
-# twirl.csv: the held-out loss of the k-rotation average, per checkpoint, head and k.
+# twirl.csv: the held-out loss of the k-rotation average, per checkpoint, head and k; smallest_k:
+# the smallest k whose average removes at least twirl_target of the equivariance error.
 TWIRL_COLUMNS = ("run", "checkpoint", "step", "head", "k", "loss_twirled", "share_of_equiv_error_removed",
-                 "loss_aug", "loss_sym", "equiv_error", "smallest_k_90", "config_hash")
+                 "loss_aug", "loss_sym", "equiv_error", "smallest_k", "twirl_target", "config_hash")
 # Optional per-head figures, in the order they follow the columns above when measured.
 MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "rel_local_equiv_error")
 # The figures a training logger gets (Lightning, Hugging Face, TensorBoard), see :func:`scalars`.

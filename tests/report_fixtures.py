@@ -120,7 +120,7 @@ def twirl_rows() -> list[dict]:
             for k in KS:
                 rows.append({"run": RUN, "checkpoint": ckpt(step), "step": step, "head": head, "k": k,
                              "loss_twirled": aug - ee + ee / k, "share_of_equiv_error_removed": 1 - 1 / k,
-                             "loss_aug": aug, "loss_sym": aug - ee, "equiv_error": ee, "smallest_k_90": 16, "config_hash": "abc123"})
+                             "loss_aug": aug, "loss_sym": aug - ee, "equiv_error": ee, "smallest_k": 16, "twirl_target": 0.9, "config_hash": "abc123"})
     return rows
 
 

@@ -63,7 +63,20 @@ def test_twirling_follows_l_sym_plus_ee_over_k():
     for r in rows:
         assert r["loss_twirled"] == pytest.approx(t.loss_sym + t.equiv_error / r["k"], rel=1e-9)
         assert r["share_of_equiv_error_removed"] == pytest.approx(1 - 1 / r["k"], abs=1e-9)
-    assert rows[0]["smallest_k_90"] == 16  # 1 − 1/k ≥ 0.9 first at k = 16 (of 1, 2, 4, …)
+    assert rows[0]["smallest_k"] == 16 and rows[0]["twirl_target"] == 0.9  # 1 − 1/k ≥ 0.9 first at k = 16 (of 1, 2, 4, …)
+
+
+@pytest.mark.parametrize("target, k", [(0.45, 2), (0.7, 4), (0.95, 32), (0.99, None)])
+def test_twirl_target_names_the_smallest_k_removing_that_share(target, k):
+    """For MSE the k-average removes 1 − 1/k of EE exactly: the first k (of 1, 2, 4, …, 32) with 1 − 1/k ≥ target."""
+    result = equiaudit.audit(LinearMap(random_matrix()).double(), vectors(64), dynamics={"twirl_target": target}, **HAAR)
+    rows = [r for r in result.twirl if r["head"] == "total"]
+    assert {r["smallest_k"] for r in rows} == {k} and {r["twirl_target"] for r in rows} == {target}
+
+
+def test_twirl_target_out_of_range_is_refused():
+    with pytest.raises(equiaudit.ConfigError, match="twirl_target"):
+        equiaudit.audit(LinearMap(random_matrix()).double(), vectors(8), dynamics={"twirl_target": 1.0}, **HAAR)
 
 
 def test_the_landscape_of_a_quadratic_problem_is_quadratic_and_parameters_are_restored():

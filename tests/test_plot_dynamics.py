@@ -128,7 +128,7 @@ def twirl_rows(steps) -> list[dict]:
             for k in KS:
                 rows.append({"run": "r", "checkpoint": f"ck{step}.pt", "step": str(step), "head": head, "k": str(k),
                              "loss_twirled": repr(aug - ee + ee / k), "share_of_equiv_error_removed": repr(1 - 1 / k),
-                             "loss_aug": repr(aug), "loss_sym": repr(aug - ee), "equiv_error": repr(ee), "smallest_k_90": "16"})
+                             "loss_aug": repr(aug), "loss_sym": repr(aug - ee), "equiv_error": repr(ee), "smallest_k": "16", "twirl_target": "0.9"})
     return rows
 
 

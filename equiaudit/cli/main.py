@@ -149,6 +149,7 @@ def audit(
     track_params: Annotated[Optional[str], typer.Option("--track-params", help="Glob(s), comma-separated, of parameters whose variance is recorded and correlated with REE.")] = None,
     landscape: Annotated[Optional[str], typer.Option("--landscape", help="Steps (comma-separated) at which to draw the L_sym / EE landscape along two Hessian eigendirections (OUT/landscape/).")] = None,
     landscape_grid: Annotated[Optional[int], typer.Option("--landscape-grid", help="N of the N×N landscape grid (default 20).")] = None,
+    twirl_target: Annotated[Optional[float], typer.Option("--twirl-target", help="twirl.csv's smallest_k: the smallest k whose k-rotation average (equiaudit.Symmetrized) removes this share of the equivariance error (default 0.9; implies --dynamics).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Which weights of each checkpoint: auto (EMA where present, as most trainers evaluate), raw or ema (checkpoints.weights).")] = None,
     prefix: Annotated[Optional[str], typer.Option("--prefix", help="Key prefix to strip from (or add to) the checkpoints' keys, e.g. 'model.' (checkpoints.prefix); matched automatically when unambiguous.")] = None,
     by: Annotated[Optional[str], typer.Option("--by", help="Show breakdowns of the latest checkpoint, comma-separated: element, n_atoms, angle, channel, t, sample, or a per-sample field (all go to OUT/breakdown.csv).")] = None,
@@ -171,7 +172,7 @@ def audit(
         out=out,
         overrides={"group.rotations": rotations, "data.samples": samples, "seed": seed, "local": local or None, "breakdown.by": by,
                    "checkpoints.weights": weights, "checkpoints.prefix": prefix, "target_ci": target_ci,
-                   **_dynamics_overrides(dynamics, hessian, params, track_params, landscape, landscape_grid)},
+                   **_dynamics_overrides(dynamics, hessian, params, track_params, landscape, landscape_grid, twirl_target)},
         device=device.value,
         output_format=output_format.value,
         stdout=stdout,
@@ -189,10 +190,10 @@ def audit(
     raise typer.Exit(code)
 
 
-def _dynamics_overrides(dynamics, hessian, params, track_params, landscape, grid) -> dict:
+def _dynamics_overrides(dynamics, hessian, params, track_params, landscape, grid, twirl_target=None) -> dict:
     """The ``dynamics.*`` config keys the dynamics flags set (any of them turns the section on)."""
     keys = {"dynamics.hessian": hessian, "dynamics.params": params, "dynamics.track_params": track_params,
-            "dynamics.landscape": landscape, "dynamics.grid": grid}
+            "dynamics.landscape": landscape, "dynamics.grid": grid, "dynamics.twirl_target": twirl_target}
     if not dynamics and all(v is None for v in keys.values()):
         return {}
     return {"dynamics": True if dynamics else None, **keys}

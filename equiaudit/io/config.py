@@ -57,7 +57,8 @@ WEIGHT_SETS = ("auto", "raw", "ema")
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 BREAKDOWN_KEYS = ("by", "elements", "worst", "bins")
-DYNAMICS_KEYS = ("gradients", "twirl", "hessian", "params", "track_params", "landscape", "grid", "samples", "tol", "max_iter")
+DYNAMICS_KEYS = ("gradients", "twirl", "hessian", "params", "track_params", "landscape", "grid", "samples", "tol", "max_iter",
+                 "twirl_target")
 INTERP_FLOOR = ("auto", True, False)
 # Python keywords that name nested keys (everything else is a top-level key of the same name).
 KEYWORDS = {
@@ -67,7 +68,7 @@ KEYWORDS = {
     "samples": "data.samples", "keys": "data.keys", "subset_seed": "data.subset_seed",
     "by": "breakdown.by", "weights": "checkpoints.weights", "prefix": "checkpoints.prefix",
     "hessian": "dynamics.hessian", "params": "dynamics.params", "track_params": "dynamics.track_params",
-    "landscape": "dynamics.landscape", "twirl": "dynamics.twirl",
+    "landscape": "dynamics.landscape", "twirl": "dynamics.twirl", "twirl_target": "dynamics.twirl_target",
 }
 MAX_CONFIG_VALUES = 100_000
 # Work bounds (docs/safety.md). Each is far beyond real use and far below what would exhaust
@@ -316,6 +317,10 @@ def _parse_dynamics(raw: Any) -> dict[str, Any] | None:
     if not 0 < out["tol"] < 1:
         raise ConfigError(f"config: dynamics.tol={out['tol']!r} must be in (0, 1)")
     out["max_iter"] = _positive_int("dynamics.max_iter", section.get("max_iter", 40))
+    out["twirl_target"] = _number("dynamics.twirl_target", section.get("twirl_target", 0.9))
+    if not 0 < out["twirl_target"] < 1:
+        raise ConfigError(f"config: dynamics.twirl_target={out['twirl_target']!r} must be in (0, 1): the share of EE "
+                          "the k-rotation average should remove")
     return out
 
 

@@ -20,7 +20,7 @@ absent (or cannot be parsed) is left out, never drawn empty or as a broken image
   per-checkpoint gradient/curvature table and the correlations;
 * **landscapes** (``landscape/*.csv`` + ``.json``): per checkpoint the two surfaces, the
   quadratic fit's R², the eigen-directions and their eigenvalues;
-* **test-time twirling** (``twirl.csv``): the curve and the smallest k removing 90 % of EE;
+* **test-time twirling** (``twirl.csv``): the curve and the smallest k removing ``twirl_target`` (90 %) of EE;
 * **compare** (``compare.csv``, ``compare.png``): steps to the threshold per run.
 
 All text that comes from users or files (run and checkpoint names, messages, settings) is
@@ -417,7 +417,7 @@ def _landscape_section(items: Sequence[tuple[str, list[dict], dict]]) -> str:
 def _twirl_section(rows: Sequence[Mapping]) -> str:
     if not rows:
         return ""
-    from equiaudit.report.plot_dynamics import twirl_figure
+    from equiaudit.report.plot_dynamics import smallest_k, twirl_figure, twirl_target
 
     latest = _latest(rows, ("run", "checkpoint", "head", "k"))
     curves: dict[tuple, list[Mapping]] = {}
@@ -427,20 +427,21 @@ def _twirl_section(rows: Sequence[Mapping]) -> str:
     for (run, checkpoint, head), curve in curves.items():
         curve = sorted(curve, key=lambda r: as_float(r.get("k")))
         last = curve[-1]
-        k90 = str(curve[0].get("smallest_k_90", "") or "")
+        k90 = str(smallest_k(curve[0]) or "")
         k_max = format_number(last.get("k"))
         tables.setdefault(run, []).append(("", [
             _cell(_step_text(curve[0]), "num"), _cell(checkpoint, "name"), _cell(head),
             _num(curve[0].get("loss_aug")), _num(curve[0].get("loss_sym")), _num(curve[0].get("equiv_error")),
             _cell(k_max, "num"), _num(last.get("share_of_equiv_error_removed"), format_percent),
             _cell(k90 if k90 else f"none ≤ {k_max}", "num" if k90 else "num bad")]))
+    target = f"{100 * twirl_target(rows):g} %"
     parts = [_image(_figure_png(twirl_figure(rows)), "held-out loss against the number of rotations averaged",
-                    "Left: loss of the k-rotation average (dotted: L_aug, dashed: L_sym; ★ smallest k removing 90 % of EE). "
+                    f"Left: loss of the k-rotation average (dotted: L_aug, dashed: L_sym; ★ smallest k removing {target} of EE). "
                     "Right: share of EE removed.")]
     for i, (run, lines) in enumerate(tables.items()):
         parts.append(_run_heading(run, len(tables)) + _table(
             [("step", "num"), ("checkpoint", ""), ("head", ""), ("L_aug", "num"), ("L_sym", "num"), ("EE", "num"), ("largest k", "num"),
-             ("EE removed at largest k", "num"), ("smallest k removing 90 %", "num")],
+             ("EE removed at largest k", "num"), (f"smallest k removing {target}", "num")],
             lines, caption="averaging the model over k rotations at test time", table_id=f"twirl-{i}"))
     return "".join(parts)
 

@@ -291,20 +291,24 @@ def select_checkpoints(steps: Sequence[float], most: int) -> list[int]:
     return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
 
 
-def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int = 6, threshold: float = 0.9):
+def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int = 6, threshold: float | None = None):
     """Test-time twirling from ``twirl.csv`` rows: left, ``loss_twirled`` against k (log x);
     right, the share of the equivariance error removed against k.
 
     One line per checkpoint of ``head`` (default ``total``, else the first head), at most
     ``most`` checkpoints (evenly spread over training, first and last kept), coloured by step
     (colorbar). Reference lines in the line's colour: ``L_aug`` (dotted, the k = 1 value) and
-    ``L_sym`` (dashed, the k → ∞ limit); a star marks ``smallest_k_90``, the smallest k whose
-    average removes 90 % of the error. The right panel has the 90 % line and MSE's
+    ``L_sym`` (dashed, the k → ∞ limit); a star marks ``smallest_k``, the smallest k whose
+    average removes ``twirl_target`` (``threshold``; default: the rows' own, else 90 %) of the
+    error. The right panel has the target line and MSE's
     ``1 − 1/k`` for reference. Lines are labelled ``<series>``, ``<series>: L_aug``,
     ``<series>: L_sym``, ``<series>: smallest k`` (:func:`series_label` with the step).
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
+
+    if threshold is None:
+        threshold = twirl_target(rows)
     from matplotlib.lines import Line2D
 
     heads = list(dict.fromkeys(str(r.get("head", "")) for r in rows))
@@ -341,7 +345,7 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
             loss_ax.axhline(aug, color=color, linestyle=":", linewidth=1, label=f"{label}: L_aug")
         if math.isfinite(sym):
             loss_ax.axhline(sym, color=color, linestyle="--", linewidth=1, label=f"{label}: L_sym")
-        k90 = as_float(group[0].get("smallest_k_90"))
+        k90 = as_float(smallest_k(group[0]))
         if math.isfinite(k90) and k90 in ks:
             at = loss[ks.index(k90)]
             loss_ax.plot([k90], [at], "*", color=color, markersize=15, markeredgecolor="black", zorder=4, label=f"{label}: smallest k")
@@ -370,6 +374,17 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
     if ordered:
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=share_ax, label="training step")
     return fig
+
+
+def smallest_k(row: Mapping) -> object:
+    """A twirl row's recommended k (``smallest_k``; ``smallest_k_90`` in files written before 0.3)."""
+    return row.get("smallest_k", row.get("smallest_k_90"))
+
+
+def twirl_target(rows: Sequence[Mapping]) -> float:
+    """The share of EE the rows' ``smallest_k`` removes (``twirl_target``; 0.9 in older files)."""
+    values = [as_float(r.get("twirl_target")) for r in rows]
+    return next((v for v in values if math.isfinite(v)), 0.9)
 
 
 # ----------------------------------------------------------------------------- per t
