@@ -121,7 +121,7 @@ class AuditConfig:
     sampling: str | None = None  # so3: haar | quasi | fibonacci (None: the default)
     seed: int = 0
     batch_size: int = 64
-    chunk_size: int = 8192
+    chunk_size: int | str = "auto"  # rotated samples per forward pass; "auto": measured (equiaudit.chunking)
     bootstrap: int = 1000
     mask: str = "mask"
     task_options: dict[str, Any] = field(default_factory=dict)  # the task's section (flow:, voxel:)
@@ -171,6 +171,15 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
 def _positive_int(key: str, value: Any, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"config: {key}={value!r} must be an integer ≥ {minimum}")
+    return value
+
+
+def _chunk_size(value: Any) -> int | str:
+    """``chunk_size``: ``auto`` (measured: :mod:`equiaudit.chunking`) or a positive integer."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config: chunk_size={value!r} must be 'auto' or an integer ≥ 1")
     return value
 
 
@@ -428,7 +437,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         sampling=group.get("sampling"),
         seed=seed,
         batch_size=_positive_int("batch_size", top.get("batch_size", 64)),
-        chunk_size=_positive_int("chunk_size", top.get("chunk_size", 8192)),
+        chunk_size=_chunk_size(top.get("chunk_size", "auto")),
         bootstrap=_positive_int("bootstrap", top.get("bootstrap", 1000), minimum=0),
         mask=str(top.get("mask", "mask")),
         task_options=dict(top.get(own_section) or {}) if own_section else {},
