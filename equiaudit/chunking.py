@@ -139,6 +139,7 @@ class ChunkSearch:
         self.out_of_memory_at: list[int] = []
         self.stop_reason = ""
         self.rows_searched = 0
+        self.descending = False  # after a clearly slower first doubling: halving from the smallest
 
     # ------------------------------------------------------------------ driving
 
@@ -212,7 +213,18 @@ class ChunkSearch:
     def _advance(self, size: int) -> None:
         done = self._complete()
         others = [t for s, t in done.items() if s != size]
+        if self.descending:
+            if done[size] <= (1 - self.min_gain) * min(others) and size > 1:
+                self.candidate = size // 2  # still paying: halve again
+            else:
+                self._finish("smaller no faster")
+            return
         if others and done[size] > (1 - self.min_gain) * min(others):
+            if size == 2 * self.smallest and done[size] > (1 + self.min_gain) * done[self.smallest] and self.smallest > 1:
+                # The first doubling was clearly slower (cache-bound models): try halving instead.
+                self.descending = True
+                self.candidate = self.smallest // 2
+                return
             self._finish("slower" if done[size] > min(others) else f"less than {self.min_gain:.0%} faster")
             return
         following = 2 * size
@@ -272,8 +284,9 @@ class ChunkSearch:
             "out_of_memory_at": list(self.out_of_memory_at),
             "clock": self.clock_name,
             "memory": self.memory_method,
-            "rule": f"powers of two from {self.smallest}, {self.repeats} timed runs each (min); double while ≥ "
-                    f"{self.min_gain:.0%} faster; fastest per sample, the smallest within {self.tie:.0%}",
+            "rule": f"powers of two from {self.smallest}, {self.repeats} timed runs each (min); double (or, when the first "
+                    f"doubling is slower, halve) while ≥ {self.min_gain:.0%} faster; fastest per sample, the smallest "
+                    f"within {self.tie:.0%}",
         }
 
 
