@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from equiaudit import actions, representations
+from equiaudit.chunking import AutoChunks, run_in_chunks
 from equiaudit.groups import Group, make_group
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import OrbitTerms, orbit_terms, reduce_per_sample
@@ -66,7 +67,9 @@ class OrbitSpec:
             fields and restricts per-atom losses to valid atoms.
         grad: the model differentiates through its inputs (forces by autograd):
             evaluate with gradients enabled and floating inputs requiring grad.
-        chunk_size: the most rotated samples per forward pass.
+        chunk_size: the most rotated samples per forward pass (when ``chunks`` is None).
+        chunks: ``chunk_size: auto``: an :class:`equiaudit.chunking.AutoChunks` that measures
+            the size (shared by every copy of the spec, so it is chosen once); None: ``chunk_size``.
         head_weights: per-head element weights (e.g. a spherical voxel mask
             ``(1, 1, D, H, W)``) that replace the default valid-atom mask.
         orbit_inputs: optional ``(batch, rotations) -> {field: (B, K, ...)}`` that builds
@@ -85,6 +88,7 @@ class OrbitSpec:
     mask: str | None = "mask"
     grad: bool = False
     chunk_size: int = 8192
+    chunks: AutoChunks | None = field(default=None, compare=False)
     head_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     orbit_inputs: Callable[[Mapping[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]] | None = None
     group: Group = field(default_factory=lambda: make_group("so3", 32, {"sampling": "haar"}))
@@ -155,20 +159,23 @@ def call_model(model: Callable, spec: OrbitSpec, inputs: dict[str, torch.Tensor]
 
 
 def _forward_orbit(model, spec: OrbitSpec, rotated: dict[str, torch.Tensor], needed: set[str], differentiable: bool) -> dict[str, torch.Tensor]:
-    """Run the model on ``(B·K, ...)`` inputs in chunks; returns the needed outputs
-    (detached unless ``differentiable``)."""
-    total = next(iter(rotated.values())).shape[0]
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in needed}
-    for start in range(0, total, spec.chunk_size):
-        piece = {f: v[start : start + spec.chunk_size] for f, v in rotated.items()}
+    """Run the model on ``(B·K, ...)`` inputs in chunks (``spec.chunks`` or ``spec.chunk_size``:
+    :mod:`equiaudit.chunking`); returns the needed outputs (detached unless ``differentiable``)."""
+    first = next(iter(rotated.values()))
+
+    def forward(start: int, stop: int) -> dict[str, torch.Tensor]:
+        piece = {f: v[start:stop] for f, v in rotated.items()}
         if spec.grad:
             piece = {f: v.detach().requires_grad_(True) if v.is_floating_point() else v for f, v in piece.items()}
         outputs = call_model(model, spec, piece)
         for name in needed:
             if name not in outputs:
                 raise ModelOutputError(f"the model has no output {name!r}; it returned {sorted(outputs)}")
-            chunks[name].append(outputs[name] if differentiable else outputs[name].detach())
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
+        return {name: outputs[name] if differentiable else outputs[name].detach() for name in needed}
+
+    parts = run_in_chunks(forward, first.shape[0], chunks=spec.chunks, size=spec.chunk_size, model=model,
+                          device=first.device, differentiable=differentiable)
+    return {name: torch.cat([part[name] for part in parts]) for name in needed}
 
 
 def orbit_inputs(model: Callable, batch: Mapping[str, torch.Tensor], rotations: torch.Tensor, spec: OrbitSpec) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ import torch
 from equiaudit import dynamics as dyn
 from equiaudit.analysis import DynamicsOptions
 from equiaudit.breakdown import BUILTIN_SPLITS, BreakdownOptions, batch_columns, breakdown_rows, split_fields
+from equiaudit.chunking import AutoChunks, describe
 from equiaudit.engine import HeadSpec, OrbitSpec, evaluate_orbits, evaluate_round_trip
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.fast import staged_batches
@@ -115,7 +116,7 @@ class AuditPlan:
         spec: fields, heads, model call and the group (:class:`~equiaudit.engine.OrbitSpec`).
         seed: seeds every per-sample draw (elements, task noise, floor jitter) and the bootstrap.
         batch_size: samples per batch (each batch is one set of forward passes of
-            ``batch_size × K`` inputs, chunked by ``spec.chunk_size``).
+            ``batch_size × K`` inputs, chunked by ``spec.chunk_size`` or ``spec.chunks``).
         bootstrap: bootstrap resamples of the interval (0: none).
         device: where the model runs.
         task, task_options: the preset and its resolved options (``flow:``, ``voxel:``).
@@ -151,6 +152,11 @@ class AuditPlan:
     @property
     def heads(self) -> list[str]:
         return [h.name for h in self.spec.heads]
+
+    @property
+    def chunking(self) -> dict[str, Any]:
+        """The chunk size and, for ``chunk_size: auto``, how it was chosen (``run.json``'s ``chunking``)."""
+        return describe(self.spec)
 
     def config_hash(self) -> str | None:
         return self.config.settings_hash() if self.config is not None else None
@@ -676,7 +682,8 @@ def resolve(
         outputs=config.model.outputs,
         mask=config.mask if config.mask in fields else None,
         grad=config.model.grad,
-        chunk_size=config.chunk_size,
+        chunk_size=config.chunk_size if isinstance(config.chunk_size, int) else OrbitSpec.chunk_size,
+        chunks=AutoChunks() if config.chunk_size == "auto" else None,
         autocast=autocast,
     )
     group = _group(config, preset, spec, fields)

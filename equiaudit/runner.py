@@ -246,6 +246,7 @@ def run_metadata(audit: OpenAudit, started: float) -> dict[str, Any]:
         "exact_group": plan.group.exact,
         "n_samples": audit.prepared.n_samples,
         "batch_size": plan.batch_size,
+        "chunking": plan.chunking,  # chunk_size, and for auto the trials behind it (equiaudit.chunking)
         "heads": [{"name": h.name, "rep": h.rep, "target": h.target, "loss": h.loss, "weight": h.weight} for h in plan.spec.heads],
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -165,7 +165,31 @@ def _banner(audit: OpenAudit) -> str:
     plan, config = audit.plan, audit.config
     prefix = f", key prefix {escape(repr(config.prefix))}" if config.prefix is not None else ""
     return (f"task [bold]{escape(config.task)}[/] on {audit.prepared.n_samples} samples × {plan.group.n_elements} rotations "
-            f"({escape(plan.group.label)}) on {plan.device}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}")
+            f"({escape(plan.group.label)}) on {plan.device}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}; "
+            f"{_chunks(audit)}")
+
+
+def _chunks(audit: OpenAudit) -> str:
+    """The banner's word on the chunk size: given, or measured (said again once decided)."""
+    chunks = audit.plan.spec.chunks
+    if chunks is None:
+        return f"chunk_size {audit.plan.spec.chunk_size}"
+    decided = [s.chosen for s in chunks.searches.values() if s.chosen is not None]
+    return f"chunk_size auto ({', '.join(map(str, decided))})" if decided else "chunk_size auto (measured on the first checkpoint)"
+
+
+def announce_chunking(audit: OpenAudit, console: Console, debug: bool) -> None:
+    """Print the line of ``chunk_size: auto`` once it has decided (and under ``--debug`` every trial)."""
+    chunks = audit.plan.spec.chunks
+    if chunks is None:
+        return
+
+    def decided(search) -> None:
+        console.print(escape(search.summary()), highlight=False, soft_wrap=True)
+        if debug:
+            console.print(escape(json.dumps(search.report())), highlight=False, soft_wrap=True)
+
+    chunks.listeners.append(decided)
 
 
 def say_discovered(refs, skipped, console: Console) -> None:
@@ -238,6 +262,8 @@ def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, 
     audit = scale.open(config, device)
     folder = OutputFolder(out)
     title = audit_title(audit)
+    if scale.main:
+        announce_chunking(audit, stderr, debug)
 
     def render(rows: list[dict]) -> None:
         _render(rows, folder, title=title, output_format=output_format, plot=plot, threshold=threshold, stdout=stdout,

@@ -145,7 +145,7 @@ class AuditConfig:
     sampling: str | None = None  # so3: haar | quasi | fibonacci (None: the default)
     seed: int = 0
     batch_size: int = 64
-    chunk_size: int = 8192
+    chunk_size: int | str = "auto"  # rotated samples per forward pass; "auto": measured (equiaudit.chunking)
     bootstrap: int = 1000
     mask: str = "mask"
     task_options: dict[str, Any] = field(default_factory=dict)  # the task's section (flow:, voxel:)
@@ -211,6 +211,15 @@ def check_rotation_rows(n_rows: int, n_rotations: int) -> None:
             f"config: {n_rows:,} samples × {n_rotations:,} rotations = {n_rows * n_rotations:,} rotations to hold "
             f"({gigabytes:,.1f} GB), over the bound of {MAX_ROTATION_ROWS:,}: lower group.rotations or data.samples"
         )
+
+
+def _chunk_size(value: Any) -> int | str:
+    """``chunk_size``: ``auto`` (measured: :mod:`equiaudit.chunking`) or a positive integer."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config: chunk_size={value!r} must be 'auto' or an integer ≥ 1")
+    return value
 
 
 def resolve_path(value: str | Path, base: Path | None) -> Path:
@@ -477,7 +486,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         sampling=group.get("sampling"),
         seed=seed,
         batch_size=_positive_int("batch_size", top.get("batch_size", 64)),
-        chunk_size=_positive_int("chunk_size", top.get("chunk_size", 8192)),
+        chunk_size=_chunk_size(top.get("chunk_size", "auto")),
         bootstrap=_positive_int("bootstrap", top.get("bootstrap", 1000), minimum=0, maximum=MAX_BOOTSTRAP),
         mask=str(top.get("mask", "mask")),
         task_options=dict(top.get(own_section) or {}) if own_section else {},
