@@ -78,14 +78,14 @@ def _placeholder(name: str) -> type:
     return Placeholder
 
 
-def read_opaque(path: str | Path, map_location: Any = "cpu") -> Any:
+def read_opaque(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> Any:
     """``path`` unpickled weights-only, with the globals of :data:`OPAQUE_PREFIXES` (and
     ``torch.ScriptObject``) as inert :class:`~equiaudit.zoo.families.base.Opaque`
     placeholders. Raises what :func:`~equiaudit.io.safe_load.load_weights_only` raises; a
     pickle naming any other global is :class:`RefusedPickle` and nothing of it ran."""
     names = opaque_globals(path)
     stand_ins = [(_placeholder(name), name) for name in names]
-    return load_weights_only(path, map_location, safe_globals=stand_ins)
+    return load_weights_only(path, map_location, mmap=mmap, safe_globals=stand_ins)
 
 
 def is_opaque(value: Any, name: str | None = None) -> bool:
