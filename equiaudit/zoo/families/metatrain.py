@@ -263,7 +263,7 @@ class MetatrainForceField(nn.Module):
     def _energy(self, pos: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, None]:
         mta = _packages()[1]
         systems = self._systems(pos, z, valid)
-        outputs = {self.target: mta.ModelOutput(quantity="energy", unit=self.unit, sample_kind="system")}
+        outputs = {self.target: mta.ModelOutput(unit=self.unit, sample_kind="system")}
         energy = self._run(systems, outputs)[self.target].block().values
         return energy.reshape(valid.shape[0]), None
 
