@@ -143,3 +143,12 @@ def test_sevennet_checkpoints_recognised_from_contents(tmp_path):
     from equiaudit.zoo.families import sevennet as moved
 
     assert alias.sevennet_force_field is moved.sevennet_force_field
+
+
+def test_a_torchscript_archive_is_called_what_it_is(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError, match="a TorchScript archive .* --allow-torchscript") as caught:
+        read_checkpoint(path)
+    assert caught.value.status == "torchscript"
+    assert Peek(path).is_torchscript() and recognise(path) is None  # no family claims a plain archive
