@@ -5,7 +5,6 @@ refused), lenient state dicts, the config's ``model.family`` and the CLI's no-co
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import types
 from pathlib import Path
