@@ -116,11 +116,20 @@ class Auditor:
 
     def __call__(self, model: torch.nn.Module) -> AuditResult:
         """Audit ``model`` (in eval mode, without gradients; its training flags restored)."""
+        model = _family_model(model)
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         plan = self.plan(model)
         _place(model, plan)
         return plan.audit(model, self.prepared(plan))
+
+
+def _family_model(model: Any) -> Any:
+    """A metatomic ``AtomisticModel`` the caller loaded (their choice to run it) behind the
+    padded force-field signature (:mod:`equiaudit.zoo.families.metatrain`); anything else as is."""
+    from equiaudit.zoo.families.metatrain import is_atomistic_model, metatomic_force_field
+
+    return metatomic_force_field(model) if is_atomistic_model(model) else model
 
 
 def audit(model: torch.nn.Module, data: Any = None, *, config: str | Path | Mapping[str, Any] | None = None,

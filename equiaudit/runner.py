@@ -38,7 +38,7 @@ from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints, load_i
 from equiaudit.io.config import AuditConfig
 from equiaudit.io.data import load_dataset
 from equiaudit.io.layout import OutputFolder
-from equiaudit.io.models import build_model
+from equiaudit.io.models import build_configured
 from equiaudit.plan import AuditPlan, Prepared, resolve
 from equiaudit.report.summary import merge_rows
 from equiaudit.result import AuditResult
@@ -73,7 +73,7 @@ def open_audit(config: AuditConfig, *, device: str | torch.device = "auto", comp
     plan = resolve(config, dataset, device=device)
     prepared = pinned(plan.prepare(dataset, index=index), plan.device)
     if model is None:
-        model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
+        model = build_configured(config.model, config.source.parent if config.source else None)
     model = model.to(device=plan.device, dtype=plan.model_dtype)
     if compile:
         model = compile_model(model)
@@ -166,7 +166,9 @@ def load_weights(audit: OpenAudit, ref: CheckpointRef):
     Raises what reading or matching the checkpoint raises."""
     config, plan = audit.config, audit.plan
     # The ref, not its path: discovery paired EMA siblings with their raw twins.
-    loaded = read_checkpoint(ref, map_location=plan.device, weights=config.weights)
+    own_reader = getattr(audit.model, "read_checkpoint", None)  # a family's own reader (a TorchScript archive's weights)
+    loaded = (own_reader(ref.path, plan.device, config.weights) if callable(own_reader)
+              else read_checkpoint(ref, map_location=plan.device, weights=config.weights))
     load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
     if plan.model_dtype is not None:
         audit.model.to(dtype=plan.model_dtype)
@@ -238,6 +240,9 @@ def run_metadata(audit: OpenAudit, started: float) -> dict[str, Any]:
         "config_hash": config.settings_hash(),
         "config_file_sha256": source_hash,
         "task": config.task,
+        "model_family": None if config.model.family is None else {
+            "family": config.model.family, "built_from": str(config.model.source) if config.model.source else None,
+            "detected": config.source is None},
         "seed": config.seed,
         "group": plan.group.name,
         "group_label": plan.group.label,
