@@ -65,7 +65,8 @@ def open_audit(config: AuditConfig, *, device: str | torch.device = "auto", comp
     from equiaudit.fast import compile_model, pinned
 
     dataset, index = load_dataset(
-        config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True
+        config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True,
+        structures=config.data.structures,
     )
     plan = resolve(config, dataset, device=device)
     prepared = pinned(plan.prepare(dataset, index=index), plan.device)

@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from equiaudit.errors import ConfigError
+from equiaudit.errors import ConfigError, DataError
 from equiaudit.groups import SAMPLINGS, group_names, group_options
 from equiaudit.metrics import LOSS_NAMES
-from equiaudit.representations import representation_names
+from equiaudit.representations import is_representation, representation_names
 from equiaudit.tasks import task_names, task_sections
 
 __all__ = [
@@ -43,7 +43,9 @@ BASE_KEYS = (
     "float_floor", "interp_floor", "dynamics", "target_ci",
 )
 MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
-DATA_KEYS = ("path", "keys", "samples", "subset_seed")
+DATA_KEYS = ("path", "keys", "samples", "subset_seed", "atoms", "units", "chains", "frames", "max_residues", "strict")
+# data.* keys of protein structure files (equiaudit.io.data_structures)
+STRUCTURE_KEYS = ("atoms", "units", "chains", "frames", "max_residues", "strict")
 HEAD_KEYS = ("rep", "target", "loss", "weight", "output", "huber_delta")
 CHECKPOINT_KEYS = ("path", "weights", "prefix")
 WEIGHT_SETS = ("auto", "raw", "ema")
@@ -91,6 +93,9 @@ class DataConfig:
     keys: dict[str, str] = field(default_factory=dict)
     samples: int | None = None
     subset_seed: int | None = None
+    # PDB/mmCIF options (atoms, units, chains, frames, max_residues, strict), with the task's
+    # defaults (protein_flow: units nm): see equiaudit.io.data_structures
+    structures: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,27 @@ def _check_keys(section: str, mapping: Any, allowed: tuple[str, ...]) -> dict:
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"config: {key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _structure_options(task: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The structure-file keys of ``data`` over the task's data defaults, checked."""
+    from equiaudit.io.data_structures import check_structure_options
+    from equiaudit.tasks import get_task
+
+    given = {**getattr(get_task(task), "data_defaults", {}), **{k: data[k] for k in STRUCTURE_KEYS if k in data}}
+    try:
+        check_structure_options(given)
+    except DataError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    return given
+
+
+def _representation(key: str, value: Any) -> str:
+    """A registered representation or an e3nn irreps string (``1x0e+1x2e``)."""
+    if not is_representation(value):
+        allowed = ", ".join(representation_names())
+        raise ConfigError(f"config: {key}={value!r} is not allowed; allowed: {allowed} or an e3nn irreps string (1x0e+1x1o+1x2e)")
     return value
 
 
@@ -296,7 +322,7 @@ def _parse_heads(raw: Any) -> dict[str, HeadConfig] | None:
     for name, spec in raw.items():
         spec = _check_keys(f"heads.{name}", spec, HEAD_KEYS)
         if "rep" in spec:
-            _choice(f"heads.{name}.rep", spec["rep"], representation_names())
+            _representation(f"heads.{name}.rep", spec["rep"])
         if "loss" in spec:
             _choice(f"heads.{name}.loss", spec["loss"], LOSS_NAMES)
         if "weight" in spec:
@@ -365,7 +391,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
     if not isinstance(fields, Mapping):
         raise ConfigError("config: 'fields' must be a mapping {field: representation}")
     for name, rep in fields.items():
-        _choice(f"fields.{name}", rep, representation_names())
+        _representation(f"fields.{name}", rep)
     group = top.get("group")
     group = {"name": group} if isinstance(group, str) else group
     group = _check_keys("group", group, group_keys())
@@ -387,8 +413,8 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
     for section, owner in sections.items():
         if top.get(section) is not None and not isinstance(top[section], Mapping):
             raise ConfigError(f"config: '{section}' must be a mapping")
-        if top.get(section) and owner != task:
-            raise ConfigError(f"config: '{section}' applies to task {owner} only (task is {task})")
+        if top.get(section) and task not in owner:
+            raise ConfigError(f"config: '{section}' applies to task {' or '.join(owner)} only (task is {task})")
     seed = top.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"config: seed={seed!r} must be an integer")
@@ -407,7 +433,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
                               "between 0 and 1 (0.002 = ±0.2 percentage points)")
         if top.get("bootstrap", 1000) == 0:
             raise ConfigError("config: target_ci needs the bootstrap interval; bootstrap=0 turns it off")
-    own_section = next((section for section, owner in sections.items() if owner == task), None)
+    own_section = next((section for section, owner in sections.items() if task in owner), None)
     path = data.get("path")
     return AuditConfig(
         task=task,
@@ -417,6 +443,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
             keys={str(k): str(v) for k, v in keys.items()},
             samples=None if samples is None else _positive_int("data.samples", samples),
             subset_seed=subset_seed,
+            structures=_structure_options(task, data),
         ),
         checkpoints=None if checkpoints.get("path") is None else resolve_path(checkpoints["path"], base),
         weights=weights,
