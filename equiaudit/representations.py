@@ -19,14 +19,17 @@ then rotated; outputs live in the centred frame), ``vector`` (``R v``), ``pseudo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from equiaudit.actions.frames import act_on_frames
 from equiaudit.actions.points import centre
 
-__all__ = ["Representation", "REPRESENTATIONS", "register_representation", "get_representation", "representation_names"]
+__all__ = ["Representation", "REPRESENTATIONS", "register_representation", "get_representation", "representation_names",
+           "is_representation"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Representation:
             that already carries the K axis (unused for grids, see ``grid``).
         centred: the value is a position: centre it on the masked centroid before rotating.
         grid: values are ``(C, D, H, W)`` grids rotated by resampling (``equiaudit.actions.voxels``).
+        irreps: for an e3nn irreps string, its :class:`equiaudit.irreps.Irreps` (per-``l`` breakdown).
     """
 
     name: str
@@ -49,6 +53,7 @@ class Representation:
     apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     centred: bool = False
     grid: bool = False
+    irreps: object | None = None  # the parsed irreps (equiaudit.irreps.Irreps) of an irreps string
 
     def orbit(self, value: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``value`` ``(B, ...)`` under ``rotations`` ``(B, K, 3, 3)`` → ``(B, K, ...)``."""
@@ -102,12 +107,35 @@ def representation_names() -> tuple[str, ...]:
 
 
 def get_representation(name: str) -> Representation:
-    """The registered representation; ``ValueError`` naming the allowed ones otherwise
-    (an unknown name is never treated as a scalar)."""
+    """The registered representation, or the one of an e3nn irreps string; ``ValueError``
+    naming the allowed ones otherwise (an unknown name is never treated as a scalar)."""
     try:
         return REPRESENTATIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown representation {name!r}; allowed: {', '.join(REPRESENTATIONS)}") from None
+        pass
+    from equiaudit.irreps import is_irreps
+
+    if is_irreps(name):
+        return _irreps_representation(name)
+    raise ValueError(f"unknown representation {name!r}; allowed: {', '.join(REPRESENTATIONS)} "
+                     "or an e3nn irreps string such as 1x0e+1x1o+1x2e") from None
+
+
+def is_representation(name) -> bool:
+    """A registered name or an irreps string."""
+    try:
+        get_representation(name)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _irreps_representation(name: str) -> Representation:
+    from equiaudit.irreps import act_irreps, parse_irreps
+
+    irreps = parse_irreps(name)
+    return Representation(name, 1, functools.partial(act_irreps, irreps), irreps=irreps)
 
 
 register_representation(Representation("scalar", 0, _invariant))
@@ -116,3 +144,6 @@ register_representation(Representation("vector", 1, _vector))
 register_representation(Representation("pseudovector", 1, _pseudovector))
 register_representation(Representation("tensor2", 2, _tensor2))
 register_representation(Representation("voxel", 0, _invariant, grid=True))
+# Residue frames R (..., 3, 3): g·R = g R (times diag(1, 1, det g) for an improper g, so that
+# frames of reflected atoms stay rotations); R⁻¹ = Rᵀ maps back as for any element.
+register_representation(Representation("frame", 2, act_on_frames))

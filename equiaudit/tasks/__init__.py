@@ -55,6 +55,7 @@ class TaskPreset:
             some fields' orbits itself (see :class:`equiaudit.engine.OrbitSpec`).
         heads_for: ``(resolved options) -> heads``, for a task whose heads follow its options
             (``flow.target``: a ``velocity``, ``x1`` or ``x0`` head); None: ``heads``.
+        data_defaults: defaults of ``data.*`` reading options (``protein_flow``: ``units: nm``).
 
     ``prepare`` may return several rows per sample (``flow.t``: one per listed time): then
     every sample of the batch has the same number T of consecutive rows and the batch
@@ -74,6 +75,7 @@ class TaskPreset:
     prepare: Callable[[Dataset, Mapping[str, Any], SampleRandom, torch.Tensor], Dataset] = _unchanged
     orbit_inputs: Callable[[Mapping[str, Any], Dataset], Callable | None] | None = None
     heads_for: Callable[[Mapping[str, Any]], Mapping[str, Mapping[str, Any]]] | None = None
+    data_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def default_heads(self, options: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
         """The preset's heads under these (resolved) options."""
@@ -91,7 +93,7 @@ def register_task(preset: TaskPreset) -> TaskPreset:
 
 def _registry() -> dict[str, TaskPreset]:
     # Importing the modules registers their presets.
-    from equiaudit.tasks import diffusion, flow_matching, force_field, voxel_denoising  # noqa: F401
+    from equiaudit.tasks import diffusion, flow_matching, force_field, protein_flow, voxel_denoising  # noqa: F401
 
     return {**_REGISTRY, CUSTOM.name: CUSTOM}
 
@@ -101,9 +103,14 @@ def task_names() -> tuple[str, ...]:
     return tuple(_registry())
 
 
-def task_sections() -> dict[str, str]:
-    """``{config section: task}`` for the tasks that have options (``flow: flow_matching`` ...)."""
-    return {preset.section: name for name, preset in _registry().items() if preset.section}
+def task_sections() -> dict[str, tuple[str, ...]]:
+    """``{config section: tasks}`` for the tasks that have options (``flow: (flow_matching,
+    protein_flow)`` ...): tasks may share a section (the protein preset takes ``flow:``'s keys)."""
+    sections: dict[str, tuple[str, ...]] = {}
+    for name, preset in _registry().items():
+        if preset.section:
+            sections[preset.section] = (*sections.get(preset.section, ()), name)
+    return sections
 
 
 def get_task(name: str) -> TaskPreset:
