@@ -42,9 +42,10 @@ from dataclasses import dataclass
 import torch
 
 from equiaudit.engine import HeadBatch, OrbitSpec
-from equiaudit.representations import get_representation
+from equiaudit.representations import get_representation, position_fields
 from equiaudit.rotations import rotation_angle
 from equiaudit.stats import SampleStats, with_total
+from equiaudit.tasks import sample_variables
 
 __all__ = ["BUILTIN_SPLITS", "BreakdownOptions", "bin_rows", "field_bins", "split_fields", "unit_values", "batch_columns", "breakdown_rows"]
 
@@ -175,7 +176,7 @@ def atom_count(batch: Mapping[str, torch.Tensor], spec: OrbitSpec, elements_fiel
     z = batch.get(elements_field)
     if z is not None and z.dim() == 2:
         return z.shape[1]
-    points = [v for f, v in batch.items() if spec.fields.get(f) == "point" and v.dim() == 3]
+    points = position_fields(spec.fields, batch)
     return points[0].shape[1] if points else None
 
 
@@ -351,10 +352,10 @@ def breakdown_rows(stats: SampleStats, spec: OrbitSpec, options: BreakdownOption
 
 
 def split_fields(dataset: Mapping[str, torch.Tensor], options: BreakdownOptions) -> list[str]:
-    """The per-sample fields split by: ``t``, ``sigma`` and ``length`` when present, then ``options.by`` (built-ins excluded)."""
-    # The task's own per-sample variables: flow time t, diffusion noise level sigma.
-    # A structure's number of residues (protein_flow's chain-length breakdown).
-    names = [n for n in ("t", "sigma", "length") if n in dataset and dataset[n].dim() == 1]
+    """The per-sample fields split by: the tasks' per-sample variables when present (flow time
+    ``t``, diffusion noise level ``sigma``: :func:`equiaudit.tasks.sample_variables`), then
+    ``options.by`` (built-ins excluded)."""
+    names = [n for n in sample_variables() if n in dataset and dataset[n].dim() == 1]
     names += [b for b in options.by if b not in BUILTIN_SPLITS and b not in names]
     for name in names:
         if name not in dataset or dataset[name].dim() != 1:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from equiaudit import actions
+from equiaudit import actions, representations
 from equiaudit.groups import Group, make_group
 from equiaudit.errors import ModelOutputError
 from equiaudit.metrics import OrbitTerms, orbit_terms, reduce_per_sample
@@ -262,7 +262,7 @@ def _head_statistics(head: HeadSpec, pred: torch.Tensor, batch, spec: OrbitSpec,
     """Reduce orbit predictions ``(B, K, ...)`` (in the sample's frame) against the target."""
     mask = batch.get(spec.mask) if spec.mask else None
     target = batch[head.target]
-    if head.rep == "point" and spec.group.action.centres_points:
+    if representations.get_representation(head.rep).centred and spec.group.action.centres_points:
         target = actions.centre(target, mask)
     target = target.double() if target.is_floating_point() else target
     group = spec.group
@@ -349,6 +349,6 @@ def evaluate_round_trip(
     for head in spec.heads:
         out = head_output(head, outputs[head.output_name], batch[head.target], b).double()
         mask = batch.get(spec.mask) if spec.mask else None  # a point output is centred on its valid atoms only
-        pred = actions.unrotate(head.rep, actions.rotate(head.rep, out, rotations, mask), rotations)
+        pred = representations.unrotate(head.rep, representations.rotate(head.rep, out, rotations, mask), rotations)
         results[head.name] = _head_statistics(head, pred, batch, spec)
     return results

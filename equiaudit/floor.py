@@ -87,14 +87,14 @@ class JitterAction(GroupAction):
         self.centres_points = centres_points
 
     def act(self, rep, value, elements, mask=None):
-        if rep == "point" and self.centres_points:
+        if get_representation(rep).centred and self.centres_points:
             value = actions.centre(value, mask)
         orbit = value.unsqueeze(1).expand(value.shape[0], elements.shape[1], *value.shape[1:])
         return self._jitter(rep, orbit, elements, self.amplitude, self.random)
 
     @staticmethod
     def _jitter(rep: str, orbit: torch.Tensor, elements: torch.Tensor, amplitude: float, random: SampleRandom) -> torch.Tensor:
-        if rep == "scalar" or not orbit.is_floating_point():
+        if get_representation(rep).invariant or not orbit.is_floating_point():
             return orbit
         # Rounding a rotated vector (or tensor) errs relative to its norm, not to each component.
         components = get_representation(rep).component_dims

@@ -44,7 +44,7 @@ from collections.abc import Mapping
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from equiaudit import actions
+from equiaudit import representations
 from equiaudit.actions.voxels import voxel_centres
 from equiaudit.engine import OrbitSpec, call_model, head_output, head_weight, model_dtype
 from equiaudit.errors import ModelOutputError, first_line
@@ -110,7 +110,7 @@ def _local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> d
             if get_representation(rep).grid:
                 value = fwAD.make_dual(value, -grid_lie_derivative(value, generators))
             else:
-                value = actions.rotate(rep, value, rotation, mask=mask).squeeze(1)
+                value = representations.rotate(rep, value, rotation, mask=mask).squeeze(1)
             if value.is_floating_point():
                 value = value.to(dtype)
                 if spec.grad:  # a leaf the model can differentiate by, carrying the tangent
@@ -126,7 +126,7 @@ def _local_batch(model, batch: Mapping[str, torch.Tensor], spec: OrbitSpec) -> d
             if get_representation(head.rep).grid:
                 derivative = _tangent(out) + grid_lie_derivative(primal, generators)
             else:
-                derivative = _tangent(actions.unrotate(head.rep, out.unsqueeze(1), rotation).squeeze(1))
+                derivative = _tangent(representations.unrotate(head.rep, out.unsqueeze(1), rotation).squeeze(1))
             weight = head_weight(head, spec, mask, primal)
             error = reduce_per_sample(derivative.detach().square(), weight).view(b, 3).sum(1)
             scale = reduce_per_sample(primal.square(), weight).view(b, 3)[:, 0]

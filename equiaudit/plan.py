@@ -47,7 +47,7 @@ from equiaudit.local import local_batch
 from equiaudit.metrics import ratio_standard_error
 from equiaudit.metrics import summarize as summarize_ratio
 from equiaudit.random import SampleRandom, sample_ids
-from equiaudit.representations import get_representation
+from equiaudit.representations import get_representation, position_fields
 from equiaudit.result import AuditResult, HeadResult
 from equiaudit.rotations import is_signed_permutation
 from equiaudit.stats import SampleStats, with_total
@@ -591,7 +591,7 @@ def _group(config: AuditConfig, preset: TaskPreset, spec: OrbitSpec, fields: Map
     if entry is not None and not entry.acts_on_grids and any(get_representation(r).grid for r in reps):
         raise ConfigError(f"config: group: {name} does not act on voxel grids; use so3, o3 or octahedral")
     mask = fields.get(spec.mask) if spec.mask else None
-    points = [v for f, v in fields.items() if spec.fields.get(f) == "point" and v.dim() == 3]
+    points = position_fields(spec.fields, fields)
     n_atoms = mask.shape[1] if mask is not None else (points[0].shape[1] if points else None)
     options = dict(config.group_options)
     if config.sampling is not None:

@@ -10,26 +10,40 @@ Rotations are float64 and may be improper (O(3): ``det R = −1``). Vectors are 
 ``R v`` is computed as ``v @ R.T``; the arithmetic runs in the rotations' dtype and is
 cast back to the value's dtype (at most one rounding of the model's input).
 
+A representation also says what it is, so that no module outside this registry compares
+its name: ``centred`` (a position ``(B, A, 3)``: centred on the masked centroid before a
+rotation, and the target of such a head too), ``translates`` (moved by the translation
+group), ``invariant`` (left as it is by every rotation; the float floor does not jitter it),
+``grid`` (a ``(C, D, H, W)`` grid moved by resampling). :func:`rotate` / :func:`unrotate`
+are the one entry point for every caller (re-exported by :mod:`equiaudit.actions`).
+
 Built in: ``scalar`` (invariant), ``point`` (positions: centred on the masked centroid,
 then rotated; outputs live in the centred frame), ``vector`` (``R v``), ``pseudovector``
 (``det(R)·R v``), ``tensor2`` (``R T Rᵀ``), ``voxel`` (scalar fields on grids
-``(C, D, H, W)``, see :mod:`equiaudit.actions.voxels`). Adding a representation is one
-:func:`register_representation` call here plus its tests.
+``(C, D, H, W)``, see :mod:`equiaudit.actions.voxels`), ``frame`` (per-residue rotations
+``(..., 3, 3)`` moved by ``g R``, :mod:`equiaudit.actions.frames`) and any e3nn irreps string
+(``"1x0e+2x1o+1x2e"``: Wigner-D blocks, :mod:`equiaudit.irreps`; made on first use, with
+``irreps`` set). Adding a representation is one
+:func:`register_representation` call (here or in its own module) plus its tests:
+``tests/toy_extensions.py`` registers a position-like one from outside the package.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from equiaudit.actions import voxels
 from equiaudit.actions.frames import act_on_frames
 from equiaudit.actions.points import centre
 
-__all__ = ["Representation", "REPRESENTATIONS", "register_representation", "get_representation", "representation_names",
-           "is_representation"]
+__all__ = [
+    "Representation", "REPRESENTATIONS", "register_representation", "get_representation", "representation_names",
+    "rotate", "unrotate", "position_fields", "is_representation",
+]
 
 
 @dataclass(frozen=True)
@@ -43,8 +57,12 @@ class Representation:
             Voxel grids have 0 (each voxel is a scalar; the grid moves as a whole).
         apply: ``(value (B, K, ...), R (B, K, 3, 3)) -> (B, K, ...)``, the action on a value
             that already carries the K axis (unused for grids, see ``grid``).
-        centred: the value is a position: centre it on the masked centroid before rotating.
+        centred: the value is a per-atom position ``(B, A, 3)``: centre it on the masked
+            centroid before rotating (and a head of it is compared in the centred frame).
         grid: values are ``(C, D, H, W)`` grids rotated by resampling (``equiaudit.actions.voxels``).
+        translates: the translation group moves it (positions; differences of positions do not).
+        invariant: every rotation leaves it as it is (the float floor's null orbit does not
+            jitter it: rounding after an action cannot change it).
         irreps: for an e3nn irreps string, its :class:`equiaudit.irreps.Irreps` (per-``l`` breakdown).
     """
 
@@ -53,13 +71,13 @@ class Representation:
     apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     centred: bool = False
     grid: bool = False
+    translates: bool = False
+    invariant: bool = False
     irreps: object | None = None  # the parsed irreps (equiaudit.irreps.Irreps) of an irreps string
 
     def orbit(self, value: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``value`` ``(B, ...)`` under ``rotations`` ``(B, K, 3, 3)`` → ``(B, K, ...)``."""
         if self.grid:
-            from equiaudit.actions import voxels
-
             return voxels.rotate_grid(value, rotations)
         if self.centred:
             value = centre(value, mask)
@@ -69,8 +87,6 @@ class Representation:
     def back(self, orbit: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         """Map an orbit ``(B, K, ...)`` back to each sample's frame: ``R⁻¹ · orbit``."""
         if self.grid:
-            from equiaudit.actions import voxels
-
             return voxels.unrotate_grid(orbit, rotations)
         # For improper R (O(3)) the inverse is still Rᵀ, and det(Rᵀ) = det(R).
         return self.apply(orbit, rotations.transpose(-1, -2))
@@ -138,8 +154,27 @@ def _irreps_representation(name: str) -> Representation:
     return Representation(name, 1, functools.partial(act_irreps, irreps), irreps=irreps)
 
 
-register_representation(Representation("scalar", 0, _invariant))
-register_representation(Representation("point", 1, _vector, centred=True))
+def rotate(rep: str, value: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Orbit of a field: value ``(B, ...)``, rotations ``(B, K, 3, 3)`` → ``(B, K, ...)``.
+
+    ``mask`` ``(B, N)`` marks valid atoms for centring ``centred`` (position) fields.
+    """
+    return get_representation(rep).orbit(value, rotations, mask)
+
+
+def unrotate(rep: str, value: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Map an orbit back to each sample's own frame: ``(B, K, ...)`` → ``R⁻¹ · value``."""
+    return get_representation(rep).back(value, rotations)
+
+
+def position_fields(reps: Mapping[str, str], fields: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The per-atom position fields ``(B, A, 3)`` among ``fields`` (``reps``: field → representation
+    name; fields without one are skipped), in ``fields``' order."""
+    return [v for f, v in fields.items() if f in reps and get_representation(reps[f]).centred and v.dim() == 3]
+
+
+register_representation(Representation("scalar", 0, _invariant, invariant=True))
+register_representation(Representation("point", 1, _vector, centred=True, translates=True))
 register_representation(Representation("vector", 1, _vector))
 register_representation(Representation("pseudovector", 1, _pseudovector))
 register_representation(Representation("tensor2", 2, _tensor2))

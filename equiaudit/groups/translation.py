@@ -31,9 +31,10 @@ class TranslationAction(GroupAction):
     centres_points = False
 
     def _shift(self, rep, value, shift, mask):
-        if get_representation(rep).grid:
+        representation = get_representation(rep)
+        if representation.grid:
             raise ValueError("the translation group does not act on voxel grids; use so3, o3 or octahedral")
-        if rep != "point":
+        if not representation.translates:
             return value
         # value (B, K, N, 3); shift (B, K, 3) -> per atom, zero at padded atoms.
         shift = shift.unsqueeze(2)

@@ -46,6 +46,7 @@ from equiaudit.io.atomic import atomic_write_text
 from equiaudit.io.layout import DamagedCSV, OutputFolder, read_csv
 from equiaudit.result import as_float
 from equiaudit.report.table import _ree_style, format_interval, format_number, format_percent
+from equiaudit.tasks import SampleVariable, sample_variables
 
 __all__ = ["write_report", "render_report", "printable"]
 
@@ -291,14 +292,16 @@ def _breakdown_section(rows: Sequence[Mapping], threshold: float) -> str:
     return "".join(parts)
 
 
-def _per_t_section(rows: Sequence[Mapping], threshold: float) -> str:
-    t_rows = [r for r in rows if r.get("by") == "t"]
-    if not t_rows:
+def _per_variable_section(rows: Sequence[Mapping], variable: SampleVariable, threshold: float) -> str:
+    """The per-variable panel: REE against step at each fixed value of a task's per-sample variable."""
+    by = variable.name
+    v_rows = [r for r in rows if r.get("by") == by]
+    if not v_rows:
         return ""
     from equiaudit.report.plot_dynamics import per_t_figure
 
-    return _image(_figure_png(per_t_figure(t_rows, threshold=threshold)), "REE against step at each fixed t",
-                  "One line per fixed time t of the flow (breakdown by t); threshold dashed.")
+    return _image(_figure_png(per_t_figure(v_rows, threshold=threshold, by=by)), f"REE against step at each fixed {by}",
+                  f"One line per fixed {variable.description} (breakdown by {by}); threshold dashed.")
 
 
 def _with_ree(dynamics: Sequence[Mapping], summary: Sequence[Mapping]) -> list[dict]:
@@ -511,7 +514,9 @@ def render_report(out: OutputFolder | str | Path, *, title: str | None = None, t
     page.add("summary", "summary", _summary_section(summary, threshold) if summary else "")
     page.add("trajectory", "REE over training", _trajectory_section(folder, summary, threshold) if summary or folder.plot.is_file() else "")
     page.add("breakdown", "breakdown of the latest checkpoint", _breakdown_section(breakdown, threshold) if breakdown else "")
-    page.add("per-t", "REE per flow time t", _per_t_section(breakdown, threshold))
+    for variable in sample_variables().values():
+        if variable.drawn:
+            page.add(f"per-{variable.name}", f"REE per {variable.label}", _per_variable_section(breakdown, variable, threshold))
     page.add("dynamics", "training dynamics", _dynamics_section(_with_ree(dynamics, summary), correlations, threshold))
     page.add("landscape", "loss landscapes", _landscape_section(_landscape_items(page)))
     page.add("twirl", "test-time twirling", _twirl_section(twirl))

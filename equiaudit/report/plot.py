@@ -21,6 +21,7 @@ from pathlib import Path
 
 from equiaudit.io.atomic import atomic_write
 from equiaudit.report.compare import X_LABELS, Trajectory
+from equiaudit.tasks import sample_variables
 
 __all__ = ["trajectory_figure", "efficiency_figure", "save_figure"]
 
@@ -52,7 +53,8 @@ def trajectory_figure(
     per_t: Sequence[dict] | None = None,
 ):
     """A two-panel :class:`~matplotlib.figure.Figure` of the ``head`` trajectories, three with
-    ``per_t``: the ``breakdown.csv`` rows of a flow audited at fixed times (``by = t``), whose
+    ``per_t``: the ``breakdown.csv`` rows of a flow audited at fixed times (``by = t``; any
+    task's drawn per-sample variable, :func:`equiaudit.tasks.sample_variables`), whose
     ``head`` rows become a third panel, REE against step at each t
     (:func:`equiaudit.report.plot_dynamics.draw_per_t`).
 
@@ -62,7 +64,9 @@ def trajectory_figure(
     from matplotlib.figure import Figure
 
     shown = [t for t in trajs if t.head == head]
-    t_rows = [r for r in per_t or () if r.get("by") == "t" and r.get("head") == head]
+    drawn = [v.name for v in sample_variables().values() if v.drawn]
+    by = next((r.get("by") for r in per_t or () if r.get("by") in drawn), None)  # the first drawn variable present
+    t_rows = [r for r in per_t or () if by is not None and r.get("by") == by and r.get("head") == head]
     fig = Figure(figsize=(18 if t_rows else 12, 4.8), layout="constrained")
     ree_ax, loss_ax, *t_ax = fig.subplots(1, 3 if t_rows else 2)
     positive_x = [v for t in shown for v in t.x if v > 0 and math.isfinite(v)]
@@ -105,7 +109,7 @@ def trajectory_figure(
     if t_rows:
         from equiaudit.report.plot_dynamics import draw_per_t
 
-        draw_per_t(t_ax[0], t_rows, threshold=threshold)
+        draw_per_t(t_ax[0], t_rows, threshold=threshold, by=by)
     if title:
         fig.suptitle(title)
     return fig

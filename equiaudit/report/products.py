@@ -18,6 +18,7 @@ from pathlib import Path
 
 from equiaudit.io.layout import OutputFolder
 from equiaudit.report.summary import read_rows, write_rows
+from equiaudit.tasks import sample_variables
 
 __all__ = ["write_products", "save_trajectory_plot"]
 
@@ -32,7 +33,8 @@ def save_trajectory_plot(out: OutputFolder | Path, *, title: str | None, thresho
     out = out if isinstance(out, OutputFolder) else OutputFolder(out)
     rows = read_rows(out.summary)
     x = "epoch" if epochs_only(rows) else "step"
-    per_t = [r for r in read_rows(out.breakdown) if r.get("by") == "t"] if x == "step" else None
+    drawn = {v.name for v in sample_variables().values() if v.drawn}  # flow time t, a task's own variable
+    per_t = [r for r in read_rows(out.breakdown) if r.get("by") in drawn] if x == "step" else None
     return save_figure(trajectory_figure(trajectories(rows, x=x), threshold=threshold, title=title, x=x, per_t=per_t),
                        out.plot)
 

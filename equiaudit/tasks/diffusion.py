@@ -40,7 +40,7 @@ import torch
 from equiaudit.actions import centre
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.random import SampleRandom
-from equiaudit.tasks import TaskPreset, register_task
+from equiaudit.tasks.base import SampleVariable, TaskPreset, register_task
 from equiaudit.tasks.flow_matching import fixed_values, rows_at
 
 __all__ = ["WEIGHTINGS", "edm_weight", "resolve_diffusion_options", "prepare_diffusion", "DIFFUSION"]
@@ -119,5 +119,7 @@ DIFFUSION = register_task(
         resolve_options=resolve_diffusion_options,
         prepare=prepare_diffusion,
         options={"P_mean": -1.2, "P_std": 1.2, "sigma": None, "sigma_data": 1.0, "weighting": "edm"},
+        # Not drawn per step yet (report.html and trajectory.png as before); drawn=True adds the panel.
+        variables=(SampleVariable("sigma", "noise level σ", "noise level σ", drawn=False),),
     )
 )

@@ -47,7 +47,7 @@ import torch
 from equiaudit.actions import centre
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.random import SampleRandom
-from equiaudit.tasks import TaskPreset, register_task
+from equiaudit.tasks.base import SampleVariable, TaskPreset, register_task
 
 __all__ = ["TIMES", "TARGETS", "flow_heads", "resolve_flow_options", "fixed_values", "rows_at", "prepare_flow", "FLOW_MATCHING"]
 
@@ -155,5 +155,6 @@ FLOW_MATCHING = register_task(
         prepare=prepare_flow,
         heads_for=flow_heads,
         options={"noise_scale": 1.0, "time": "noise_at_0", "target": "velocity", "t": None},
+        variables=(SampleVariable("t", "flow time t", "time t of the flow"),),
     )
 )

@@ -4,7 +4,7 @@ Works for direct-force models and for models that take ``-dE/dpos`` by autograd
 (``model.grad: true``). Heads whose target is missing from the data are dropped.
 """
 
-from equiaudit.tasks import TaskPreset, register_task
+from equiaudit.tasks.base import TaskPreset, register_task
 
 __all__ = ["FORCE_FIELD"]
 

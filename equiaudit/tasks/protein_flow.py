@@ -26,8 +26,8 @@ residue heads), ``position`` (by the residue's index along its chain, in bins), 
 
 from __future__ import annotations
 
-from equiaudit.tasks import TaskPreset, register_task
-from equiaudit.tasks.flow_matching import _HEADS, flow_heads, prepare_flow, resolve_flow_options
+from equiaudit.tasks.base import SampleVariable, TaskPreset, register_task
+from equiaudit.tasks.flow_matching import _HEADS, FLOW_MATCHING, flow_heads, prepare_flow, resolve_flow_options
 
 __all__ = ["PROTEINA_TIMES", "PROTEIN_FLOW"]
 
@@ -46,6 +46,9 @@ PROTEIN_FLOW = register_task(
         prepare=prepare_flow,
         heads_for=flow_heads,
         options={"noise_scale": 1.0, "time": "noise_at_0", "target": "velocity", "t": list(PROTEINA_TIMES)},
+        # t as flow matching's (its panel and rows); the structure's residue count (from the
+        # reader's ``length``) as a per-sample split, not a panel of its own.
+        variables=(*FLOW_MATCHING.variables, SampleVariable("length", "chain length", "number of residues", drawn=False)),
         data_defaults={"atoms": "CA", "units": "nm"},
     )
 )

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from equiaudit.actions import rotate
 from equiaudit.actions.voxels import rotate_grid
 from equiaudit.errors import DataError
 from equiaudit.random import SampleRandom
+from equiaudit.representations import rotate
 from equiaudit.rotations import is_signed_permutation
-from equiaudit.tasks import TaskPreset, register_task
+from equiaudit.tasks.base import TaskPreset, register_task
 from equiaudit.voxelize import VoxelGridSpec, voxelize
 
 __all__ = ["grid_spec", "resolve_voxel_options", "prepare_voxels", "atoms_orbit_inputs", "VOXEL_DENOISING"]
