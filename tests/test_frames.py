@@ -1,5 +1,6 @@
 """Residue frames: Gram–Schmidt construction, exact equivariance, and the closed form of ``R ↦ A R``."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -63,9 +64,10 @@ def _frame_audit(matrix, k=32, n_samples=64, **options):
             return self.a @ frames
 
     frames = data["frames"].expand(n_samples, -1, -1, -1).clone()
+    options.setdefault("heads", {"out": {"rep": "frame", "target": "frames"}})
     return equiaudit.audit(LeftMultiply(), {"frames": frames}, task="custom", fields={"frames": "frame"},
-                           heads={"out": {"rep": "frame", "target": "frames"}}, inputs=["frames"], outputs=["out"],
-                           rotations=k, seed=0, device="cpu", bootstrap=0, float_floor=False, **options)
+                           inputs=["frames"], outputs=["out"], rotations=k, seed=0, device="cpu", bootstrap=0,
+                           float_floor=False, dtype="float64", **options)
 
 
 def test_left_multiplication_matches_closed_form():
@@ -103,3 +105,36 @@ def test_geodesic_angle():
     assert geodesic_angle(g, g).abs().max() < 1e-6
     half_turn = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
     assert geodesic_angle(g[0], g[0] @ half_turn).item() == pytest.approx(torch.pi)
+
+
+def test_geodesic_loss_of_a_fixed_turn():
+    """``f(R) = A R`` with ``A`` a turn by θ: every orbit prediction ``g⁻¹Ag R`` is θ from ``R`` (L_aug = θ²
+    exactly), and their mean ``(tr A/3) R`` projects back onto ``R`` (L_sym → 0): EE ≈ θ², REE ≈ 1."""
+    theta = 0.4
+    a = torch.tensor([[1, 0, 0], [0, math.cos(theta), -math.sin(theta)], [0, math.sin(theta), math.cos(theta)]],
+                     dtype=torch.float64)
+    result = _frame_audit(a, n_samples=16, heads={"out": {"rep": "frame", "target": "frames", "loss": "geodesic"}})
+    out = result.heads["out"]
+    assert out.loss_aug == pytest.approx(theta**2, rel=1e-9)
+    assert out.equiv_error == pytest.approx(theta**2, rel=0.05) and out.rel_equiv_error > 0.95
+
+
+def test_translation_and_rotation_heads_together():
+    """An SE(3) frame model's two heads, positions (``point``) and frames (``frame``), in one audit:
+    an exactly equivariant one (CA and frames passed through a rigid-body-consistent map) at the floor."""
+    atoms, data = _backbone()
+
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))[0]
+
+    class RigidHeads(torch.nn.Module):
+        def forward(self, ca, frames):
+            return ca * 1.5, frames @ q.to(frames.dtype)
+
+    ca = atoms[None, :, 1]
+    result = equiaudit.audit(RigidHeads(), {"ca": ca, "frames": data["frames"], "mask": data["frames_mask"]}, task="custom",
+                             fields={"ca": "point", "frames": "frame"}, inputs=["ca", "frames"], outputs=["trans", "rot"],
+                             heads={"trans": {"rep": "point", "target": "ca"}, "rot": {"rep": "frame", "target": "frames"}},
+                             rotations=8, seed=0, device="cpu", bootstrap=0, dtype="float64")
+    assert set(result.heads) == {"trans", "rot"}
+    assert result.heads["trans"].loss_aug > 1 and result.heads["rot"].loss_aug > 0.1
+    assert result.total.flag == "at_float_floor"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["frames_from_backbone", "act_on_frames", "geodesic_angle"]
+__all__ = ["frames_from_backbone", "act_on_frames", "geodesic_angle", "nearest_rotation"]
 
 
 def frames_from_backbone(n: torch.Tensor, ca: torch.Tensor, c: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -58,3 +58,14 @@ def geodesic_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``docs/metric.md``)."""
     trace = (a * b).sum((-1, -2))
     return torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0))
+
+
+def nearest_rotation(matrices: torch.Tensor) -> torch.Tensor:
+    """The rotation closest in Frobenius norm to each ``(..., 3, 3)`` matrix: ``U diag(1, 1, det UVᵀ) Vᵀ``
+    from its SVD (the chordal L2 mean of rotations, when given their average). Exact rotations
+    come back unchanged to rounding."""
+    u, _, vh = torch.linalg.svd(matrices)
+    det = torch.linalg.det(u @ vh)
+    fix = torch.ones(*det.shape, 3, dtype=matrices.dtype, device=matrices.device)
+    fix[..., 2] = det
+    return (u * fix[..., None, :]) @ vh
