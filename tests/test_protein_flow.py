@@ -83,3 +83,20 @@ def test_linear_map_closed_form_on_protein_coordinates():
                              heads={"out": {"rep": "vector", "target": "pos"}}, inputs=["pos"], outputs=["out"],
                              rotations=32, seed=0, device="cpu", bootstrap=0, dtype="float64")
     assert result.heads["out"].rel_equiv_error == pytest.approx(linear_map_ree(matrix), rel=0.05)
+
+
+def test_malformed_file_is_listed_and_the_others_audited(tmp_path, capfd):
+    import shutil
+
+    for name in ("3JQH.cif.gz", "1A8O.pdb.gz"):
+        shutil.copy(DATA / name, tmp_path)
+    (tmp_path / "broken.pdb").write_text("HEADER    NOT REALLY A STRUCTURE\nATOM  garbage\n")
+    torch.manual_seed(0)
+    result = equiaudit.audit(transformer_velocity(hidden=8, layers=1, heads=2, n_species=21), str(tmp_path),
+                             config={"data": SMALL}, task="protein_flow", rotations=4, seed=0, device="cpu", bootstrap=0)
+    assert result.status == "ok" and result.total.n_samples == 2
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("equiaudit: skipped")]
+    assert len(lines) == 1 and "broken.pdb" in lines[0]
+    with pytest.raises(equiaudit.DataError, match="broken.pdb"):
+        equiaudit.audit(transformer_velocity(hidden=8, layers=1, heads=2, n_species=21), str(tmp_path),
+                        config={"data": {**SMALL, "strict": True}}, task="protein_flow", rotations=4, device="cpu")
