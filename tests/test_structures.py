@@ -145,3 +145,22 @@ def test_unreadable_file_is_listed_and_skipped(tmp_path, capfd):
         load_dataset(DATA / "3JQH.cif.gz", structures={"chains": ["Z"], "strict": True})
     with pytest.raises(DataError, match="data.atoms"):
         load_dataset(DATA / "3JQH.cif.gz", structures={"atoms": "all"})
+
+
+def test_cache_identity_sees_a_structure_edited_in_a_folder(tmp_path):
+    import os
+
+    from equiaudit.api import settings
+    from equiaudit.io.cache import settings_identity
+
+    folder = tmp_path / "structures"
+    folder.mkdir()
+    entry = folder / "3JQH.cif.gz"
+    shutil.copy(DATA / "3JQH.cif.gz", entry)
+    config = settings({"model": {"factory": "equiaudit.zoo:egnn_velocity"}, "data": {"path": str(folder)}}, task="protein_flow")
+    before = settings_identity(config)
+    stat = folder.stat()
+    entry.write_bytes(entry.read_bytes() + b"")  # same size, new mtime
+    os.utime(entry, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    os.utime(folder, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder's own stamp unchanged
+    assert settings_identity(config)["data"] != before["data"]
