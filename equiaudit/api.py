@@ -64,7 +64,8 @@ def _dataset(data: Any, config: AuditConfig) -> tuple[dict[str, torch.Tensor], t
         data = config.data.path
     if isinstance(data, (str, Path)):
         return load_dataset(data, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed,
-                            return_index=True, follow_external=config.data.follow_external, max_atoms=config.data.max_atoms)
+                            return_index=True, follow_external=config.data.follow_external, max_atoms=config.data.max_atoms,
+                            structures=config.data.structures)
     return select(as_dataset(data, config.data.keys), config.data.samples, config.data.subset_seed)
 
 

@@ -12,7 +12,13 @@ bin with the audit's own definitions restricted to it:
   uniform over ``[0, 1]`` when the values lie there, else at quantiles (integer fields
   with few values: one bin per value);
 * ``sample``: the ``worst`` samples by equivariance error, one row each, ``bin`` = the
-  sample's index in the audited dataset.
+  sample's index in the audited dataset;
+* ``residue`` (per-atom heads of data with a ``residue`` field: protein structures): atoms
+  or residues by residue type (AlphaFold's one-letter code, ``X`` unknown);
+* ``position`` (data with a ``position`` field): atoms or residues by their residue's index
+  along its chain, in bins ``[0, 5), [5, 10), [10, 25), [25, 50), [50, 100), [100, 200), 200+``;
+* ``l`` (heads whose representation is an e3nn irreps string): the components of each
+  degree ``l``, so the error's degree shows (a component's weight as in the per-sample mean).
 
 Weights. Each unit carries the weight it has in the audit's total: a sample ``1/N``; a
 (sample, rotation) pair ``1/(N·K)``; an atom or channel ``1/N`` times its share of its
@@ -43,8 +49,14 @@ from equiaudit.tasks import sample_variables
 
 __all__ = ["BUILTIN_SPLITS", "BreakdownOptions", "bin_rows", "field_bins", "split_fields", "unit_values", "batch_columns", "breakdown_rows"]
 
-BUILTIN_SPLITS = ("element", "n_atoms", "angle", "channel", "sample")
-_MAX_DISTINCT = 20  # integer fields with at most this many values get one bin per value
+BUILTIN_SPLITS = ("element", "n_atoms", "angle", "channel", "sample", "residue", "position", "l")
+# Per-unit splits after element/channel (code 0): each unit block carries its split's code,
+# and its units are numbered from code·_UNIT_OFFSET so (sample, head, unit) stays unique.
+_UNIT_SPLITS = {"residue": 1, "position": 2, "l": 3}
+_UNIT_OFFSET = 1 << 24
+POSITION_EDGES = (0, 5, 10, 25, 50, 100, 200)
+_MAX_DISTINCT = 20
+_RESIDUE_LETTERS = "ARNDCQEGHILKMFPSTWYVX"  # the structure reader's tokens 0 … 20 (20 unknown)  # integer fields with at most this many values get one bin per value
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,7 @@ def batch_columns(
     blocks = []
     for index, head in enumerate(spec.heads):
         result = results[head.name]
+        blocks.extend(_extra_unit_blocks(index, head, result, batch, n_atoms))
         if result.terms.loss_aug.dim() < 2:
             continue
         loss, share = unit_values(result.terms.loss_aug, result.weight)
@@ -219,8 +232,58 @@ def batch_columns(
             "loss": loss.reshape(-1),
             "error": error.reshape(-1),
             "weight": share.reshape(-1),
+            "split": torch.zeros(b * u, dtype=torch.int64),
         })
     return columns, blocks
+
+
+def _unit_block(index: int, split: str, loss: torch.Tensor, error: torch.Tensor, share: torch.Tensor,
+                label: torch.Tensor) -> dict[str, torch.Tensor]:
+    b, u = loss.shape
+    return {
+        "row": torch.arange(b).repeat_interleave(u),
+        "head": torch.full((b * u,), index),
+        "unit": torch.arange(u).repeat(b) + _UNIT_SPLITS[split] * _UNIT_OFFSET,
+        "label": label.reshape(-1).long().cpu(),
+        "loss": loss.reshape(-1),
+        "error": error.reshape(-1),
+        "weight": share.reshape(-1),
+        "split": torch.full((b * u,), _UNIT_SPLITS[split], dtype=torch.int64),
+    }
+
+
+def _extra_unit_blocks(index: int, head, result: HeadBatch, batch: Mapping[str, torch.Tensor],
+                       n_atoms: int | None) -> list[dict[str, torch.Tensor]]:
+    """Blocks of the ``residue``, ``position`` (per-atom heads of structures) and ``l`` (irreps heads) splits."""
+    blocks = []
+    terms = result.terms
+    per_atom = terms.loss_aug.dim() >= 2 and n_atoms is not None and terms.loss_aug.shape[1] == n_atoms
+    if per_atom:
+        loss, share = unit_values(terms.loss_aug, result.weight)
+        error, _ = unit_values(terms.equiv_error, result.weight)
+        residue, position = batch.get("residue"), batch.get("position")
+        if residue is not None and tuple(residue.shape) == tuple(loss.shape) and not residue.is_floating_point():
+            blocks.append(_unit_block(index, "residue", loss, error, share, residue))
+        if position is not None and tuple(position.shape) == tuple(loss.shape) and not position.is_floating_point():
+            edges = torch.tensor(POSITION_EDGES[1:], dtype=torch.int64)
+            bins = torch.bucketize(position.long().cpu(), edges, right=True)
+            blocks.append(_unit_block(index, "position", loss, error, share, bins))
+    irreps = get_representation(head.rep).irreps
+    if irreps is not None:
+        degree = irreps.degree_of_component().to(terms.loss_aug.device)
+        degrees = torch.unique(degree)
+        w = torch.ones_like(terms.loss_aug) if result.weight is None else result.weight.to(terms.loss_aug.dtype)
+        while w.dim() < terms.loss_aug.dim():
+            w = w.unsqueeze(-1)
+        w = w.expand_as(terms.loss_aug)
+        onehot = (degree[:, None] == degrees[None, :]).to(w.dtype)  # (dim, n_degrees)
+        b = w.shape[0]
+        w_l = (w.reshape(b, -1, w.shape[-1]) @ onehot).sum(1)  # (B, n_degrees)
+        loss = (((terms.loss_aug * w).reshape(b, -1, w.shape[-1]) @ onehot).sum(1)) / w_l.clamp_min(1e-300)
+        error = (((terms.equiv_error * w).reshape(b, -1, w.shape[-1]) @ onehot).sum(1)) / w_l.clamp_min(1e-300)
+        share = w_l / w_l.sum(1, keepdim=True).clamp_min(1e-300)
+        blocks.append(_unit_block(index, "l", loss, error, share, degrees.cpu().expand(b, -1)))
+    return blocks
 
 
 def breakdown_rows(stats: SampleStats, spec: OrbitSpec, options: BreakdownOptions) -> list[dict]:
@@ -244,15 +307,15 @@ def breakdown_rows(stats: SampleStats, spec: OrbitSpec, options: BreakdownOption
 
     units = stats.tables["units"].columns()
 
-    def per_unit(by: str, rep_is_grid: bool) -> None:
+    def per_unit(by: str, rep_is_grid: bool | None, split: int = 0, names=None) -> None:
         for index, head in enumerate(spec.heads):
-            if not len(units) or get_representation(head.rep).grid != rep_is_grid:
+            if not len(units) or (rep_is_grid is not None and get_representation(head.rep).grid != rep_is_grid):
                 continue
-            mine = units["head"] == index
+            mine = (units["head"] == index) & ((units["split"] if "split" in units else torch.zeros_like(units["head"])) == split)
             if not mine.any():
                 continue
             rows.extend(bin_rows(by, head.name, units["label"][mine], units["loss"][mine], units["error"][mine],
-                                 units["weight"][mine] / n, None, total_error[head.name]))
+                                 units["weight"][mine] / n, names, total_error[head.name]))
 
     per_unit("element", rep_is_grid=False)
     if "n_atoms" in samples:
@@ -267,6 +330,12 @@ def breakdown_rows(stats: SampleStats, spec: OrbitSpec, options: BreakdownOption
             v = values[head]
             rows.extend(bin_rows("angle", head, ids, v["loss_rot"].flatten(), v["error_rot"].flatten(), weight, names, total_error[head]))
     per_unit("channel", rep_is_grid=True)
+    residue_names = {i: letter for i, letter in enumerate(_RESIDUE_LETTERS)}
+    per_unit("residue", None, _UNIT_SPLITS["residue"], residue_names)
+    position_names = {i: f"[{lo}, {hi})" for i, (lo, hi) in enumerate(zip(POSITION_EDGES, POSITION_EDGES[1:]))}
+    position_names[len(POSITION_EDGES) - 1] = f"{POSITION_EDGES[-1]}+"
+    per_unit("position", None, _UNIT_SPLITS["position"], position_names)
+    per_unit("l", None, _UNIT_SPLITS["l"])
     for column in (c for c in samples if c.startswith("field/")):
         ids, names = field_bins(samples[column], options.bins)
         per_sample(column.removeprefix("field/"), ids, names)

@@ -37,7 +37,7 @@ __all__ = [
     "ratio_interval",
 ]
 
-LOSS_NAMES = ("mse", "l1", "huber", "cross_entropy")
+LOSS_NAMES = ("mse", "l1", "huber", "cross_entropy", "geodesic")
 
 
 def elementwise_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, huber_delta: float = 1.0) -> torch.Tensor:
@@ -45,6 +45,11 @@ def elementwise_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, huber_
 
     ``cross_entropy``: ``pred`` are logits ``(..., C)``; ``target`` holds class indices
     ``(...)`` (integer) or probabilities ``(..., C)``; the class axis is reduced.
+
+    ``geodesic`` (rotation matrices ``(..., 3, 3)``, e.g. ``frame`` heads): the squared angle of
+    ``proj(pred)ᵀ target``, ``proj`` the nearest rotation (SVD; an orbit mean of rotations is not
+    one); the two matrix axes are reduced. **Not convex**: its equivariance error can be negative
+    (``docs/metric.md``).
     """
     if loss == "mse":
         return (pred - target).square()
@@ -59,6 +64,12 @@ def elementwise_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, huber_
             return -(target * log_probs).sum(-1)
         index = target.long().unsqueeze(-1).expand(*log_probs.shape[:-1], 1)
         return -log_probs.gather(-1, index).squeeze(-1)
+    if loss == "geodesic":
+        from equiaudit.actions.frames import geodesic_angle, nearest_rotation
+
+        if pred.shape[-2:] != (3, 3):
+            raise ValueError(f"the geodesic loss compares rotation matrices (..., 3, 3); got {tuple(pred.shape[-2:])}")
+        return geodesic_angle(nearest_rotation(pred), target).square()
     raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSS_NAMES)}")
 
 

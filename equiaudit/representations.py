@@ -20,24 +20,29 @@ are the one entry point for every caller (re-exported by :mod:`equiaudit.actions
 Built in: ``scalar`` (invariant), ``point`` (positions: centred on the masked centroid,
 then rotated; outputs live in the centred frame), ``vector`` (``R v``), ``pseudovector``
 (``det(R)·R v``), ``tensor2`` (``R T Rᵀ``), ``voxel`` (scalar fields on grids
-``(C, D, H, W)``, see :mod:`equiaudit.actions.voxels`). Adding a representation is one
+``(C, D, H, W)``, see :mod:`equiaudit.actions.voxels`), ``frame`` (per-residue rotations
+``(..., 3, 3)`` moved by ``g R``, :mod:`equiaudit.actions.frames`) and any e3nn irreps string
+(``"1x0e+2x1o+1x2e"``: Wigner-D blocks, :mod:`equiaudit.irreps`; made on first use, with
+``irreps`` set). Adding a representation is one
 :func:`register_representation` call (here or in its own module) plus its tests:
 ``tests/toy_extensions.py`` registers a position-like one from outside the package.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from equiaudit.actions import voxels
+from equiaudit.actions.frames import act_on_frames
 from equiaudit.actions.points import centre
 
 __all__ = [
     "Representation", "REPRESENTATIONS", "register_representation", "get_representation", "representation_names",
-    "rotate", "unrotate", "position_fields",
+    "rotate", "unrotate", "position_fields", "is_representation",
 ]
 
 
@@ -58,6 +63,7 @@ class Representation:
         translates: the translation group moves it (positions; differences of positions do not).
         invariant: every rotation leaves it as it is (the float floor's null orbit does not
             jitter it: rounding after an action cannot change it).
+        irreps: for an e3nn irreps string, its :class:`equiaudit.irreps.Irreps` (per-``l`` breakdown).
     """
 
     name: str
@@ -67,6 +73,7 @@ class Representation:
     grid: bool = False
     translates: bool = False
     invariant: bool = False
+    irreps: object | None = None  # the parsed irreps (equiaudit.irreps.Irreps) of an irreps string
 
     def orbit(self, value: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``value`` ``(B, ...)`` under ``rotations`` ``(B, K, 3, 3)`` → ``(B, K, ...)``."""
@@ -116,12 +123,35 @@ def representation_names() -> tuple[str, ...]:
 
 
 def get_representation(name: str) -> Representation:
-    """The registered representation; ``ValueError`` naming the allowed ones otherwise
-    (an unknown name is never treated as a scalar)."""
+    """The registered representation, or the one of an e3nn irreps string; ``ValueError``
+    naming the allowed ones otherwise (an unknown name is never treated as a scalar)."""
     try:
         return REPRESENTATIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown representation {name!r}; allowed: {', '.join(REPRESENTATIONS)}") from None
+        pass
+    from equiaudit.irreps import is_irreps
+
+    if is_irreps(name):
+        return _irreps_representation(name)
+    raise ValueError(f"unknown representation {name!r}; allowed: {', '.join(REPRESENTATIONS)} "
+                     "or an e3nn irreps string such as 1x0e+1x1o+1x2e") from None
+
+
+def is_representation(name) -> bool:
+    """A registered name or an irreps string."""
+    try:
+        get_representation(name)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _irreps_representation(name: str) -> Representation:
+    from equiaudit.irreps import act_irreps, parse_irreps
+
+    irreps = parse_irreps(name)
+    return Representation(name, 1, functools.partial(act_irreps, irreps), irreps=irreps)
 
 
 def rotate(rep: str, value: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,3 +179,6 @@ register_representation(Representation("vector", 1, _vector))
 register_representation(Representation("pseudovector", 1, _pseudovector))
 register_representation(Representation("tensor2", 2, _tensor2))
 register_representation(Representation("voxel", 0, _invariant, grid=True))
+# Residue frames R (..., 3, 3): g·R = g R (times diag(1, 1, det g) for an improper g, so that
+# frames of reflected atoms stay rotations); R⁻¹ = Rᵀ maps back as for any element.
+register_representation(Representation("frame", 2, act_on_frames))

@@ -69,6 +69,7 @@ def open_audit(config: AuditConfig, *, device: str | torch.device = "auto", comp
     dataset, index = load_dataset(
         config.data.path, config.data.keys, samples=config.data.samples, subset_seed=config.data.subset_seed, return_index=True,
         follow_external=config.data.follow_external, max_atoms=config.data.max_atoms,
+        structures=config.data.structures,
     )
     plan = resolve(config, dataset, device=device)
     prepared = pinned(plan.prepare(dataset, index=index), plan.device)

@@ -76,6 +76,22 @@ def stamp(path: Path) -> Stamp | None:
         return None
 
 
+def _data_identity(path: Path | None, file_identity) -> Any:
+    """The data file's identity; for a folder or list file of structures (PDB/mmCIF), every
+    file's: editing one in place changes neither the folder's nor the list's own stamp."""
+    if path is None:
+        return None
+    from equiaudit.io.data_structures import LIST_SUFFIXES, STRUCTURE_SUFFIXES, structure_files
+
+    if (path.is_dir() and any(p.name.lower().removesuffix(".gz").endswith(STRUCTURE_SUFFIXES) for p in path.iterdir())) \
+            or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
+        try:
+            return [file_identity(path), *(file_identity(p) for p in structure_files(path))]
+        except Exception:  # an unreadable list: the audit reports it; the stamp stays what it can be
+            return file_identity(path)
+    return file_identity(path)
+
+
 def settings_identity(config: AuditConfig) -> dict[str, Any]:
     """Everything besides the checkpoint that changes the numbers."""
 
@@ -95,7 +111,7 @@ def settings_identity(config: AuditConfig) -> dict[str, Any]:
     return {
         "config_hash": config.settings_hash(),
         "version": __version__,
-        "data": file_identity(config.data.path),
+        "data": _data_identity(config.data.path, file_identity),
         "factory": factory,
     }
 

@@ -32,10 +32,10 @@ from typing import Any
 
 import yaml
 
-from equiaudit.errors import ConfigError
+from equiaudit.errors import ConfigError, DataError
 from equiaudit.groups import SAMPLINGS, group_names, group_options
 from equiaudit.metrics import LOSS_NAMES
-from equiaudit.representations import representation_names
+from equiaudit.representations import is_representation, representation_names
 from equiaudit.tasks import task_names, task_sections
 
 __all__ = [
@@ -50,7 +50,10 @@ BASE_KEYS = (
     "float_floor", "interp_floor", "dynamics", "target_ci",
 )
 MODEL_KEYS = ("factory", "family", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
-DATA_KEYS = ("path", "keys", "samples", "subset_seed", "follow_external", "max_atoms")
+DATA_KEYS = ("path", "keys", "samples", "subset_seed", "follow_external", "max_atoms",
+             "atoms", "units", "chains", "frames", "max_residues", "strict")
+# data.* keys of protein structure files (equiaudit.io.data_structures)
+STRUCTURE_KEYS = ("atoms", "units", "chains", "frames", "max_residues", "strict")
 HEAD_KEYS = ("rep", "target", "loss", "weight", "output", "huber_delta")
 CHECKPOINT_KEYS = ("path", "weights", "prefix")
 WEIGHT_SETS = ("auto", "raw", "ema")
@@ -118,6 +121,9 @@ class DataConfig:
     subset_seed: int | None = None
     follow_external: bool = False  # HDF5: follow external links / virtual sources outside the file's folder
     max_atoms: int = MAX_ATOMS  # atoms per structure a text file may declare (checked before parsing)
+    # PDB/mmCIF options (atoms, units, chains, frames, max_residues, strict), with the task's
+    # defaults (protein_flow: units nm): see equiaudit.io.data_structures
+    structures: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,27 @@ def _check_keys(section: str, mapping: Any, allowed: tuple[str, ...]) -> dict:
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"config: {key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _structure_options(task: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The structure-file keys of ``data`` over the task's data defaults, checked."""
+    from equiaudit.io.data_structures import check_structure_options
+    from equiaudit.tasks import get_task
+
+    given = {**getattr(get_task(task), "data_defaults", {}), **{k: data[k] for k in STRUCTURE_KEYS if k in data}}
+    try:
+        check_structure_options(given)
+    except DataError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    return given
+
+
+def _representation(key: str, value: Any) -> str:
+    """A registered representation or an e3nn irreps string (``1x0e+1x2e``)."""
+    if not is_representation(value):
+        allowed = ", ".join(representation_names())
+        raise ConfigError(f"config: {key}={value!r} is not allowed; allowed: {allowed} or an e3nn irreps string (1x0e+1x1o+1x2e)")
     return value
 
 
@@ -365,7 +392,7 @@ def _parse_heads(raw: Any) -> dict[str, HeadConfig] | None:
     for name, spec in raw.items():
         spec = _check_keys(f"heads.{name}", spec, HEAD_KEYS)
         if "rep" in spec:
-            _choice(f"heads.{name}.rep", spec["rep"], representation_names())
+            _representation(f"heads.{name}.rep", spec["rep"])
         if "loss" in spec:
             _choice(f"heads.{name}.loss", spec["loss"], LOSS_NAMES)
         if "weight" in spec:
@@ -438,7 +465,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
     if not isinstance(fields, Mapping):
         raise ConfigError("config: 'fields' must be a mapping {field: representation}")
     for name, rep in fields.items():
-        _choice(f"fields.{name}", rep, representation_names())
+        _representation(f"fields.{name}", rep)
     group = top.get("group")
     group = {"name": group} if isinstance(group, str) else group
     group = _check_keys("group", group, group_keys())
@@ -460,8 +487,8 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
     for section, owner in sections.items():
         if top.get(section) is not None and not isinstance(top[section], Mapping):
             raise ConfigError(f"config: '{section}' must be a mapping")
-        if top.get(section) and owner != task:
-            raise ConfigError(f"config: '{section}' applies to task {owner} only (task is {task})")
+        if top.get(section) and task not in owner:
+            raise ConfigError(f"config: '{section}' applies to task {' or '.join(owner)} only (task is {task})")
     seed = top.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"config: seed={seed!r} must be an integer")
@@ -480,7 +507,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
                               "between 0 and 1 (0.002 = ±0.2 percentage points)")
         if top.get("bootstrap", 1000) == 0:
             raise ConfigError("config: target_ci needs the bootstrap interval; bootstrap=0 turns it off")
-    own_section = next((section for section, owner in sections.items() if owner == task), None)
+    own_section = next((section for section, owner in sections.items() if task in owner), None)
     path = data.get("path")
     return AuditConfig(
         task=task,
@@ -492,6 +519,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
             subset_seed=subset_seed,
             follow_external=follow_external,
             max_atoms=max_atoms,
+            structures=_structure_options(task, data),
         ),
         checkpoints=None if checkpoints.get("path") is None else resolve_path(checkpoints["path"], base),
         weights=weights,

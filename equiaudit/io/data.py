@@ -85,7 +85,8 @@ _ROLE = {"pos": "positions", "z": "atomic numbers"}
 #: float64 (max 1.8e308) even summed over 1e8 terms.
 VALUE_LIMIT = 1e150
 
-_SUFFIXES = ".npz, .safetensors, .pt/.pth, .xyz/.extxyz, .traj, .db, .aselmdb, .h5/.hdf5 or a PyG dataset folder"
+_SUFFIXES = (".npz, .safetensors, .pt/.pth, .xyz/.extxyz, .traj, .db, .aselmdb, .h5/.hdf5, .pdb/.cif (.gz) "
+             "or a PyG dataset folder")
 
 
 def load_dataset(
@@ -97,6 +98,7 @@ def load_dataset(
     return_index: bool = False,
     follow_external: bool = False,
     max_atoms: int = MAX_ATOMS,
+    structures: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Load a dataset file into a dict of tensors with a leading sample axis ``N``.
 
@@ -112,6 +114,8 @@ def load_dataset(
             means all of them (no error). ``None``: all. ASE databases, SPICE-layout
             HDF5 files and PyG datasets read only the samples kept.
         subset_seed: seed of the random subset; ``None`` takes the first samples.
+        structures: options of PDB/mmCIF files (``atoms``, ``units``, ``chains``, ``frames``,
+            ``max_residues``, ``strict``; :mod:`equiaudit.io.data_structures`).
         return_index: also return each kept sample's index in the file, int64 ``(N,)``
             (an ASE database's row order is by row id; HDF5: molecules in the file's
             group order, then conformations; PyG: the graph's index).
@@ -138,7 +142,7 @@ def load_dataset(
         return subset_index(n, samples, subset_seed)
 
     origin = str(path)
-    table = _read(path, keys, pick, follow_external=follow_external, max_atoms=max_atoms)
+    table = _read(path, keys, pick, follow_external=follow_external, max_atoms=max_atoms, structures=structures or {})
     data, mapping = _select(table, keys, origin)
     data = _canonicalize(data, origin)
     if table.index is None:
@@ -206,9 +210,13 @@ Pick = Callable[[int], "torch.Tensor | None"]
 
 
 def _read(path: Path, keys: dict[str, str], pick: Pick, *, follow_external: bool = False,
-          max_atoms: int = MAX_ATOMS) -> Table:
+          max_atoms: int = MAX_ATOMS, structures: Mapping[str, Any] | None = None) -> Table:
     """File -> :class:`Table`. Values that are not arrays are kept (as they are, or as
     :class:`NotNumeric`) so that selection can report them or skip them as metadata."""
+    from equiaudit.io.data_structures import is_structure_path, read_structures
+
+    if is_structure_path(path):  # PDB/mmCIF (also .gz), a folder or a list file of them
+        return read_structures(path, structures or {}, pick)
     if path.is_dir():
         from equiaudit.io.data_pyg import read_pyg_folder
 

@@ -23,7 +23,7 @@ __all__ = [
 
 def _registry() -> dict[str, TaskPreset]:
     # Importing the modules registers their presets (they import this package: not at the top).
-    from equiaudit.tasks import diffusion, flow_matching, force_field, voxel_denoising  # noqa: F401
+    from equiaudit.tasks import diffusion, flow_matching, force_field, protein_flow, voxel_denoising  # noqa: F401
 
     return {**TASKS, CUSTOM.name: CUSTOM}
 def task_names() -> tuple[str, ...]:
@@ -31,9 +31,14 @@ def task_names() -> tuple[str, ...]:
     return tuple(_registry())
 
 
-def task_sections() -> dict[str, str]:
-    """``{config section: task}`` for the tasks that have options (``flow: flow_matching`` ...)."""
-    return {preset.section: name for name, preset in _registry().items() if preset.section}
+def task_sections() -> dict[str, tuple[str, ...]]:
+    """``{config section: tasks}`` for the tasks that have options (``flow: (flow_matching,
+    protein_flow)`` ...): tasks may share a section (the protein preset takes ``flow:``'s keys)."""
+    sections: dict[str, tuple[str, ...]] = {}
+    for name, preset in _registry().items():
+        if preset.section:
+            sections[preset.section] = (*sections.get(preset.section, ()), name)
+    return sections
 
 
 def get_task(name: str) -> TaskPreset:

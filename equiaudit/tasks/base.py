@@ -74,6 +74,7 @@ class TaskPreset:
             (``flow.target``: a ``velocity``, ``x1`` or ``x0`` head); None: ``heads``.
         variables: its per-sample variables (:class:`SampleVariable`): breakdowns split by
             them, plots and ``report.html`` draw them, read from here.
+        data_defaults: defaults of ``data.*`` reading options (``protein_flow``: ``units: nm``).
 
     ``prepare`` may return several rows per sample (``flow.t``: one per listed time): then
     every sample of the batch has the same number T of consecutive rows and the batch
@@ -94,6 +95,7 @@ class TaskPreset:
     orbit_inputs: Callable[[Mapping[str, Any], Dataset], Callable | None] | None = None
     heads_for: Callable[[Mapping[str, Any]], Mapping[str, Mapping[str, Any]]] | None = None
     variables: tuple[SampleVariable, ...] = ()
+    data_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def default_heads(self, options: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
         """The preset's heads under these (resolved) options."""
