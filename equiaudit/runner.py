@@ -38,7 +38,7 @@ from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints, load_i
 from equiaudit.io.config import AuditConfig
 from equiaudit.io.data import load_dataset
 from equiaudit.io.layout import OutputFolder
-from equiaudit.io.models import build_model
+from equiaudit.io.models import build_configured
 from equiaudit.plan import AuditPlan, Prepared, resolve
 from equiaudit.report.summary import merge_rows
 from equiaudit.result import AuditResult
@@ -69,7 +69,7 @@ def open_audit(config: AuditConfig, *, device: str | torch.device = "auto", comp
     )
     plan = resolve(config, dataset, device=device)
     prepared = pinned(plan.prepare(dataset, index=index), plan.device)
-    model = build_model(config.model.factory, config.model.kwargs, config.source.parent if config.source else None)
+    model = build_configured(config.model, config.source.parent if config.source else None)
     model = model.to(device=plan.device, dtype=plan.model_dtype)
     if compile:
         model = compile_model(model)
@@ -234,6 +234,9 @@ def run_metadata(audit: OpenAudit, started: float) -> dict[str, Any]:
         "config_hash": config.settings_hash(),
         "config_file_sha256": source_hash,
         "task": config.task,
+        "model_family": None if config.model.family is None else {
+            "family": config.model.family, "built_from": str(config.model.source) if config.model.source else None,
+            "detected": config.source is None},
         "seed": config.seed,
         "group": plan.group.name,
         "group_label": plan.group.label,

@@ -164,8 +164,14 @@ _WEIGHTS = {"auto": "EMA where a checkpoint has it, else raw", "raw": "raw weigh
 def _banner(audit: OpenAudit) -> str:
     plan, config = audit.plan, audit.config
     prefix = f", key prefix {escape(repr(config.prefix))}" if config.prefix is not None else ""
+    family = ""
+    if config.model.family is not None:
+        source = config.model.source.name if config.model.source is not None else "its options"
+        heads = ", ".join(h.name for h in plan.spec.heads)
+        family = (f"; model: family [bold]{escape(config.model.family)}[/] built from {escape(source)} "
+                  f"(heads {escape(heads)}; {'no config: detected from the files' if config.source is None else 'from the config'})")
     return (f"task [bold]{escape(config.task)}[/] on {audit.prepared.n_samples} samples × {plan.group.n_elements} rotations "
-            f"({escape(plan.group.label)}) on {plan.device}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}")
+            f"({escape(plan.group.label)}) on {plan.device}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}{family}")
 
 
 def say_discovered(refs, skipped, console: Console) -> None:
@@ -202,13 +208,34 @@ def run_audit_command(
     debug: bool = False,
     tensorboard: Path | None = None,
     options: Mapping[str, Any] | None = None,
+    data: str | None = None,
+    sets: Sequence[str] = (),
+    allow_torchscript: bool = False,
 ) -> int:
     """Body of ``equiaudit audit``; returns the exit code. ``options``: ``distribute``,
-    ``dist_timeout``, ``shard``, ``compile`` (see :mod:`equiaudit.cli.scale_command`)."""
+    ``dist_timeout``, ``shard``, ``compile`` (see :mod:`equiaudit.cli.scale_command`).
+    ``config_path`` that is not a ``.yaml``/``.yml`` is a checkpoint path, directory or glob
+    of a known model family (:mod:`equiaudit.cli.auto_config`); ``data`` sets ``data.path``,
+    ``sets`` are ``KEY=VALUE`` overrides applied last."""
+    from equiaudit.cli.auto_config import detect_family, family_config, is_config_path, parse_sets, with_source
+    from equiaudit.io.checkpoints import discover_checkpoints
+    from equiaudit.io.config import apply_overrides, parse_config
 
     def settings():
-        config = load_config(config_path, overrides)
-        paths = [str(p) for p in checkpoint_args] or ([str(config.checkpoints)] if config.checkpoints else [])
+        chosen = parse_sets(sets)
+        if is_config_path(config_path):
+            config = load_config(config_path, {**overrides, "data.path": data, **chosen})
+            paths = [str(p) for p in checkpoint_args] or ([str(config.checkpoints)] if config.checkpoints else [])
+        else:  # no config: the files say which family they are
+            paths = [str(config_path), *map(str, checkpoint_args)]
+            detected = detect_family(discover_checkpoints(paths))
+            raw = family_config(detected, data=None if data is None else str(data), sets={}, paths=paths)
+            config = parse_config(apply_overrides(apply_overrides(raw, overrides), chosen))
+        if config.model.family is not None and paths:
+            config = with_source(config, detect_family(discover_checkpoints(paths)))
+            if config.model.source is None and not config.model.kwargs.get("checkpoint") and not watch:
+                raise ConfigError(f"model.family {config.model.family}: none of {', '.join(paths)} is a "
+                                  f"{config.model.family} checkpoint to build the model from")
         if not paths:
             raise ConfigError("no checkpoints: give CHECKPOINT_PATH arguments or set checkpoints.path in the config")
         if interval <= 0:
@@ -228,13 +255,20 @@ def run_audit_command(
             return scale.run_shard(config, paths, out, device=device, debug=debug)
         return _audit(config, paths, out, scale=scale, device=device, output_format=output_format, stdout=stdout,
                       stderr=stderr, force=force, watch=watch, interval=interval, plot=plot, threshold=threshold, debug=debug,
-                      tensorboard=tensorboard)
+                      tensorboard=tensorboard, allow_torchscript=allow_torchscript)
 
 
 def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, force, watch, interval, plot, threshold,
-           debug, tensorboard=None) -> int:
+           debug, tensorboard=None, allow_torchscript=False) -> int:
     skipped: list = []
     refs = [] if watch else scale.discover(paths, skipped=skipped)  # in watch mode the run may still be empty
+    if config.model.family is not None and refs:
+        # A family's run holds files that are not its checkpoints (metatrain's composition
+        # model, scaler, exported model.pt): recognised from their contents and listed, not failed.
+        from equiaudit.cli.auto_config import detect_family, split_refs
+
+        refs, not_audited = split_refs(refs, detect_family(refs), allow_torchscript=allow_torchscript)
+        skipped.extend(not_audited)
     audit = scale.open(config, device)
     folder = OutputFolder(out)
     title = audit_title(audit)

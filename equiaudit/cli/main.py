@@ -108,7 +108,7 @@ def main(
 @app.command()
 @friendly_errors
 def audit(
-    config: Annotated[Path, typer.Argument(help="YAML audit config.")],
+    config: Annotated[Path, typer.Argument(help="YAML audit config (.yaml/.yml), or, with no config, a checkpoint, run directory or glob of a known model family (sevennet, metatrain, orb): the family is detected from the files' contents.")],
     checkpoints: Annotated[Optional[list[str]], typer.Argument(help="Checkpoint files, run directories or globs (override checkpoints.path).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for summary.csv and run.json.")] = Path("equiaudit_out"),
     rotations: Annotated[Optional[int], typer.Option("--rotations", "-k", help="Rotations per sample (K).")] = None,
@@ -137,6 +137,9 @@ def audit(
     dist_timeout: Annotated[Optional[float], typer.Option("--dist-timeout", help="Under torchrun: seconds a rank waits for the others before failing (default 600).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Audit part I/N into OUT/shards (array jobs, no torchrun); then `equiaudit merge OUT`.")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model's forward (worth it for long audits on a GPU).")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", help="Structures to audit on (data.path): required without a config, overrides the config's.")] = None,
+    set_values: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE: set any config key (dotted, value read as YAML), e.g. --set group.rotations=8; applied last. Repeatable.")] = None,
+    allow_torchscript: Annotated[bool, typer.Option("--allow-torchscript", help="Also audit TorchScript archives (mtt export's model.pt). A TorchScript archive is a program: loading it runs its code; only for files you trust. Off by default: archives are skipped and listed.")] = False,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
 
@@ -164,6 +167,9 @@ def audit(
         tensorboard=tensorboard,
         options={"distribute": distribute.value, "dist_timeout": dist_timeout, "shard": shard,
                  "compile": compile_model},
+        data=data,
+        sets=set_values or [],
+        allow_torchscript=allow_torchscript,
     )
     raise typer.Exit(code)
 

@@ -83,11 +83,15 @@ def settings_identity(config: AuditConfig) -> dict[str, Any]:
         found = stamp(path)
         return [str(path.resolve()), found.size, found.mtime_ns] if found else str(path)
 
-    target = config.model.factory.rpartition(":")[0]
-    factory = (
-        file_identity(resolve_path(target, config.source.parent if config.source else None))
-        if target.endswith(".py") else target
-    )
+    if config.model.family is not None:  # the architecture comes from the checkpoint the family builds from
+        source = config.model.source
+        factory = [f"family:{config.model.family}", file_identity(source) if source is not None else None]
+    else:
+        target = config.model.factory.rpartition(":")[0]
+        factory = (
+            file_identity(resolve_path(target, config.source.parent if config.source else None))
+            if target.endswith(".py") else target
+        )
     return {
         "config_hash": config.settings_hash(),
         "version": __version__,

@@ -700,15 +700,23 @@ def _training_dict_sets(obj: Mapping) -> list[_WeightSet]:
     # Lightning's WeightAveraging moves the raw weights to current_model_state and saves the
     # average as state_dict (lightning/pytorch/callbacks/weight_averaging.py, on_save_checkpoint).
     averaged = _is_tensor_dict(obj.get("current_model_state")) and isinstance(obj.get("averaging_state"), Mapping)
+    raw_found = None
     for key in RAW_KEYS:
         found = _tensor_dict_at(obj, key)
         if found is not None:
+            raw_found = found
             if averaged and key == "state_dict":
                 sets.append(_WeightSet("ema", f"Lightning {_averaging_callback(obj)} (averaged weights in state_dict)", found[1]))
                 sets.append(_WeightSet("raw", "current_model_state", dict(obj["current_model_state"])))
             else:
                 sets.append(_WeightSet("raw", *found))
             break
+    if raw_found is None:  # e.g. metatrain's model_state_dict, which carries `finetune_config: {}`
+        for key in RAW_KEYS:
+            found = _mostly_tensor_dict_at(obj, key)
+            if found is not None:
+                sets.append(_WeightSet("raw", *found))
+                break
     for key in EMA_KEYS:
         found = _tensor_dict_at(obj, key)
         if found is not None:
@@ -789,6 +797,20 @@ def _tensor_dict_at(obj: Mapping, key: str) -> tuple[str, dict] | None:
     return None
 
 
+def _mostly_tensor_dict_at(obj: Mapping, key: str) -> tuple[str, dict] | None:
+    """``obj[key]`` as a state dict of its tensors when a few of its entries are not tensors
+    (configs a trainer stores beside the weights); those entries are dropped and named in the
+    source, e.g. ``"model_state_dict (dropped non-tensor 'finetune_config')"``."""
+    value = obj.get(key)
+    if not isinstance(value, Mapping) or not value or len(value) > 100_000:
+        return None
+    tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)}
+    dropped = [k for k in value if not isinstance(value[k], torch.Tensor)]
+    if not tensors or len(dropped) > max(8, len(value) // 4):
+        return None
+    return f"{key} (dropped non-tensor {_preview(dropped)})", tensors
+
+
 def _sibling_sets(ema_path: Path, map_location: Any, mmap: bool) -> list[_WeightSet]:
     """The EMA weight sets of a sibling file, labelled with its name."""
     try:
@@ -848,7 +870,16 @@ def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
     """:func:`~equiaudit.io.safe_load.load_weights_only` with every failure turned into a one-line CheckpointError."""
     name = display_name(path.name)
     try:
-        return load_weights_only(path, map_location, mmap=mmap)
+        try:
+            return load_weights_only(path, map_location, mmap=mmap)
+        except RefusedPickle:
+            # TorchScript objects / metatrain classes beside the weights (metatrain's model_N.ckpt):
+            # read again with them as inert placeholders; any other global is still refused.
+            from equiaudit.io.safe_opaque import opaque_globals, read_opaque
+
+            if not opaque_globals(path):
+                raise
+            return read_opaque(path, map_location, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{display_name(path)}: no such file or directory", status="not_found") from None
     except NotRegularFile as exc:

@@ -42,7 +42,7 @@ BASE_KEYS = (
     "batch_size", "chunk_size", "bootstrap", "mask", "name", "local", "breakdown",
     "float_floor", "interp_floor", "dynamics", "target_ci",
 )
-MODEL_KEYS = ("factory", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
+MODEL_KEYS = ("factory", "family", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
 DATA_KEYS = ("path", "keys", "samples", "subset_seed")
 HEAD_KEYS = ("rep", "target", "loss", "weight", "output", "huber_delta")
 CHECKPOINT_KEYS = ("path", "weights", "prefix")
@@ -83,6 +83,8 @@ class ModelConfig:
     grad: bool = False
     dtype: str | None = "float32"  # None: a model the caller built keeps its own dtype
     autocast: str | None = None  # run the model under torch.autocast at this dtype
+    family: str | None = None  # a model family (equiaudit.zoo.families) builds the model instead of a factory
+    source: Path | None = None  # the checkpoint a family builds from (chosen by the CLI; not a setting)
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,22 @@ def resolve_path(value: str | Path, base: Path | None) -> Path:
 
 
 def _parse_model(raw: Any, model_given: bool) -> ModelConfig:
+    family = raw.get("family") if isinstance(raw, Mapping) else None
+    family_options: dict[str, Any] = {}
+    if family is not None:
+        from equiaudit.zoo.families.base import family_names
+
+        if family not in family_names():
+            raise ConfigError(f"config: model.family={family!r} is not a known family; known: {', '.join(family_names())}")
+        if raw.get("factory") is not None:
+            raise ConfigError("config: give model.family or model.factory, not both")
+        # Other keys under model: are the family's options (model: {family: orb, name: orb_v3_direct_20_omat}).
+        family_options = {k: v for k, v in raw.items() if k not in MODEL_KEYS}
+        raw = {k: v for k, v in raw.items() if k in MODEL_KEYS}
     model = _check_keys("model", raw, MODEL_KEYS)
     factory = model.get("factory")
-    if factory is None and model_given:
-        pass  # the caller built the model; nothing is imported
+    if (factory is None and model_given) or family is not None:
+        pass  # the caller built the model, or a family builds it: nothing is imported
     elif not isinstance(factory, str) or ":" not in factory:
         raise ConfigError(
             f"config: model.factory={factory!r} must be 'package.module:callable' or 'path/to/file.py:callable'"
@@ -204,6 +218,7 @@ def _parse_model(raw: Any, model_given: bool) -> ModelConfig:
     kwargs = model.get("kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise ConfigError("config: model.kwargs must be a mapping")
+    kwargs = {**family_options, **kwargs}
     grad = model.get("grad", False)
     if not isinstance(grad, bool):
         raise ConfigError(f"config: model.grad={grad!r} must be true or false")
@@ -212,6 +227,7 @@ def _parse_model(raw: Any, model_given: bool) -> ModelConfig:
     autocast = model.get("autocast")
     return ModelConfig(
         factory=factory,
+        family=family,
         kwargs=dict(kwargs),
         inputs=dict(inputs) if isinstance(inputs, Mapping) else inputs,
         outputs=outputs,

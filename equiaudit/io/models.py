@@ -19,7 +19,7 @@ import torch
 from equiaudit.errors import ConfigError, first_line
 from equiaudit.io.config import resolve_path
 
-__all__ = ["build_model", "load_factory"]
+__all__ = ["build_model", "load_factory", "build_configured"]
 
 
 def load_factory(spec: str, base: Path | None = None):
@@ -83,3 +83,25 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, base: Path | No
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"config: model.factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def build_configured(model, base: Path | None = None) -> torch.nn.Module:
+    """The model a config's ``model`` section names: a family's network (``model.family``,
+    built from ``model.source``, the checkpoint the CLI chose, with ``model.kwargs`` as the
+    family's options) or a factory's (:func:`build_model`). A family's failure is a
+    :class:`~equiaudit.errors.ConfigError` naming it (a missing package: the extra to install)."""
+    if model.family is None:
+        return build_model(model.factory, model.kwargs, base)
+    from equiaudit.zoo.families.base import build
+
+    try:
+        built = build(model.family, model.source, **model.kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except ImportError as exc:
+        raise ConfigError(f"model.family {model.family}: {first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - the family's package: its failure is the config's
+        raise ConfigError(f"model.family {model.family}: cannot build the model ({type(exc).__name__}: {first_line(exc)})") from exc
+    if not isinstance(built, torch.nn.Module):
+        raise ConfigError(f"model.family {model.family} built {type(built).__name__}, not a torch.nn.Module")
+    return built
