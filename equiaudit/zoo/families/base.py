@@ -233,8 +233,9 @@ def recognise(path: str | Path, peek: Peek | None = None) -> Recognition | None:
     return None
 
 
-def build(name: str, source: str | Path | None = None, **options: Any):
-    """``family(name).build(source, **options)``; a missing package names the extra to install."""
+def build(name: str, source: str | Path | None = None, /, **options: Any):
+    """``family(name).build(source, **options)``; a missing package names the extra to install.
+    Positional-only, so a family may take an option called ``name`` (Orb's architecture name)."""
     module = family(name)
     try:
         return module.build(Path(source) if source is not None else None, **options)
