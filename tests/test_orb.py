@@ -164,3 +164,26 @@ def test_builder_keywords_and_bad_options():
         orb_force_field(architecture="orb_v3_direct_architecture", hidden=3)
     with pytest.raises(ValueError, match="unknown Orb model name"):
         orb_force_field(name="orb_v9")
+
+
+def test_conservative_model_under_inference_mode_equals_predict():
+    """Conservative Orb takes forces by autograd inside predict: the family runs it outside
+    equiaudit's inference mode and gets Orb's own grad_forces."""
+    from orb_models.forcefield.atomic_system import SystemConfig, ase_atoms_to_atom_graphs
+    from orb_models.forcefield.base import batch_graphs
+
+    from equiaudit.zoo.families.orb import defaults, orb_force_field
+
+    torch.manual_seed(0)
+    model = orb_force_field(architecture="orb_v3_conservative_architecture", latent_dim=32, base_mlp_hidden_dim=64,
+                            head_mlp_hidden_dim=32, num_message_passing_steps=2, max_num_neighbors=4).eval()
+    assert model.conservative and defaults(model).grad
+    pos, z, mask = padded(cu_clusters(3, seed=2))
+    pos = pos.float()
+    with torch.inference_mode():
+        out = model(pos, z, mask)
+    expected = model.model.predict(batch_graphs([ase_atoms_to_atom_graphs(a, SystemConfig(6.0, 4))
+                                                 for a in to_ase_atoms(pos, z, mask)]))
+    forces = expected[model.model.grad_forces_name].detach()
+    assert torch.allclose(out["energy"], expected["energy"].detach(), rtol=1e-5)
+    assert torch.allclose(out["forces"][mask], forces, rtol=1e-5, atol=1e-5 * float(forces.abs().max()))
