@@ -187,3 +187,16 @@ def test_conservative_model_under_inference_mode_equals_predict():
     forces = expected[model.model.grad_forces_name].detach()
     assert torch.allclose(out["energy"], expected["energy"].detach(), rtol=1e-5)
     assert torch.allclose(out["forces"][mask], forces, rtol=1e-5, atol=1e-5 * float(forces.abs().max()))
+
+
+def test_yaml_family_and_name_build_the_named_architecture(orb_run):
+    """``model: {family: orb, name: ...}`` in a config: the name reaches the family's build."""
+    from equiaudit.io.config import parse_config
+    from equiaudit.io.models import build_configured
+
+    run, data = orb_run
+    config = parse_config({"task": "force_field", "model": {"family": "orb", "name": NAME},
+                           "data": {"path": str(data)}, "checkpoints": {"path": str(run)}})
+    assert config.model.family == "orb" and config.model.kwargs == {"name": NAME}
+    model = build_configured(config.model)
+    assert model.name == NAME and model.max_num_neighbors == 20 and len(model.model.model.gnn_stacks) == 5
