@@ -1,154 +1,114 @@
-"""What does the audit add on top of a model family's own batched evaluation?
+"""What does auditing a model family cost, next to the family's own batched evaluation?
 
-For every batched route whose package is installed — Orb (the ``orb_v3_direct_20_omat``
-architecture, randomly initialised: nothing is downloaded), TorchSim's Lennard-Jones model,
-SevenNet-0 (shipped in the sevenn wheel) — times, in one process and interleaved
-(A B A B ..., :mod:`benchmarks.timing`), on the same ``B·K`` rotated structures:
+For the metatrain family (a PET ``model_N.ckpt``; ``pip install "equiaudit[metatrain]"``):
 
-  (a) audit   — ``AuditPlan.evaluate`` (the path of every face): rotate in float64, ONE forward of
-                the ``B·K`` structures through the family's module, un-rotate, bias-corrected
-                per-sample statistics (no float floor, no bootstrap);
-  (b) forward — one plain forward of the same pre-rotated ``B·K`` structures through the same
-                module (padded batch → the family's one graph / one SimState → energy, forces).
+  plain    — metatrain's own batched evaluation of the same ``B·K`` rotated structures, as
+             ``mtt eval`` does a batch: metatomic Systems (``systems_to_torch``), metatrain's
+             neighbour lists (``get_system_with_neighbor_lists``), one PET forward, forces by
+             autograd; "of which PET + forces" is the forward alone on prebuilt systems;
+  family   — the family's forward on the padded ``(B·K, A, 3)`` batch (its own systems and
+             batched neighbour lists built inside, timed);
+  audit    — ``auditor(model)`` with ``rotations=K`` on the ``B`` structures, float floor off
+             (``float_floor=False``: the floor is one more forward per batch, reported apart);
+  audit+floor — the default audit (float floor on).
 
-and prints the ratio audit/forward (goal ≤ 1.15). Beside them, the ASE route (EMT: one structure
-at a time, the only per-structure loop equiaudit has): its measured cost per structure, and that
-divided by the per-structure cost of the batched routes' forward.
+Ratios are against ``plain``. Each figure is the fastest of ``--repeats`` runs on one thread.
 
-    python benchmarks/bench_families.py [--batch 16] [--rotations 24] [--repeats 5]
+    python benchmarks/bench_families.py RUN_DIR/model_2.ckpt VAL.xyz [--rotations 8] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
-from pathlib import Path
+import time
+import warnings
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians, machine_line  # noqa: E402
 
-import equiaudit  # noqa: E402
-from equiaudit.engine import _parameters_frozen, call_model, orbit_inputs  # noqa: E402
-
-
-def cu_clusters(n: int, seed: int = 0):
-    """``n`` padded Cu clusters of 4-6 atoms (no pair closer than 2.2 Å), float64."""
-    g = torch.Generator().manual_seed(seed)
-    pos = torch.zeros(n, 6, 3, dtype=torch.float64)
-    mask = torch.zeros(n, 6, dtype=torch.bool)
-    b = 0
-    while b < n:
-        size = int(torch.randint(4, 7, (1,), generator=g))
-        p = torch.randn(size, 3, generator=g, dtype=torch.float64) * 1.7
-        d = torch.cdist(p, p) + 10 * torch.eye(size, dtype=torch.float64)
-        if d.min() < 2.2 or d.min() > 3.2:
-            continue
-        pos[b, :size], mask[b, :size] = p, True
-        b += 1
-    z = torch.where(mask, 29, 0)
-    return {"pos": pos, "z": z, "mask": mask, "energy": torch.zeros(n, dtype=torch.float64),
-            "forces": torch.zeros(n, 6, 3, dtype=torch.float64)}
-
-
-def families():
-    """(name, model, grad) of every batched route whose package is installed."""
-    out = []
-    try:
-        from equiaudit.zoo.families.orb import orb_force_field
-
-        torch.manual_seed(0)
-        out.append(("orb (orb_v3_direct_20_omat, random weights)", orb_force_field(name="orb_v3_direct_20_omat").eval(),
-                    False))
-    except ImportError as exc:
-        print(f"orb: skipped ({exc})")
-    try:
-        from torch_sim.models.lennard_jones import LennardJonesModel
-
-        from equiaudit.adapters import TorchSimForceField
-
-        lj = LennardJonesModel(sigma=2.3, epsilon=0.4, cutoff=6.0, dtype=torch.float64)
-        out.append(("torchsim (LennardJonesModel, float64)", TorchSimForceField(lj), False))
-    except ImportError as exc:
-        print(f"torchsim: skipped ({exc})")
-    try:
-        from equiaudit.io.checkpoints import load_into_model, read_checkpoint
-        from equiaudit.zoo.families.sevennet import resolve_checkpoint, sevennet_force_field
-
-        sevennet = sevennet_force_field("7net-0")
-        load_into_model(sevennet, read_checkpoint(resolve_checkpoint("7net-0")))  # as an audit loads it
-        out.append(("sevennet (7net-0, autograd forces)", sevennet.eval(), True))
-    except (ImportError, FileNotFoundError) as exc:
-        print(f"sevennet: skipped ({exc})")
-    return out
-
-
-def cases(model, grad: bool, data, rotations: int):
-    auditor = equiaudit.Auditor(data, task="force_field", rotations=rotations, seed=0, float_floor=False,
-                                grad=grad, dtype=None, batch_size=len(data["pos"]), device="cpu")
-    plan = auditor.plan(model)
-    prepared = auditor.prepared(plan)
-    batch = {k: v for k, v in prepared.data.items()}
-    inputs = orbit_inputs(model, batch, prepared.elements, plan.spec)
-
-    def audit():
-        return plan.evaluate(model, prepared)
-
-    def forward():
-        context = (torch.enable_grad(), _parameters_frozen(model)) if grad else (torch.inference_mode(),)
-        with contextlib.ExitStack() as stack:
-            for c in context:
-                stack.enter_context(c)
-            return call_model(model, plan.spec, inputs)
-
-    return audit, forward, len(inputs["pos"])
-
-
-def ase_cost(data, structures: int) -> float | None:
-    """Seconds per structure of EMT behind the ASE route (the same clusters, ``structures`` of them)."""
-    try:
-        from ase.calculators.emt import EMT
-    except ImportError:
-        return None
-    from equiaudit.adapters import ASECalculatorForceField
-
-    wrapped = ASECalculatorForceField(EMT())
-    n = len(data["pos"])
-    repeat = max(1, structures // n)
-    wrapped(data["pos"].repeat(repeat, 1, 1), data["z"].repeat(repeat, 1), data["mask"].repeat(repeat, 1))
-    return wrapped.seconds_per_structure
+def fastest(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rotations", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("data")
+    parser.add_argument("--rotations", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(machine_line())
-    data = cu_clusters(args.batch)
-    print(f"B = {args.batch} Cu clusters of 4-6 atoms, K = {args.rotations} rotations: "
-          f"{args.batch * args.rotations} structures per forward")
-    per_structure = {}
-    for name, model, grad in families():
-        audit, forward, structures = cases(model, grad, data, args.rotations)
-        medians = interleaved_medians({"audit": audit, "forward": forward}, args.repeats)
-        ratio = medians["audit"] / medians["forward"]
-        per_structure[name] = medians["forward"] / structures
-        verdict = "ok" if ratio <= 1.15 else "over the 1.15 goal"
-        print(f"{name:48s} audit/forward = {ratio:.3f} ({verdict}); "
-              f"forward {1e3 * per_structure[name]:.3f} ms per structure")
-    cost = ase_cost(data, 96)
-    if cost is None:
-        print("ase: skipped (ase not installed)")
-    else:
-        beside = ", ".join(f"{cost / v:.2g}x {name.split(' ')[0]}'s" for name, v in per_structure.items())
-        print(f"{'ase (EMT, one structure at a time)':48s} {1e3 * cost:.3f} ms per structure"
-              + (f" ({beside} forward per structure)" if beside else ""))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+    import metatomic.torch as mta
+    from ase.io import read
+    from metatrain.utils.neighbor_lists import get_requested_neighbor_lists, get_system_with_neighbor_lists
+
+    import equiaudit
+    from equiaudit.io.checkpoints import load_into_model, read_checkpoint
+    from equiaudit.zoo.families import build
+
+    model = build("metatrain", args.checkpoint)
+    load_into_model(model, read_checkpoint(args.checkpoint))
+    frames = read(args.data, ":")
+    k = args.rotations
+    rotated = []
+    g = torch.Generator().manual_seed(0)
+    for atoms in frames:
+        for _ in range(k):
+            q = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
+            copy = atoms.copy()
+            copy.positions = copy.positions @ q.numpy().T
+            rotated.append(copy)
+    width = max(len(a) for a in rotated)
+    pos = torch.zeros(len(rotated), width, 3)
+    z = torch.zeros(len(rotated), width, dtype=torch.long)
+    mask = torch.zeros(len(rotated), width, dtype=torch.bool)
+    for b, a in enumerate(rotated):
+        pos[b, : len(a)], z[b, : len(a)], mask[b, : len(a)] = torch.from_numpy(a.positions), torch.from_numpy(a.numbers), True
+
+    network = model.model
+    requested = get_requested_neighbor_lists(network)
+
+    def metatrain_systems():
+        return [get_system_with_neighbor_lists(mta.systems_to_torch(a, dtype=torch.float32, positions_requires_grad=True),
+                                               requested) for a in rotated]
+
+    systems = metatrain_systems()
+    outputs = {model.target: mta.ModelOutput(unit=model.unit, sample_kind="system")}
+
+    def forward_only():
+        energy = network(systems, outputs)[model.target].block().values.sum()
+        torch.autograd.grad(energy, [s.positions for s in systems])
+
+    def plain():  # what mtt eval does for a batch: systems, neighbour lists, forward, forces
+        batch = metatrain_systems()
+        energy = network(batch, outputs)[model.target].block().values.sum()
+        torch.autograd.grad(energy, [s.positions for s in batch])
+
+    def family():
+        model(pos, z, mask)
+
+    auditor = equiaudit.Auditor(args.data, task="force_field", grad=True, rotations=k, float_floor=False,
+                                batch_size=len(frames))
+    with_floor = equiaudit.Auditor(args.data, task="force_field", grad=True, rotations=k, batch_size=len(frames))
+    auditor(model), with_floor(model)  # warm up, prepare
+    t_plain = fastest(plain, args.repeats)
+    t_forward = fastest(forward_only, args.repeats)
+    t_family = fastest(family, args.repeats)
+    t_audit = fastest(lambda: auditor(model), args.repeats)
+    t_floor = fastest(lambda: with_floor(model), args.repeats)
+    n = len(rotated)
+    print(f"metatrain PET, {len(frames)} structures x K={k} = {n} forwards' worth, 1 thread")
+    for name, seconds in (("plain (metatrain's own)", t_plain), ("  of which PET + forces", t_forward),
+                          ("family forward", t_family), ("audit", t_audit),
+                          ("audit + float floor", t_floor)):
+        print(f"  {name:24s} {seconds * 1e3:8.1f} ms  {seconds / n * 1e3:6.2f} ms/structure  {seconds / t_plain:5.2f}x plain")
 
 
 if __name__ == "__main__":

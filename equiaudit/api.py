@@ -117,7 +117,8 @@ class Auditor:
 
     def __call__(self, model: torch.nn.Module) -> AuditResult:
         """Audit ``model`` (in eval mode, without gradients; its training flags restored)."""
-        model = as_force_field(model)  # a TorchSim model or an ASE calculator: the padded signature
+        # A metatomic AtomisticModel, a TorchSim model or an ASE calculator: the padded signature.
+        model = as_force_field(_family_model(model))
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         plan = self.plan(model)
@@ -125,6 +126,14 @@ class Auditor:
         result = plan.audit(model, self.prepared(plan))
         report_cost(model)
         return result
+
+
+def _family_model(model: Any) -> Any:
+    """A metatomic ``AtomisticModel`` the caller loaded (their choice to run it) behind the
+    padded force-field signature (:mod:`equiaudit.zoo.families.metatrain`); anything else as is."""
+    from equiaudit.zoo.families.metatrain import is_atomistic_model, metatomic_force_field
+
+    return metatomic_force_field(model) if is_atomistic_model(model) else model
 
 
 def audit(model: torch.nn.Module, data: Any = None, *, config: str | Path | Mapping[str, Any] | None = None,
@@ -209,7 +218,7 @@ class EquivarianceMetric:
 
     def update(self, model: torch.nn.Module, batch: Mapping[str, Any], sample_ids: Any = None) -> None:
         """Evaluate ``model`` on one batch ``{field: (B, ...)}`` and keep its statistics."""
-        model = as_force_field(model)
+        model = as_force_field(_family_model(model))
         if not isinstance(batch, Mapping):
             raise DataError(f"update() takes a batch mapping field → (B, ...), got {type(batch).__name__}")
         data = canonical_dataset(batch, self.config.data.keys, origin="batch")

@@ -162,7 +162,9 @@ def load_weights(audit: OpenAudit, ref: CheckpointRef):
     Raises what reading or matching the checkpoint raises."""
     config, plan = audit.config, audit.plan
     # The ref, not its path: discovery paired EMA siblings with their raw twins.
-    loaded = read_checkpoint(ref, map_location=plan.device, weights=config.weights)
+    own_reader = getattr(audit.model, "read_checkpoint", None)  # a family's own reader (a TorchScript archive's weights)
+    loaded = (own_reader(ref.path, plan.device, config.weights) if callable(own_reader)
+              else read_checkpoint(ref, map_location=plan.device, weights=config.weights))
     load_into_model(audit.model, loaded, prefix=config.prefix)  # leaves the model in eval()
     if plan.model_dtype is not None:
         audit.model.to(dtype=plan.model_dtype)

@@ -231,3 +231,44 @@ def test_payload_in_a_metatrain_shaped_checkpoint_is_refused_unrun(pet_run, tmp_
     with pytest.raises(pickle.UnpicklingError):  # and torch's own guard agrees
         torch.load(evil, weights_only=True)
     assert not marker.exists()
+
+
+def test_torchscript_export_runs_only_when_allowed(pet_run, tmp_path):
+    data = str(pet_run.parents[2] / "val.xyz")
+    archive = str(pet_run / "model.pt")
+    refused = CliRunner().invoke(app, ["audit", archive, "--data", data, "--out", str(tmp_path / "no"), "--no-plot"])
+    assert refused.exit_code == 2 and "TorchScript archive: a program" in " ".join(refused.output.split())
+    assert not (tmp_path / "no" / "summary.csv").exists()
+    allowed = CliRunner().invoke(app, ["audit", archive, "--data", data, "--out", str(tmp_path / "yes"), "-k", "2",
+                                       "--no-plot", "--allow-torchscript"])
+    assert allowed.exit_code == 0, allowed.output
+    with open(tmp_path / "yes" / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["checkpoint"] for r in rows} == {"model.pt"} and {r["status"] for r in rows} == {"ok"}
+
+
+def test_python_api_takes_a_loaded_atomistic_model(pet_run):
+    """``equiaudit.audit(model, ...)`` with metatomic's AtomisticModel as the user loaded it;
+    its energies and forces are metatrain's evaluate_model's of the same archive."""
+    import metatomic.torch as mta
+    from metatrain.utils.data.target_info import get_energy_target_info
+    from metatrain.utils.evaluate_model import evaluate_model
+    from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
+
+    import equiaudit
+    from equiaudit.zoo.families.metatrain import metatomic_force_field
+
+    loaded = mta.load_atomistic_model(str(pet_run / "model.pt"))
+    frames = read(pet_run.parents[2] / "val.xyz", ":")
+    pos, z, mask = padded(frames)
+    out = metatomic_force_field(loaded)(pos, z, mask)
+    target = get_energy_target_info("energy", {"unit": "eV", "quantity": "energy"}, add_position_gradients=True)
+    for b, atoms in enumerate(frames):
+        system = get_system_with_neighbor_lists(mta.systems_to_torch(atoms, dtype=torch.float32),
+                                                loaded.requested_neighbor_lists())
+        block = evaluate_model(loaded, [system], {"energy": target}, is_training=False)["energy"].block()
+        assert float(out["energy"][b]) == pytest.approx(float(block.values.reshape(())), rel=1e-5)
+        forces = -block.gradient("positions").values.reshape(-1, 3).detach()
+        assert float((out["forces"][b, : len(atoms)].detach() - forces).abs().max()) <= 1e-5 * float(forces.abs().max())
+    result = equiaudit.audit(loaded, str(pet_run.parents[2] / "val.xyz"), task="force_field", grad=True, rotations=2)
+    assert result.total.rel_equiv_error > 0 and result.total.flag != "at_float_floor"

@@ -228,11 +228,11 @@ def run_audit_command(
             paths = [str(p) for p in checkpoint_args] or ([str(config.checkpoints)] if config.checkpoints else [])
         else:  # no config: the files say which family they are
             paths = [str(config_path), *map(str, checkpoint_args)]
-            detected = detect_family(discover_checkpoints(paths))
+            detected = detect_family(discover_checkpoints(paths), allow_torchscript=allow_torchscript)
             raw = family_config(detected, data=None if data is None else str(data), sets=chosen, paths=paths)
             config = parse_config(apply_overrides(apply_overrides(raw, overrides), chosen))
         if config.model.family is not None and paths:
-            config = with_source(config, detect_family(discover_checkpoints(paths)))
+            config = with_source(config, detect_family(discover_checkpoints(paths), allow_torchscript=allow_torchscript))
             if config.model.source is None and not config.model.kwargs.get("checkpoint") and not watch:
                 raise ConfigError(f"model.family {config.model.family}: none of {', '.join(paths)} is a "
                                   f"{config.model.family} checkpoint to build the model from")
@@ -267,7 +267,8 @@ def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, 
         # model, scaler, exported model.pt): recognised from their contents and listed, not failed.
         from equiaudit.cli.auto_config import detect_family, split_refs
 
-        refs, not_audited = split_refs(refs, detect_family(refs), allow_torchscript=allow_torchscript)
+        refs, not_audited = split_refs(refs, detect_family(refs, allow_torchscript=allow_torchscript),
+                                       allow_torchscript=allow_torchscript)
         skipped.extend(not_audited)
     audit = scale.open(config, device)
     folder = OutputFolder(out)

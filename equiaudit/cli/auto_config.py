@@ -58,11 +58,14 @@ class Detected:
     source: Path | None = None
     architecture: str | None = None
     kinds: dict[Path, Any] = field(default_factory=dict)  # path -> Recognition | None
+    torchscript: bool = False  # the model is a TorchScript archive (--allow-torchscript)
 
 
-def detect_family(refs: Sequence[CheckpointRef]) -> Detected:
+def detect_family(refs: Sequence[CheckpointRef], *, allow_torchscript: bool = False) -> Detected:
     """Recognise each discovered file; the family of the first checkpoint-kind file wins
-    (files of another family are then not that model's: they fail, as any mismatch does)."""
+    (files of another family are then not that model's: they fail, as any mismatch does).
+    With no checkpoint and ``allow_torchscript``, the first TorchScript archive a family
+    recognises is the model (the archive runs: the user said so)."""
     from equiaudit.zoo.families.base import Peek, recognise
 
     detected = Detected()
@@ -71,6 +74,12 @@ def detect_family(refs: Sequence[CheckpointRef]) -> Detected:
         detected.kinds[ref.path] = found
         if found is not None and found.kind == "checkpoint" and detected.family is None:
             detected.family, detected.source, detected.architecture = found.family, ref.path, found.architecture
+    if detected.family is None and allow_torchscript:
+        for path, found in detected.kinds.items():
+            if found is not None and found.kind == "torchscript":
+                detected.family, detected.source, detected.architecture = found.family, path, found.architecture
+                detected.torchscript = True
+                break
     return detected
 
 
@@ -83,8 +92,12 @@ def split_refs(refs: Sequence[CheckpointRef], detected: Detected, *, allow_torch
         found = detected.kinds.get(ref.path)
         if found is not None and found.kind == "support":
             skipped.append((ref.name, found.reason))
-        elif found is not None and found.kind == "torchscript" and not allow_torchscript:
-            skipped.append((ref.name, found.reason))
+        elif found is not None and found.kind == "torchscript" and not (allow_torchscript and detected.torchscript
+                                                                         and ref.path == detected.source):
+            reason = found.reason if not allow_torchscript else (
+                "a TorchScript archive beside the checkpoints audited here; audit it alone "
+                f"(equiaudit audit {ref.name} --data FILE --allow-torchscript)")
+            skipped.append((ref.name, reason))
         else:
             audited.append(ref)
     return audited, skipped
@@ -94,6 +107,10 @@ def family_config(detected: Detected, *, data: str | None, sets: Mapping[str, An
     """The raw config (YAML-shaped) of an audit with no config file."""
     from equiaudit.zoo.families.base import family
 
+    archives = [(p, r) for p, r in detected.kinds.items() if r is not None and r.kind == "torchscript"]
+    if detected.family is None and archives:
+        path, found = archives[0]
+        raise ConfigError(f"{display_name(path.name)}: {found.reason}")
     if detected.family is None:
         names = ", ".join(display_name(p.name) for p in list(detected.kinds)[:4]) or "none"
         raise ConfigError(
@@ -118,6 +135,8 @@ def family_config(detected: Detected, *, data: str | None, sets: Mapping[str, An
     model_set = apply_overrides({"model": {}}, {k: v for k, v in sets.items() if k.startswith("model.")})["model"]
     options = {**{k: v for k, v in model_set.items() if k not in MODEL_KEYS}, **(model_set.get("kwargs") or {})}
     defaults = _family_defaults(module, detected, options)
+    if detected.torchscript:
+        raw["checkpoints"] = {"path": str(detected.source)}
     raw["task"] = defaults.task
     raw["model"].update({"grad": defaults.grad, "dtype": defaults.dtype})
     raw["heads"] = {name: {} for name in defaults.heads}
@@ -129,7 +148,7 @@ def _family_defaults(module, detected: Detected, options: Mapping[str, Any] | No
     from equiaudit.zoo.families.base import build
 
     try:
-        model = build(detected.family, detected.source, **dict(options or {}))
+        model = build(detected.family, detected.source, allow_torchscript=detected.torchscript, **dict(options or {}))
     except ImportError as exc:
         raise ConfigError(f"{display_name(detected.source.name)} is a {detected.family} checkpoint: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - the family's package failing on this file
@@ -140,9 +159,12 @@ def _family_defaults(module, detected: Detected, options: Mapping[str, Any] | No
 
 def with_source(config, detected: Detected | None):
     """``config`` with ``model.source`` set to the checkpoint the family builds from (kept out
-    of the settings hash: the weights of every audited checkpoint are loaded into it)."""
+    of the settings hash: the weights of every audited checkpoint are loaded into it), and
+    ``model.allow_torchscript`` when that is a TorchScript archive the user allowed."""
     if config.model.family is None or config.model.source is not None:
         return config
+    if detected is not None and detected.torchscript and detected.family == config.model.family:
+        return replace(config, model=replace(config.model, source=detected.source, allow_torchscript=True))
     source = detected.source if detected is not None and detected.family == config.model.family else None
     if source is None and detected is not None:
         source = next((p for p, r in detected.kinds.items() if r is not None and r.kind == "checkpoint"

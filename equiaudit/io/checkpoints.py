@@ -909,6 +909,12 @@ def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
 
 def _corrupt(path: Path, reason: BaseException | str) -> CheckpointError:
     reason = damaged_reason(reason) if isinstance(reason, BaseException) else reason
+    if "TorchScript archive" in reason:  # torch.jit.save's format: neither truncated nor corrupt
+        return CheckpointError(
+            f"{display_name(path.name)}: a TorchScript archive (torch.jit.save), a program rather than a checkpoint; "
+            "equiaudit does not run it by default: audit the run's training checkpoints, or, for a known model family "
+            "and a file you trust, `equiaudit audit FILE --data DATA --allow-torchscript`",
+            status="torchscript")
     return CheckpointError(f"{display_name(path.name)}: not a readable checkpoint (truncated or corrupt: {reason})",
                            status="corrupt")
 

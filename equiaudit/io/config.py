@@ -85,6 +85,7 @@ class ModelConfig:
     autocast: str | None = None  # run the model under torch.autocast at this dtype
     family: str | None = None  # a model family (equiaudit.zoo.families) builds the model instead of a factory
     source: Path | None = None  # the checkpoint a family builds from (chosen by the CLI; not a setting)
+    allow_torchscript: bool = False  # the CLI's --allow-torchscript (never from a config file)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def build_configured(model, base: Path | None = None) -> torch.nn.Module:
     from equiaudit.zoo.families.base import build
 
     try:
-        built = build(model.family, model.source, **model.kwargs)
+        built = build(model.family, model.source, allow_torchscript=model.allow_torchscript, **model.kwargs)
     except (KeyboardInterrupt, SystemExit):
         raise
     except ImportError as exc:

@@ -233,10 +233,16 @@ def recognise(path: str | Path, peek: Peek | None = None) -> Recognition | None:
     return None
 
 
-def build(name: str, source: str | Path | None = None, /, **options: Any):
+def build(name: str, source: str | Path | None = None, /, *, allow_torchscript: bool = False, **options: Any):
     """``family(name).build(source, **options)``; a missing package names the extra to install.
-    Positional-only, so a family may take an option called ``name`` (Orb's architecture name)."""
+    ``name`` and ``source`` are positional-only, so a family may take an option called ``name``
+    (Orb's architecture name).
+
+    ``allow_torchscript`` (the CLI's ``--allow-torchscript``, never a config key) is passed on
+    only when set: a family that can run a TorchScript archive takes it as a keyword."""
     module = family(name)
+    if allow_torchscript:
+        options["allow_torchscript"] = True
     try:
         return module.build(Path(source) if source is not None else None, **options)
     except ImportError as exc:

@@ -47,8 +47,8 @@ from torch import nn
 from equiaudit.zoo.families.base import FamilyDefaults, Opaque, Peek, Recognition
 from equiaudit.zoo.models import _energy_and_forces, _valid, _zero_padded
 
-__all__ = ["NAME", "EXTRA", "READS", "recognise", "build", "defaults", "MetatrainForceField", "read_metatrain_checkpoint",
-           "rebuild_dataset_info"]
+__all__ = ["NAME", "EXTRA", "READS", "recognise", "build", "defaults", "MetatrainForceField", "AtomisticForceField",
+           "metatomic_force_field", "is_atomistic_model", "read_metatrain_checkpoint", "rebuild_dataset_info"]
 
 NAME = "metatrain"
 EXTRA = "metatrain"
@@ -198,11 +198,21 @@ class MetatrainForceField(nn.Module):
         self.target = target
         self.unit = unit
         self.length_unit = length_unit
-        from metatrain.utils.neighbor_lists import get_requested_neighbor_lists
-
-        self._requested = get_requested_neighbor_lists(network)
+        self._requested = self._requested_neighbor_lists(network)
         self.register_load_state_dict_post_hook(_sync_tensor_maps)
         network.eval()
+
+    @staticmethod
+    def _requested_neighbor_lists(network: nn.Module) -> list:
+        from metatrain.utils.neighbor_lists import get_requested_neighbor_lists
+
+        return get_requested_neighbor_lists(network)
+
+    def _atomic_types(self) -> set[int]:
+        return {int(t) for t in self.model.atomic_types}
+
+    def _run(self, systems: list, outputs: dict) -> dict:
+        return self.model(systems, outputs)
 
     def train(self, mode: bool = True) -> MetatrainForceField:
         super().train(mode)
@@ -253,18 +263,78 @@ class MetatrainForceField(nn.Module):
     def _energy(self, pos: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, None]:
         mta = _packages()[1]
         systems = self._systems(pos, z, valid)
-        outputs = {self.target: mta.ModelOutput(quantity="energy", unit=self.unit, sample_kind="system")}
-        energy = self.model(systems, outputs)[self.target].block().values
+        outputs = {self.target: mta.ModelOutput(unit=self.unit, sample_kind="system")}
+        energy = self._run(systems, outputs)[self.target].block().values
         return energy.reshape(valid.shape[0]), None
 
     def forward(self, pos: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         valid = _valid(mask, pos)
-        unknown = set(torch.unique(z[valid]).tolist()) - set(int(t) for t in self.model.atomic_types)
+        unknown = set(torch.unique(z[valid]).tolist()) - self._atomic_types()
         if unknown:
             raise ValueError(f"this metatrain model was not trained on atomic numbers {sorted(unknown)}")
         out = _energy_and_forces(self, pos, lambda p: self._energy(p, z, valid))
         out["forces"] = _zero_padded(out["forces"], valid)
         return out
+
+
+class AtomisticForceField(MetatrainForceField):
+    """A metatomic ``AtomisticModel`` (``mtt export``'s ``model.pt`` loaded, or one built in
+    Python) behind the padded signature: the same systems and neighbour lists, evaluated
+    through the model's own ``forward(systems, ModelEvaluationOptions, check_consistency)``
+    (unit conversions included). Its weights are its own: :meth:`read_checkpoint` gives
+    equiaudit the archive's state, so nothing else is loaded into it."""
+
+    def __init__(self, model: nn.Module, target: str | None = None, source: Path | None = None):
+        capabilities = model.capabilities()
+        # metatomic's standard energy outputs: "energy" and its variants "energy/<variant>".
+        energies = [k for k in capabilities.outputs if k == "energy" or k.startswith("energy/")]
+        if target is None:
+            if not energies:
+                raise ValueError(f"this model has no energy output among {sorted(capabilities.outputs)}")
+            target = "energy" if "energy" in energies else energies[0]
+        elif target not in capabilities.outputs:
+            raise ValueError(f"output {target!r} is not one of this model's {sorted(capabilities.outputs)}")
+        self._types = {int(t) for t in capabilities.atomic_types}
+        super().__init__(model, target, capabilities.outputs[target].unit, capabilities.length_unit)
+        self.source = source
+        self._dtype = {"float32": torch.float32, "float64": torch.float64}.get(capabilities.dtype, torch.float32)
+
+    @staticmethod
+    def _requested_neighbor_lists(network: nn.Module) -> list:
+        return list(network.requested_neighbor_lists())
+
+    def _atomic_types(self) -> set[int]:
+        return self._types
+
+    def _run(self, systems: list, outputs: dict) -> dict:
+        mta = _packages()[1]
+        options = mta.ModelEvaluationOptions(length_unit=self.length_unit, outputs=outputs)
+        return self.model(systems, options, False)
+
+    def read_checkpoint(self, path: Path, map_location: Any = "cpu", weights: str = "auto"):
+        """The archive's own weights (it is already loaded: the user allowed running it)."""
+        from equiaudit.io.checkpoints import LoadedCheckpoint
+
+        if self.source is None or Path(path).resolve() != Path(self.source).resolve():
+            raise ValueError(f"{Path(path).name}: this audit runs the TorchScript archive {self.source}; "
+                             "audit other archives one at a time")
+        return LoadedCheckpoint(state_dict=dict(self.state_dict()), format="torchscript", step=None,
+                                weights_source="the archive's own weights")
+
+
+def is_atomistic_model(model: Any) -> bool:
+    """Whether ``model`` is a metatomic ``AtomisticModel`` (checked without importing metatomic)."""
+    import sys
+
+    mta = sys.modules.get("metatomic.torch")
+    return mta is not None and isinstance(model, getattr(mta, "AtomisticModel", ()))
+
+
+def metatomic_force_field(model: nn.Module, target: str | None = None) -> AtomisticForceField:
+    """The Python API's route for a metatomic ``AtomisticModel`` the user loaded
+    (``metatomic.torch.load_atomistic_model(path)``, their own choice to run it):
+    ``equiaudit.audit(metatomic_force_field(model), data, task="force_field", grad=True)``."""
+    return AtomisticForceField(model, target)
 
 
 def _sync_tensor_maps(module: MetatrainForceField, incompatible) -> None:
@@ -276,15 +346,23 @@ def _sync_tensor_maps(module: MetatrainForceField, incompatible) -> None:
             sync()
 
 
-def build(source: Path | None, target: str | None = None, checkpoint: str | None = None) -> MetatrainForceField:
+def build(source: Path | None, target: str | None = None, checkpoint: str | None = None, *,
+          allow_torchscript: bool = False) -> MetatrainForceField:
     """The model of ``source`` (or ``checkpoint``), a ``model_N.ckpt`` of a ``mtt train`` run.
 
     ``target``: which energy target to audit when the model has several (default: the one
-    whose quantity is ``energy``)."""
+    whose quantity is ``energy``). A TorchScript archive (``mtt export``'s ``model.pt``) is
+    loaded only with ``allow_torchscript`` (the CLI's ``--allow-torchscript``): it is a program."""
     path = Path(checkpoint) if checkpoint is not None else source
     if path is None:
         raise ValueError("the metatrain family needs a checkpoint: a model_N.ckpt of a `mtt train` run")
     _packages()
+    if Peek(path).is_torchscript():
+        if not allow_torchscript:
+            raise ValueError(f"{path.name} is a TorchScript archive (a program, exported by `mtt export`); it runs only "
+                             "with --allow-torchscript. The model_N.ckpt checkpoints are audited without running anything")
+        mta = _packages()[1]
+        return AtomisticForceField(mta.load_atomistic_model(str(path)), target, source=path)
     contents = read_metatrain_checkpoint(path)
     if contents["architecture_name"] in SUPPORT_ARCHITECTURES:
         raise ValueError(f"{path.name}: {SUPPORT_ARCHITECTURES[contents['architecture_name']]}, not a model to audit")
@@ -302,7 +380,7 @@ def build(source: Path | None, target: str | None = None, checkpoint: str | None
 
 def defaults(model: nn.Module) -> FamilyDefaults:
     """Energy and forces (autograd through ``pos``) in the dtype the network was trained in."""
-    dtype = next(model.parameters()).dtype
+    dtype = getattr(model, "_dtype", None) or next(model.parameters()).dtype
     names = {torch.float32: "float32", torch.float64: "float64"}
     return FamilyDefaults(task="force_field", heads=("energy", "forces"), group="so3", grad=True,
                           dtype=names.get(dtype, "float32"))
