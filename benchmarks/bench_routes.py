@@ -15,7 +15,7 @@ and prints the ratio audit/forward (goal ≤ 1.15). Beside them, the ASE route (
 at a time, the only per-structure loop equiaudit has): its measured cost per structure, and that
 divided by the per-structure cost of the batched routes' forward.
 
-    python benchmarks/bench_families.py [--batch 16] [--rotations 24] [--repeats 5]
+    python benchmarks/bench_routes.py [--batch 16] [--rotations 24] [--repeats 5]
 """
 
 from __future__ import annotations
