@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from equiaudit.adapters import as_force_field, report_cost
 from equiaudit.errors import ConfigError, DataError
 from equiaudit.io.config import AuditConfig, parse_config, settings_mapping
 from equiaudit.io.data import canonical_dataset, load_dataset, select
@@ -117,12 +118,15 @@ class Auditor:
 
     def __call__(self, model: torch.nn.Module) -> AuditResult:
         """Audit ``model`` (in eval mode, without gradients; its training flags restored)."""
-        model = _family_model(model)
+        # A metatomic AtomisticModel, a TorchSim model or an ASE calculator: the padded signature.
+        model = as_force_field(_family_model(model))
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         plan = self.plan(model)
         _place(model, plan)
-        return plan.audit(model, self.prepared(plan))
+        result = plan.audit(model, self.prepared(plan))
+        report_cost(model)
+        return result
 
 
 def _family_model(model: Any) -> Any:
@@ -138,7 +142,9 @@ def audit(model: torch.nn.Module, data: Any = None, *, config: str | Path | Mapp
     """Audit one model on rotation orbits of ``data``: the share of its loss due to imperfect equivariance.
 
     Args:
-        model: an ``nn.Module``, built and loaded (any device).
+        model: an ``nn.Module``, built and loaded (any device); or a TorchSim ``ModelInterface``
+            or an ASE ``Calculator`` (wrapped by :mod:`equiaudit.adapters`; an ASE calculator is
+            evaluated one structure at a time, and a warning gives its measured cost per structure).
         data: a mapping ``{field: (N, ...)}`` of arrays or tensors, a path to any data file
             the CLI reads, or an iterable of such mappings (batches; padded and joined).
             None: ``data.path`` of the config.
@@ -213,6 +219,7 @@ class EquivarianceMetric:
 
     def update(self, model: torch.nn.Module, batch: Mapping[str, Any], sample_ids: Any = None) -> None:
         """Evaluate ``model`` on one batch ``{field: (B, ...)}`` and keep its statistics."""
+        model = as_force_field(_family_model(model))
         if not isinstance(batch, Mapping):
             raise DataError(f"update() takes a batch mapping field → (B, ...), got {type(batch).__name__}")
         data = canonical_dataset(batch, self.config.data.keys, origin="batch")

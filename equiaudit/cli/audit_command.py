@@ -253,7 +253,7 @@ def run_audit_command(
         else:  # no config: the files say which family they are
             paths = [str(config_path), *map(str, checkpoint_args)]
             detected = detect_family(discover_checkpoints(paths), allow_torchscript=allow_torchscript)
-            raw = family_config(detected, data=None if data is None else str(data), sets={}, paths=paths)
+            raw = family_config(detected, data=None if data is None else str(data), sets=chosen, paths=paths)
             config = parse_config(apply_overrides(apply_overrides(raw, overrides), chosen))
         if config.model.family is not None and paths:
             config = with_source(config, detect_family(discover_checkpoints(paths), allow_torchscript=allow_torchscript))

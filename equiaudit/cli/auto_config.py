@@ -128,23 +128,27 @@ def family_config(detected: Detected, *, data: str | None, sets: Mapping[str, An
         "data": {"path": str(data)},
         "checkpoints": {"path": str(paths[0])},
     }
-    defaults = _family_defaults(module, detected)
+    # The family's options given with --set (model.name=..., model.kwargs.x=...) build the model
+    # whose defaults are taken: Orb's checkpoints hold only weights, its architecture is named.
+    from equiaudit.io.config import MODEL_KEYS, apply_overrides
+
+    model_set = apply_overrides({"model": {}}, {k: v for k, v in sets.items() if k.startswith("model.")})["model"]
+    options = {**{k: v for k, v in model_set.items() if k not in MODEL_KEYS}, **(model_set.get("kwargs") or {})}
+    defaults = _family_defaults(module, detected, options)
     if detected.torchscript:
         raw["checkpoints"] = {"path": str(detected.source)}
     raw["task"] = defaults.task
     raw["model"].update({"grad": defaults.grad, "dtype": defaults.dtype})
     raw["heads"] = {name: {} for name in defaults.heads}
     raw["group"] = {"name": defaults.group}
-    from equiaudit.io.config import apply_overrides
-
     return apply_overrides(raw, dict(sets))
 
 
-def _family_defaults(module, detected: Detected):
+def _family_defaults(module, detected: Detected, options: Mapping[str, Any] | None = None):
     from equiaudit.zoo.families.base import build
 
     try:
-        model = build(detected.family, detected.source, allow_torchscript=detected.torchscript)
+        model = build(detected.family, detected.source, allow_torchscript=detected.torchscript, **dict(options or {}))
     except ImportError as exc:
         raise ConfigError(f"{display_name(detected.source.name)} is a {detected.family} checkpoint: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - the family's package failing on this file

@@ -233,8 +233,10 @@ def recognise(path: str | Path, peek: Peek | None = None) -> Recognition | None:
     return None
 
 
-def build(name: str, source: str | Path | None = None, *, allow_torchscript: bool = False, **options: Any):
+def build(name: str, source: str | Path | None = None, /, *, allow_torchscript: bool = False, **options: Any):
     """``family(name).build(source, **options)``; a missing package names the extra to install.
+    ``name`` and ``source`` are positional-only, so a family may take an option called ``name``
+    (Orb's architecture name).
 
     ``allow_torchscript`` (the CLI's ``--allow-torchscript``, never a config key) is passed on
     only when set: a family that can run a TorchScript archive takes it as a keyword."""

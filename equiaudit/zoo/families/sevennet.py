@@ -28,7 +28,7 @@ numbers, ``mask`` ``(B, A)`` bool (``True`` = real atom) → ``{"energy": (B,), 
 autograd (set ``model.grad: true``), so ``--dynamics`` can differentiate through them.
 
 The graph is every pair of real atoms of one structure closer than the model's cutoff, built
-for the whole batch in one tensor expression (no Python loop over structures). Molecules
+for the whole batch by :func:`equiaudit.batching.radius_graph` (no Python loop over structures). Molecules
 only: no periodic cell (``cell_volume`` is 0, as SevenNet sets it for non-periodic input).
 Edge vectors follow SevenNet's convention ``pos[dst] − pos[src]``.
 """
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from equiaudit.batching import radius_graph
 from equiaudit.zoo.families.base import FamilyDefaults, Peek, Recognition
 from equiaudit.zoo.models import _energy_and_forces, _valid, _zero_padded
 
@@ -150,7 +151,7 @@ class SevenNetForceField(nn.Module):
     def _energy(self, pos: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, None]:
         """``(B,)`` total energies of the padded batch ``pos`` ``(B, A, 3)``."""
         k = self._keys
-        batch_size, n_atoms = valid.shape
+        batch_size = valid.shape[0]
         z_real = z[valid].long()
         onehot = self.model.z_to_onehot_tensor.to(z_real.device)
         unknown = (z_real < 0) | (z_real >= onehot.numel())
@@ -158,22 +159,17 @@ class SevenNetForceField(nn.Module):
         if bool(unknown.any()):
             bad = sorted({int(v) for v in z_real[unknown]})
             raise ValueError(f"this SevenNet model was not trained on atomic numbers {bad}")
-        # Real atoms numbered 0..M-1 in batch order; edges: pairs of one structure within the cutoff.
-        node = (torch.cumsum(valid.reshape(-1), 0) - 1).reshape(batch_size, n_atoms)
-        distance = torch.cdist(pos.detach(), pos.detach())
-        eye = torch.eye(n_atoms, dtype=torch.bool, device=pos.device)
-        pairs = valid[:, :, None] & valid[:, None, :] & ~eye & (distance < self.cutoff)
-        b, i, j = pairs.nonzero(as_tuple=True)
-        src, dst = node[b, i], node[b, j]
+        # One radius graph for the whole batch (equiaudit.batching: tensor operations, no loop).
+        graph = radius_graph(pos, valid, self.cutoff)
         flat_pos = pos[valid]
         data = {
             k.NODE_FEATURE: z_real,
             k.ATOMIC_NUMBERS: z_real,
             k.POS: flat_pos,
-            k.EDGE_IDX: torch.stack([src, dst]),
-            k.EDGE_VEC: flat_pos[dst] - flat_pos[src],
-            k.BATCH: torch.arange(batch_size, device=pos.device)[:, None].expand(batch_size, n_atoms)[valid],
-            k.NUM_ATOMS: valid.sum(1),
+            k.EDGE_IDX: graph.edge_index,
+            k.EDGE_VEC: graph.vectors(flat_pos),
+            k.BATCH: graph.batch,
+            k.NUM_ATOMS: graph.n_node,
             k.CELL_VOLUME: torch.zeros(batch_size, dtype=pos.dtype, device=pos.device),
         }
         if self._modal_index is not None:
