@@ -45,6 +45,7 @@ from equiaudit.groups import GROUPS, Group, RotationAction, make_group
 from equiaudit.io.config import AuditConfig
 from equiaudit.local import local_batch
 from equiaudit.metrics import ratio_standard_error
+from equiaudit.null import MIN_SKILL, NOT_LEARNED, loss_null, null_columns, skill, skill_flag
 from equiaudit.metrics import summarize as summarize_ratio
 from equiaudit.random import SampleRandom, sample_ids
 from equiaudit.representations import get_representation
@@ -126,6 +127,8 @@ class AuditPlan:
         config: the settings the plan was resolved from (hash, ``run.json``), if any.
         target_ci: ``--target-ci``: evaluate batches in order only until the total REE's 95 %
             interval is at most ± this (REE fraction units); None: every sample.
+        min_skill: ``--min-skill``: a head (or the total) whose skill ``1 − L_sym/loss_null`` is
+            below this is flagged ``not_learned`` (:mod:`equiaudit.null`).
     """
 
     spec: OrbitSpec
@@ -143,6 +146,7 @@ class AuditPlan:
     model_dtype: torch.dtype | None = None
     config: AuditConfig | None = None
     target_ci: float | None = None
+    min_skill: float = MIN_SKILL
 
     @property
     def group(self) -> Group:
@@ -347,6 +351,9 @@ class AuditPlan:
             columns[f"equiv_error/{head}"] = result.equiv_error
             columns[f"loss_rot/{head}"] = result.loss_per_rotation
             columns[f"error_rot/{head}"] = result.equiv_error_per_rotation
+        for head_spec in spec.heads:
+            # The null predictor's sufficient statistics (equiaudit.null): from the targets, no forward pass.
+            columns.update(null_columns(head_spec, spec, batch, self.task.denoises.get(head_spec.name)))
         for head_spec in spec.heads if ks else ():
             result = results[head_spec.name]
             try:
@@ -392,6 +399,8 @@ class AuditPlan:
         interps = weighted("interp", samples)
         local_errors, local_scales = weighted("local_error", samples), weighted("local_scale", samples)
         clusters = samples.get(CLUSTER)
+        nulls = {h: loss_null(h, samples) for h in self.heads}
+        nulls["total"] = sum(h.weight * nulls[h.name] for h in self.spec.heads)
         out: dict[str, HeadResult] = {}
         for name in augs:
             aug, error = augs[name], errors[name]
@@ -408,6 +417,10 @@ class AuditPlan:
                 err, scale = local_errors[name].sum().item(), local_scales[name].sum().item()
                 extra["local_equiv_error"] = err / len(augs[name])  # per row
                 extra["rel_local_equiv_error"] = err / scale if scale > 0 else math.nan
+            null = nulls[name]
+            extra["skill"], extra["loss_null"] = skill(s.loss_sym, null), null
+            if skill_flag(extra["skill"], self.min_skill):
+                extra["flag"] = NOT_LEARNED  # before at_float_floor: a model that learnt nothing is not "equivariant"
             out[name] = HeadResult(name, s.loss_aug, s.loss_sym, s.equiv_error, s.rel_equiv_error, s.ci_low, s.ci_high,
                                    s.n_samples, s.median_rel_equiv_error, **extra)
         rows = breakdown_rows(stats, self.spec, self.breakdown) if self.breakdown is not None else []
@@ -710,4 +723,5 @@ def resolve(
         model_dtype=getattr(torch, config.model.dtype) if config.model.dtype else None,
         config=config,
         target_ci=config.target_ci,
+        min_skill=config.min_skill,
     )

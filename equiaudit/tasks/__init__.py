@@ -55,6 +55,8 @@ class TaskPreset:
             some fields' orbits itself (see :class:`equiaudit.engine.OrbitSpec`).
         heads_for: ``(resolved options) -> heads``, for a task whose heads follow its options
             (``flow.target``: a ``velocity``, ``x1`` or ``x0`` head); None: ``heads``.
+        denoises: ``{head: noisy input field}`` for a denoising task: the identity map (the
+            noisy input itself) is one of the head's null predictors (:mod:`equiaudit.null`).
 
     ``prepare`` may return several rows per sample (``flow.t``: one per listed time): then
     every sample of the batch has the same number T of consecutive rows and the batch
@@ -74,6 +76,7 @@ class TaskPreset:
     prepare: Callable[[Dataset, Mapping[str, Any], SampleRandom, torch.Tensor], Dataset] = _unchanged
     orbit_inputs: Callable[[Mapping[str, Any], Dataset], Callable | None] | None = None
     heads_for: Callable[[Mapping[str, Any]], Mapping[str, Mapping[str, Any]]] | None = None
+    denoises: Mapping[str, str] = field(default_factory=dict)
 
     def default_heads(self, options: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
         """The preset's heads under these (resolved) options."""
