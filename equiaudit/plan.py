@@ -597,11 +597,17 @@ def _task_options(config: AuditConfig, preset: TaskPreset, fields: Mapping[str, 
     return preset.resolve_options({**preset.options, **given}, fields)
 
 
+# Voxel grids default to the exact cube group, whatever the task (README, metric.md): continuous
+# rotations of a grid resample it, which adds an interpolation error of its own.
+GRID_GROUP = "octahedral"
+
+
 def _group(config: AuditConfig, preset: TaskPreset, spec: OrbitSpec, fields: Mapping[str, torch.Tensor]) -> Group:
-    name = config.group or preset.group
-    entry = GROUPS.get(name)
     reps = [*spec.fields.values(), *(h.rep for h in spec.heads)]
-    if entry is not None and not entry.acts_on_grids and any(get_representation(r).grid for r in reps):
+    grids = any(get_representation(r).grid for r in reps)
+    name = config.group or (GRID_GROUP if grids else preset.group)
+    entry = GROUPS.get(name)
+    if entry is not None and not entry.acts_on_grids and grids:
         raise ConfigError(f"config: group: {name} does not act on voxel grids; use so3, o3 or octahedral")
     mask = fields.get(spec.mask) if spec.mask else None
     points = [v for f, v in fields.items() if spec.fields.get(f) == "point" and v.dim() == 3]

@@ -113,7 +113,7 @@ def train_task(
     def on_checkpoint(step: int, trained: torch.nn.Module, record: dict) -> None:
         save_checkpoint(run_dir / f"step_{step:06d}.pt", trained.state_dict(), step=step,
                         held_out_loss=record["held_out_loss"], train_loss=record["train_loss"], wall_time=record["seconds"],
-                        ema_decay=settings.ema_decay)
+                        ema_decay=settings.ema_decay, averaged=bool(settings.ema_decay))
 
     log = train(model, recipe.loss(augment), train_data, held_out, settings, checkpoint_steps=checkpoint_steps,
                 on_checkpoint=on_checkpoint, on_step=(lambda s: progress.update(bar, completed=s)) if progress else None)
