@@ -235,9 +235,11 @@ def run_demo_command(
             line = f"REE first ≤ {100 * threshold:g} % at step {verdict['first_step_below']}"
             stays = verdict.get("first_step_stays_below")
             line += f", and stays there from step {stays}" if stays is not None else ", but rises above it later"
+        elif verdict.get("n_not_learned") and verdict.get("n_not_learned") == verdict.get("n_checkpoints"):
+            line = "no checkpoint has learnt the task yet (skill below 0.1 at every step): its REE is not read"
         else:
             line = f"REE never reached ≤ {100 * threshold:g} %; lowest {format_percent(verdict.get('min_rel_equiv_error'))}"
-        if verdict.get("n_not_learned"):
+        if verdict.get("n_not_learned") and verdict.get("n_not_learned") != verdict.get("n_checkpoints"):
             line += f" (ignoring {verdict['n_not_learned']} not_learned checkpoint(s))"
         console.print(f"[bold]→ {line}[/]; final {format_percent(verdict.get('final_rel_equiv_error'))} at step "
                       f"{verdict.get('final_step')} ({group}; {seconds:.0f} s). Written to {config_path.parent}/", highlight=False)
