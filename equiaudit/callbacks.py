@@ -123,7 +123,7 @@ class StepAudit:
         plan = self.plan
         what = "averaged (EMA) weights" if result.weights == "ema" else "model's own (raw) weights"
         return (f"equiaudit: auditing the {what} on {len(self.auditor)} samples × {plan.group.n_elements} rotations "
-                f"({plan.group.label}); logging {self.prefix}/rel_equiv_error")
+                f"({plan.group.label}); logging {self.prefix}/rel_equiv_error and {self.prefix}/skill")
 
     def _record(self, result: AuditResult, model: torch.nn.Module) -> None:
         from equiaudit.io.layout import OutputFolder

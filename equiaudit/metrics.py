@@ -263,6 +263,14 @@ def ratio_interval(
         ``se*² ∝ Σc(d − (r* − r)·L)²``. Resamples are drawn in chunks of about 2²¹ indices.
         Every sample with the same ratio (``se = 0``) gives ``(r, r)``. A resample of one
         distinct sample counts as infinitely extreme, so tiny N (≤ 3 at 95 %) gives NaN.
+
+        The interval stays in [0, 1]: the quantity is a share (``0 ≤ EE ≤ L_aug`` by Jensen),
+        so a bound beyond one end says nothing. Such an interval is shifted inside, keeping its
+        width ``2·q·se`` (then truncated, if wider than [0, 1]): it contains the plain truncated
+        interval, so it covers at least as often (truncation alone loses no coverage; the
+        shift recovers what the symmetric interval lost on the far side near REE 0 or 1). The
+        point estimate is not truncated (bias-corrected, it may read slightly below 0 at the
+        float floor, or above 1).
     """
     aug = loss_aug.double().cpu()
     err = equiv_error.double().cpu()
@@ -289,7 +297,14 @@ def ratio_interval(
     q = torch.where(q.isfinite(), q, math.nan)
     half = torch.where(se > 0, q * se, 0.0)
     ratio = ratio.squeeze(1)
-    return (ratio - half).reshape(batch_shape), (ratio + half).reshape(batch_shape)
+    low, high = ratio - half, ratio + half
+    # A share lies in [0, 1]: a bound beyond one end moves the other bound out by as much (the
+    # interval keeps its width 2·q·se inside [0, 1]); a superset of the truncated interval, so
+    # its coverage is at least that one's. Near REE 1 with few samples the estimate is often
+    # above 1 and plain truncation covered 0.92; this covers 0.98 there (docs/uncertainty.md).
+    low, high = torch.where(high > 1, 1 - 2 * half, low), torch.where(low < 0, 2 * half, high)
+    low, high = low.clamp(0.0, 1.0), high.clamp(0.0, 1.0)  # NaN stays NaN
+    return low.reshape(batch_shape), high.reshape(batch_shape)
 
 
 def ratio_standard_error(loss_aug: torch.Tensor, equiv_error: torch.Tensor) -> float:

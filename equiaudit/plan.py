@@ -46,6 +46,7 @@ from equiaudit.groups import GROUPS, Group, RotationAction, make_group
 from equiaudit.io.config import AuditConfig, check_rotation_rows
 from equiaudit.local import local_batch
 from equiaudit.metrics import ratio_standard_error
+from equiaudit.null import MIN_SKILL, NOT_LEARNED, loss_null, null_columns, skill, skill_flag
 from equiaudit.metrics import summarize as summarize_ratio
 from equiaudit.random import SampleRandom, sample_ids
 from equiaudit.representations import get_representation, position_fields
@@ -127,6 +128,8 @@ class AuditPlan:
         config: the settings the plan was resolved from (hash, ``run.json``), if any.
         target_ci: ``--target-ci``: evaluate batches in order only until the total REE's 95 %
             interval is at most ± this (REE fraction units); None: every sample.
+        min_skill: ``--min-skill``: a head (or the total) whose skill ``1 − L_sym/loss_null`` is
+            below this is flagged ``not_learned`` (:mod:`equiaudit.null`).
     """
 
     spec: OrbitSpec
@@ -144,6 +147,7 @@ class AuditPlan:
     model_dtype: torch.dtype | None = None
     config: AuditConfig | None = None
     target_ci: float | None = None
+    min_skill: float = MIN_SKILL
 
     @property
     def group(self) -> Group:
@@ -354,6 +358,9 @@ class AuditPlan:
             columns[f"equiv_error/{head}"] = result.equiv_error
             columns[f"loss_rot/{head}"] = result.loss_per_rotation
             columns[f"error_rot/{head}"] = result.equiv_error_per_rotation
+        for head_spec in spec.heads:
+            # The null predictor's sufficient statistics (equiaudit.null): from the targets, no forward pass.
+            columns.update(null_columns(head_spec, spec, batch, self.task.denoises.get(head_spec.name)))
         for head_spec in spec.heads if ks else ():
             result = results[head_spec.name]
             try:
@@ -399,6 +406,8 @@ class AuditPlan:
         interps = weighted("interp", samples)
         local_errors, local_scales = weighted("local_error", samples), weighted("local_scale", samples)
         clusters = samples.get(CLUSTER)
+        nulls = {h: loss_null(h, samples) for h in self.heads}
+        nulls["total"] = sum(h.weight * nulls[h.name] for h in self.spec.heads)
         out: dict[str, HeadResult] = {}
         for name in augs:
             aug, error = augs[name], errors[name]
@@ -415,6 +424,10 @@ class AuditPlan:
                 err, scale = local_errors[name].sum().item(), local_scales[name].sum().item()
                 extra["local_equiv_error"] = err / len(augs[name])  # per row
                 extra["rel_local_equiv_error"] = err / scale if scale > 0 else math.nan
+            null = nulls[name]
+            extra["skill"], extra["loss_null"] = skill(s.loss_sym, null), null
+            if skill_flag(extra["skill"], self.min_skill):
+                extra["flag"] = NOT_LEARNED  # before at_float_floor: a model that learnt nothing is not "equivariant"
             out[name] = HeadResult(name, s.loss_aug, s.loss_sym, s.equiv_error, s.rel_equiv_error, s.ci_low, s.ci_high,
                                    s.n_samples, s.median_rel_equiv_error, **extra)
         rows = breakdown_rows(stats, self.spec, self.breakdown) if self.breakdown is not None else []
@@ -592,11 +605,17 @@ def _task_options(config: AuditConfig, preset: TaskPreset, fields: Mapping[str, 
     return preset.resolve_options({**preset.options, **given}, fields)
 
 
+# Voxel grids default to the exact cube group, whatever the task (README, metric.md): continuous
+# rotations of a grid resample it, which adds an interpolation error of its own.
+GRID_GROUP = "octahedral"
+
+
 def _group(config: AuditConfig, preset: TaskPreset, spec: OrbitSpec, fields: Mapping[str, torch.Tensor]) -> Group:
-    name = config.group or preset.group
-    entry = GROUPS.get(name)
     reps = [*spec.fields.values(), *(h.rep for h in spec.heads)]
-    if entry is not None and not entry.acts_on_grids and any(get_representation(r).grid for r in reps):
+    grids = any(get_representation(r).grid for r in reps)
+    name = config.group or (GRID_GROUP if grids else preset.group)
+    entry = GROUPS.get(name)
+    if entry is not None and not entry.acts_on_grids and grids:
         raise ConfigError(f"config: group: {name} does not act on voxel grids; use so3, o3 or octahedral")
     mask = fields.get(spec.mask) if spec.mask else None
     points = position_fields(spec.fields, fields)
@@ -719,4 +738,5 @@ def resolve(
         model_dtype=getattr(torch, config.model.dtype) if config.model.dtype else None,
         config=config,
         target_ci=config.target_ci,
+        min_skill=config.min_skill,
     )

@@ -30,9 +30,9 @@ EXTRA_COLUMNS = ("median_rel_equiv_error", "message", "config_hash", "seconds", 
 TWIRL_COLUMNS = ("run", "checkpoint", "step", "head", "k", "loss_twirled", "share_of_equiv_error_removed",
                  "loss_aug", "loss_sym", "equiv_error", "smallest_k", "twirl_target", "config_hash")
 # Optional per-head figures, in the order they follow the columns above when measured.
-MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "rel_local_equiv_error")
+MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "rel_local_equiv_error", "skill", "loss_null")
 # The figures a training logger gets (Lightning, Hugging Face, TensorBoard), see :func:`scalars`.
-SCALAR_COLUMNS = ("rel_equiv_error", "loss_aug", "loss_sym")
+SCALAR_COLUMNS = ("rel_equiv_error", "loss_aug", "loss_sym", "skill")
 
 
 def as_float(value: Any) -> float:
@@ -46,7 +46,9 @@ def as_float(value: Any) -> float:
 def scalars(rows: Iterable[Mapping[str, Any]], prefix: str = "equiaudit") -> dict[str, float]:
     """The logger scalars of one checkpoint's ``summary.csv`` rows: for the ``total`` row
     ``{prefix}/rel_equiv_error``, ``{prefix}/loss_aug``, ``{prefix}/loss_sym``; for each
-    head ``{prefix}/{head}/rel_equiv_error``, ``.../loss_aug``, ``.../loss_sym``.
+    head ``{prefix}/{head}/rel_equiv_error``, ``.../loss_aug``, ``.../loss_sym``; and
+    ``{prefix}/skill`` (``.../{head}/skill``) where a null loss is defined (``1 − L_sym/loss_null``:
+    below ``--min-skill`` the REE says nothing, see :mod:`equiaudit.null`).
 
     ``rows`` may hold numbers (:meth:`AuditResult.rows`) or the strings read back from
     ``summary.csv``; empty and NaN values are left out (a failed checkpoint has none). The
@@ -74,8 +76,11 @@ class HeadResult:
 
     ``rel_equiv_error`` (REE) is ``equiv_error / loss_aug``, a fraction; ``loss_sym`` is
     ``loss_aug − equiv_error`` (bias-corrected), so ``loss_aug = loss_sym + equiv_error``.
-    The interval is the 95 % studentized bootstrap over samples. Floors and the local
-    metric are ``None`` when not measured.
+    The interval is the 95 % studentized bootstrap over samples, truncated to [0, 1]. Floors
+    and the local metric are ``None`` when not measured. ``loss_null`` is the loss of the best
+    exactly equivariant predictor that ignores the geometry and ``skill = 1 − loss_sym /
+    loss_null`` (NaN where no null is defined); ``flag`` is ``not_learned`` when the skill is
+    below the audit's ``min_skill``, else ``at_float_floor`` or empty (:mod:`equiaudit.null`).
     """
 
     name: str
@@ -92,6 +97,13 @@ class HeadResult:
     flag: str | None = None
     local_equiv_error: float | None = None
     rel_local_equiv_error: float | None = None
+    skill: float | None = None
+    loss_null: float | None = None
+
+    @property
+    def not_learned(self) -> bool:
+        """The skill ``1 − L_sym/loss_null`` is below the audit's ``min_skill``: the REE says nothing."""
+        return self.flag == "not_learned"
 
     def columns(self) -> dict[str, Any]:
         """The head's ``summary.csv`` values (measures only where measured)."""
@@ -206,6 +218,15 @@ class AuditResult:
             return f"AuditResult(status={self.status!r}, message={self.message!r})"
         t = self.total
         ci = "" if math.isnan(t.rel_equiv_error_ci_low) else f" [{100 * t.rel_equiv_error_ci_low:.3g}, {100 * t.rel_equiv_error_ci_high:.3g}]"
-        heads = ", ".join(f"{h.name}: {100 * h.rel_equiv_error:.3g} %" for h in self.heads.values())
-        return (f"AuditResult(REE {100 * t.rel_equiv_error:.3g} %{ci} of L_aug {t.loss_aug:.4g} "
+        def extras(h: HeadResult) -> str:
+            # interp_floor wherever grids were rotated continuously; the skill, and not_learned when it is low.
+            out = ""
+            if h.interp_floor is not None and not math.isnan(h.interp_floor):
+                out += f", interp_floor {100 * h.interp_floor:.3g} %"
+            if h.skill is not None and not math.isnan(h.skill):
+                out += f", skill {h.skill:.3g}"
+            return out + (" NOT LEARNED" if h.not_learned else "")
+
+        heads = ", ".join(f"{h.name}: {100 * h.rel_equiv_error:.3g} %{extras(h)}" for h in self.heads.values())
+        return (f"AuditResult(REE {100 * t.rel_equiv_error:.3g} %{ci} of L_aug {t.loss_aug:.4g}{extras(t)} "
                 f"({self.group_label}, K={self.n_rotations}, N={t.n_samples}); {heads})")

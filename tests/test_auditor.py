@@ -68,8 +68,8 @@ def test_missing_extra_is_a_one_line_import_error(monkeypatch, module, extra, bl
 def test_scalars_names_total_and_heads():
     result = equiaudit.Auditor(vector_dataset(8, 3), **SETTINGS)(LinearMap(random_matrix(1)))
     scalars = result.scalars()
-    assert set(scalars) == {f"equiaudit/{n}" for n in ("rel_equiv_error", "loss_aug", "loss_sym")} | \
-        {f"equiaudit/out/{n}" for n in ("rel_equiv_error", "loss_aug", "loss_sym")}
+    assert set(scalars) == {f"equiaudit/{n}" for n in ("rel_equiv_error", "loss_aug", "loss_sym", "skill")} | \
+        {f"equiaudit/out/{n}" for n in ("rel_equiv_error", "loss_aug", "loss_sym", "skill")}
     assert scalars["equiaudit/out/loss_sym"] == result.heads["out"].loss_sym
     assert scalars["equiaudit/rel_equiv_error"] == result.total.rel_equiv_error
     assert set(result.scalars("ea")) == {name.replace("equiaudit/", "ea/") for name in scalars}

@@ -54,6 +54,7 @@ def coverage(aug, error, truth, n_bootstrap=1000):
     first one is checked against :func:`summarize` itself.
     """
     low, high = ratio_interval(aug, error, n_bootstrap=n_bootstrap, generator=torch.Generator().manual_seed(0))
+    assert ((low >= 0) & (high <= 1) & (low <= high)).all(), "a share's interval must stay in [0, 1]"
     first = summarize(aug[0], error[0], n_bootstrap=n_bootstrap, generator=torch.Generator().manual_seed(0))
     assert (first.ci_low, first.ci_high) == pytest.approx((low[0].item(), high[0].item()), rel=1e-9)
     covered = ((low <= truth) & (truth <= high)).double().mean().item()
@@ -78,7 +79,8 @@ def test_interval_covers_the_known_answer(ree, n_samples, k, sampling):
     n_seeds = 500
     aug, error = simulate(matrix, n_seeds, n_samples, 1, make_rotation_set("so3", k, sampling), seed=k * n_samples)
     covered, estimates = coverage(aug, error, truth)
-    assert 0.88 <= covered <= 0.99, f"coverage {covered:.3f}"
+    # Near REE 1 the interval is shifted inside [0, 1] (docs/uncertainty.md): conservative there.
+    assert 0.88 <= covered <= (0.999 if ree > 0.9 else 0.99), f"coverage {covered:.3f}"
     # The estimate itself is unbiased up to the O(1/N) bias of a ratio: within 4 standard errors.
     assert abs(estimates.mean().item() - truth) < 4 * estimates.std().item() / math.sqrt(n_seeds) + 1e-3 * truth
 
@@ -142,7 +144,8 @@ def test_interval_coverage_thorough(ree, n_samples, k, sampling):
     truth = linear_map_ree(matrix)
     aug, error = simulate(matrix, 1000, n_samples, 1, make_rotation_set("so3", k, sampling), seed=7 * n_samples + k)
     covered, _ = coverage(aug, error, truth)
-    assert 0.90 <= covered <= 0.98, f"coverage {covered:.3f}"
+    # ≥ 0.93 at the nominal 0.95 everywhere; near REE 1 the interval kept inside [0, 1] is conservative.
+    assert 0.93 <= covered <= (0.999 if ree > 0.9 else 0.98), f"coverage {covered:.3f}"
 
 
 def test_config_sampling_option():

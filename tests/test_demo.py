@@ -45,6 +45,24 @@ def test_demo_writes_an_audited_trajectory(demo_dir, task):
     assert f"{task}: REE over training" in output
 
 
+def test_demo_force_field_predicting_the_mean_force_is_not_learned(demo_dir):
+    """At 10 steps the transformer predicts the mean force (skill ≈ 0): every checkpoint is
+    flagged not_learned, and the demo does not read its small REE as "≤ 2 % at step N"."""
+    root, output = demo_dir
+    rows = _rows(root / "demo_out" / "force_field" / "summary.csv")
+    assert rows and all(r["flag"] == "not_learned" and float(r["skill"]) < 0.1 for r in rows if r["head"] != "energy")
+    assert list(rows[0])[-2:] == ["skill", "loss_null"]
+    section = output.split("force_field: transformer_force_field")[1].split("flow_matching: ")[0]
+    assert "no checkpoint has learnt the task yet" in " ".join(section.split()) and "REE first ≤" not in section
+    summary_row = next(line for line in output.splitlines() if line.startswith("│") and "force_field" in line)
+    assert summary_row.count("never") == 2  # neither "first step ≤ threshold" nor "stays ≤ threshold from"
+    compare = CliRunner().invoke(app, ["compare", str(root / "demo_out" / "force_field"), "--out", str(root / "cmp"), "--no-plot"])
+    assert compare.exit_code == 0, compare.output
+    totals = [r for r in _rows(root / "cmp" / "compare.csv") if r["head"] == "total"]
+    assert totals[0]["first_step_below"] == "" and totals[0]["n_not_learned"] == "2"
+    assert "not_learned checkpoint(s)" in compare.output and "stays ≤ from" in compare.output
+
+
 def test_demo_baseline_reads_at_the_float_floor(demo_dir):
     root, output = demo_dir
     rows = _rows(root / "demo_out" / "flow_matching" / "baseline" / "summary.csv")

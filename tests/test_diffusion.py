@@ -108,7 +108,11 @@ def test_equivariant_denoiser_reads_at_the_float_floor(diffusion):
     result = equiaudit.audit(Denoiser(sigma_data=diffusion.get("sigma_data", 1.0)), molecule_clouds(), device="cpu",
                              **_options(**diffusion))
     assert result.heads["x1"].loss_aug > 0.01
-    assert abs(result.total.rel_equiv_error) < 1e-5 and result.total.flag == "at_float_floor"
+    # The fixed denoiser is no better than the identity map with σ_data = 0.5 on this data: then
+    # not_learned (skill < 0.1) replaces at_float_floor, its REE being at the floor all the same.
+    total = result.total
+    assert abs(total.rel_equiv_error) < 1e-5 and abs(total.rel_equiv_error) <= 10 * total.float_floor
+    assert total.flag == ("not_learned" if total.skill < 0.1 else "at_float_floor")
 
 
 @pytest.mark.parametrize("diffusion", [{}, {"weighting": "none"}, {"sigma": LEVELS}, {"sigma_data": 0.5, "P_mean": 0.0}])

@@ -16,7 +16,7 @@ pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-NAMES = ("rel_equiv_error", "loss_aug", "loss_sym")
+NAMES = ("rel_equiv_error", "loss_aug", "loss_sym", "skill")
 
 
 def read_scalars(folder) -> dict[str, dict[int, float]]:

@@ -35,7 +35,8 @@ from equiaudit.report.compare import compare_rows, trajectories
 from equiaudit.report.products import write_products
 from equiaudit.report.summary import read_rows
 from equiaudit.runner import Runner, RunEvents, open_audit
-from equiaudit.report.table import format_interval, format_number, format_percent
+from equiaudit.null import NOT_LEARNED
+from equiaudit.report.table import NOT_LEARNED_NOTE, format_interval, format_number, format_percent, format_skill, ree_mark
 from equiaudit.zoo.recipes import RECIPES, Recipe, make_cluster_data, split
 from equiaudit.zoo.train import log_spaced_steps, train
 
@@ -112,7 +113,7 @@ def train_task(
     def on_checkpoint(step: int, trained: torch.nn.Module, record: dict) -> None:
         save_checkpoint(run_dir / f"step_{step:06d}.pt", trained.state_dict(), step=step,
                         held_out_loss=record["held_out_loss"], train_loss=record["train_loss"], wall_time=record["seconds"],
-                        ema_decay=settings.ema_decay)
+                        ema_decay=settings.ema_decay, averaged=bool(settings.ema_decay))
 
     log = train(model, recipe.loss(augment), train_data, held_out, settings, checkpoint_steps=checkpoint_steps,
                 on_checkpoint=on_checkpoint, on_step=(lambda s: progress.update(bar, completed=s)) if progress else None)
@@ -146,7 +147,7 @@ def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: f
     held = {r["step"]: r["held_out_loss"] for r in log}
     ratio = {int(r["step"]): r["grad_norm_ratio"] for r in dynamics if r["head"] == "total" and r.get("step")}
     table = Table(title=f"{task}: REE over training", header_style="bold")
-    names = ("step", "held-out loss", "L_aug", "L_sym", "REE", "95 % CI") + (("‖∇EE‖/‖∇L_sym‖",) if ratio else ())
+    names = ("step", "held-out loss", "L_aug", "L_sym", "REE", "95 % CI", "skill") + (("‖∇EE‖/‖∇L_sym‖",) if ratio else ())
     for name in names:
         table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
@@ -154,11 +155,15 @@ def _trajectory_table(task: str, rows: list[dict], log: list[dict], threshold: f
             continue
         step = int(row["step"])
         ree = float(row["rel_equiv_error"]) if row["status"] == "ok" else math.nan
-        style = "green" if ree <= threshold else None
+        not_learned = row.get("flag") == NOT_LEARNED
+        style = "dim" if not_learned else ("green" if ree <= threshold else None)
         cells = [str(step), format_number(held.get(step)), format_number(row.get("loss_aug")),
-                 format_number(row.get("loss_sym")), format_percent(ree),
-                 format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high"))]
+                 format_number(row.get("loss_sym")), format_percent(ree) + ree_mark(row.get("flag")),
+                 format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high")),
+                 format_skill(row.get("skill"))]
         table.add_row(*cells, *([format_number(ratio.get(step))] if ratio else []), style=style)
+    if any(r.get("flag") == NOT_LEARNED for r in rows if r["head"] == "total"):
+        table.caption = NOT_LEARNED_NOTE
     return table
 
 
@@ -230,8 +235,12 @@ def run_demo_command(
             line = f"REE first ≤ {100 * threshold:g} % at step {verdict['first_step_below']}"
             stays = verdict.get("first_step_stays_below")
             line += f", and stays there from step {stays}" if stays is not None else ", but rises above it later"
+        elif verdict.get("n_not_learned") and verdict.get("n_not_learned") == verdict.get("n_checkpoints"):
+            line = "no checkpoint has learnt the task yet (skill below 0.1 at every step): its REE is not read"
         else:
             line = f"REE never reached ≤ {100 * threshold:g} %; lowest {format_percent(verdict.get('min_rel_equiv_error'))}"
+        if verdict.get("n_not_learned") and verdict.get("n_not_learned") != verdict.get("n_checkpoints"):
+            line += f" (ignoring {verdict['n_not_learned']} not_learned checkpoint(s))"
         console.print(f"[bold]→ {line}[/]; final {format_percent(verdict.get('final_rel_equiv_error'))} at step "
                       f"{verdict.get('final_step')} ({group}; {seconds:.0f} s). Written to {config_path.parent}/", highlight=False)
         for meta in sorted((folder / folder.LANDSCAPE).glob("*.json")) if (folder / folder.LANDSCAPE).is_dir() else []:
@@ -244,15 +253,23 @@ def run_demo_command(
             console.print(f"  equivariant baseline {baseline.builder}, same training, step {final['step']}: "
                           f"REE {format_percent(final['rel_equiv_error'])} (float floor {format_percent(final.get('float_floor'))}) "
                           f"at held-out L_aug {format_number(final['loss_aug'])}", highlight=False)
-        results.append((task, verdict, log[-1]["held_out_loss"], seconds))
+        final_total = next((r for r in reversed(rows) if r["head"] == "total"), {})
+        results.append((task, verdict, log[-1]["held_out_loss"], seconds, final_total))
     summary = Table(title=f"equiaudit demo: share of held-out loss due to imperfect equivariance (threshold {100 * threshold:g} %)",
                     header_style="bold")
-    for name in ("task", "first step ≤ threshold", "stays ≤ threshold from", "final REE", "final held-out loss", "wall time"):
+    for name in ("task", "first step ≤ threshold", "stays ≤ threshold from", "final REE", "final skill", "final held-out loss",
+                 "wall time"):
         summary.add_column(name, justify="right")
     step_or_never = lambda value: "never" if value is None else str(value)  # noqa: E731
-    for task, verdict, held, seconds in results:
+    ignored = 0
+    for task, verdict, held, seconds, final in results:
+        ignored += int(verdict.get("n_not_learned") or 0)
         summary.add_row(task, step_or_never(verdict.get("first_step_below")), step_or_never(verdict.get("first_step_stays_below")),
-                        format_percent(verdict.get("final_rel_equiv_error")), format_number(held), f"{seconds:.0f} s")
+                        format_percent(verdict.get("final_rel_equiv_error")) + ree_mark(final.get("flag")),
+                        format_skill(final.get("skill")), format_number(held), f"{seconds:.0f} s")
+    if ignored:
+        summary.caption = (f"{ignored} not_learned checkpoint(s) (skill = 1 − L_sym/loss_null below 0.1) are ignored by the "
+                           "threshold steps: a model that has learnt nothing reads as equivariant")
     console.print(summary)
     return 1 if failed else 0
 

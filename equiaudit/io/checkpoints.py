@@ -78,6 +78,9 @@ RAW_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network
 EMA_KEYS = ("state_dict_ema", "ema_state_dict", "model_ema", "ema_model", "ema", "ema_weights",
             "model_ema_state_dict", "ema_params")
 WEIGHT_KEYS = RAW_KEYS + EMA_KEYS
+# A training dict whose model weights ARE the weight average says so under this key (True):
+# equiaudit's trainer (`equiaudit train`, the demo) saves the EMA model as model_state_dict.
+AVERAGED_MARKER = "model_state_dict_is_ema"
 STEP_KEYS = ("global_step", "step", "iteration", "iter")
 EPOCH_KEYS = ("epoch", "last_epoch")  # last_epoch: MatterSim's epoch counter
 # Prefixes added by wrappers (DDP, torch.compile) or by a Lightning module's attribute.
@@ -708,6 +711,8 @@ def _training_dict_sets(obj: Mapping) -> list[_WeightSet]:
             if averaged and key == "state_dict":
                 sets.append(_WeightSet("ema", f"Lightning {_averaging_callback(obj)} (averaged weights in state_dict)", found[1]))
                 sets.append(_WeightSet("raw", "current_model_state", dict(obj["current_model_state"])))
+            elif obj.get(AVERAGED_MARKER) is True:  # the trainer saved its weight average as the model's weights
+                sets.append(_WeightSet("ema", f"{found[0]} (the weight average: {AVERAGED_MARKER})", found[1]))
             else:
                 sets.append(_WeightSet("raw", *found))
             break
@@ -1307,11 +1312,17 @@ def _shared_prefix(keys: list[str], lightning: bool) -> str | None:
     return prefix or None
 
 
-def save_checkpoint(path: Path | str, state_dict: Mapping[str, torch.Tensor], *, step: int, **metadata: Any) -> Path:
+def save_checkpoint(path: Path | str, state_dict: Mapping[str, torch.Tensor], *, step: int, averaged: bool = False,
+                    **metadata: Any) -> Path:
     """Write a training dict ``{"model_state_dict", "step", **metadata}`` atomically.
+
+    ``averaged``: ``state_dict`` is the weight average (EMA): the file says so
+    (:data:`AVERAGED_MARKER`), and readers report its weights as ``ema``.
 
     Temp file + rename in the same folder, so a reader (``audit --watch``) never sees a
     half-written checkpoint. ``metadata`` must be plain numbers/strings (weights-only loadable).
     """
     payload = {"model_state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "step": int(step), **metadata}
+    if averaged:
+        payload[AVERAGED_MARKER] = True
     return atomic_write(path, lambda handle: torch.save(payload, handle))

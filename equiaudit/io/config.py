@@ -47,7 +47,7 @@ __all__ = [
 BASE_KEYS = (
     "task", "model", "checkpoints", "data", "fields", "heads", "group", "seed",
     "batch_size", "chunk_size", "bootstrap", "mask", "name", "local", "breakdown",
-    "float_floor", "interp_floor", "dynamics", "target_ci",
+    "float_floor", "interp_floor", "dynamics", "target_ci", "min_skill",
 )
 MODEL_KEYS = ("factory", "family", "kwargs", "inputs", "outputs", "grad", "dtype", "autocast")
 DATA_KEYS = ("path", "keys", "samples", "subset_seed", "follow_external", "max_atoms",
@@ -166,6 +166,7 @@ class AuditConfig:
     dynamics: dict[str, Any] | None = None  # the dynamics section, normalised (None: not asked)
     breakdown: dict[str, Any] = field(default_factory=dict)
     target_ci: float | None = None  # --target-ci: samples in order until the total REE's 95 % CI is ± this
+    min_skill: float = 0.1  # --min-skill: below it a checkpoint is flagged not_learned (equiaudit.null)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -507,6 +508,10 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
                               "between 0 and 1 (0.002 = ±0.2 percentage points)")
         if top.get("bootstrap", 1000) == 0:
             raise ConfigError("config: target_ci needs the bootstrap interval; bootstrap=0 turns it off")
+    min_skill = top.get("min_skill", 0.1)
+    if isinstance(min_skill, bool) or not isinstance(min_skill, (int, float)) or not -1 <= min_skill < 1:
+        raise ConfigError(f"config: min_skill={min_skill!r} must be a number in [-1, 1) (the skill 1 − L_sym/loss_null "
+                          "below which a checkpoint is flagged not_learned; 0.1 by default)")
     own_section = next((section for section, owner in sections.items() if task in owner), None)
     path = data.get("path")
     return AuditConfig(
@@ -543,6 +548,7 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
         dynamics=_parse_dynamics(top.get("dynamics")),
         breakdown=_parse_breakdown(top.get("breakdown")),
         target_ci=None if target_ci is None else float(target_ci),
+        min_skill=float(min_skill),
         source=source,
         raw=json.loads(json.dumps(dict(top), default=str)),
     )

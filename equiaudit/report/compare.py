@@ -4,7 +4,8 @@ Input rows are ``summary.csv`` rows (strings as read back, or the values just co
 only ``ok`` rows with a known step take part. ``first_step_below`` is the first step
 whose REE is at or below the threshold: the paper's "≤ 2 % within N steps";
 ``first_step_stays_below`` the step from which every later checkpoint is below it too
-(robust to a noisy dip); ``dip_step`` the step of the lowest REE (``min_rel_equiv_error``).
+(robust to a noisy dip); ``dip_step`` the step of the lowest REE (``min_rel_equiv_error``). Checkpoints flagged
+``not_learned`` (skill below ``--min-skill``) take part in none of these.
 
 The efficiency view (:func:`efficiency_rows`): held-out ``L_aug`` against wall-clock time
 (hours since each run's first checkpoint, from the checkpoints' modification times), and,
@@ -24,6 +25,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from equiaudit.null import NOT_LEARNED
 from equiaudit.report.table import format_interval, format_percent
 from equiaudit.result import as_float
 
@@ -39,7 +41,7 @@ X_LABELS = {"step": "training step", "epoch": "epoch", "time": "time since first
 _FIRST_X_COLUMN = {"epoch": "first_epoch_below", "time": "first_hours_below"}
 COMPARE_COLUMNS = (
     "run", "head", "threshold", "first_step_below", "final_step", "final_rel_equiv_error", "min_rel_equiv_error",
-    "first_step_stays_below", "final_ci_low", "final_ci_high", "n_checkpoints", "dip_step",
+    "first_step_stays_below", "final_ci_low", "final_ci_high", "n_checkpoints", "dip_step", "n_not_learned",
 )
 EFFICIENCY_COLUMNS = ("run", "head", "loss_target", "hours_to_target", "speedup_needed", "final_loss_aug", "final_hours")
 _SERIES = ("rel_equiv_error", "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "loss_aug", "loss_sym", "equiv_error")
@@ -55,6 +57,8 @@ class Trajectory:
     steps: list[int] = field(default_factory=list)
     x: list[float] = field(default_factory=list)
     series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in _SERIES})
+    # False where the checkpoint's flag is not_learned (skill below --min-skill): its REE says nothing.
+    learned: list[bool] = field(default_factory=list)
 
     @property
     def ree(self) -> list[float]:
@@ -96,17 +100,23 @@ def trajectories(rows: Sequence[dict], *, x: str = "step", run: str | None = Non
             traj.x.append((as_float(row.get("checkpoint_time")) - starts[name]) / 3600)
         for key in _SERIES:
             traj.series[key].append(as_float(row.get(key)))
+        traj.learned.append(row.get("flag") != NOT_LEARNED)
     # `total` first in each run, then the heads in the order they appear.
     return sorted(found.values(), key=lambda t: (t.run, t.head != "total"))
 
 
 def compare_rows(trajs: Sequence[Trajectory], *, threshold: float, x: str = "step") -> list[dict]:
     """One ``compare.csv`` row per trajectory (columns :data:`COMPARE_COLUMNS`, plus the first
-    ``epoch``/``hours`` below the threshold when ``x`` is not ``step``)."""
+    ``epoch``/``hours`` below the threshold when ``x`` is not ``step``).
+
+    Checkpoints flagged ``not_learned`` never count as below the threshold (a model that has
+    learnt nothing reads as equivariant), nor as the dip; ``n_not_learned`` says how many there were."""
     out = []
     for t in trajs:
-        below = [i for i, r in enumerate(t.ree) if r <= threshold]
-        above = [i for i, r in enumerate(t.ree) if not r <= threshold]  # NaN counts as not below
+        learned = t.learned if len(t.learned) == len(t.ree) else [True] * len(t.ree)
+        counted = [r if ok else math.nan for r, ok in zip(t.ree, learned)]
+        below = [i for i, r in enumerate(counted) if r <= threshold]
+        above = [i for i, r in enumerate(counted) if not r <= threshold]  # NaN (or not learned) counts as not below
         stays = (above[-1] + 1) if above else 0
         row = {
             "run": t.run,
@@ -115,13 +125,14 @@ def compare_rows(trajs: Sequence[Trajectory], *, threshold: float, x: str = "ste
             "first_step_below": t.steps[below[0]] if below else None,
             "final_step": t.steps[-1],
             "final_rel_equiv_error": t.ree[-1],
-            "min_rel_equiv_error": min((r for r in t.ree if not math.isnan(r)), default=math.nan),
+            "min_rel_equiv_error": min((r for r in counted if not math.isnan(r)), default=math.nan),
             "first_step_stays_below": t.steps[stays] if stays < len(t.steps) else None,
             "final_ci_low": t.series["rel_equiv_error_ci_low"][-1],
             "final_ci_high": t.series["rel_equiv_error_ci_high"][-1],
             "n_checkpoints": len(t.steps),
-            "dip_step": t.steps[min(range(len(t.ree)), key=lambda i: t.ree[i] if not math.isnan(t.ree[i]) else math.inf)]
-            if any(not math.isnan(r) for r in t.ree) else None,
+            "dip_step": t.steps[min(range(len(counted)), key=lambda i: counted[i] if not math.isnan(counted[i]) else math.inf)]
+            if any(not math.isnan(r) for r in counted) else None,
+            "n_not_learned": sum(not ok for ok in learned),
         }
         if x != "step":
             first_x = next((t.x[i] for i in below if not math.isnan(t.x[i])), None)
@@ -207,11 +218,13 @@ def sparkline(values: Sequence[float], low: float, high: float) -> str:
     return "".join(chars)
 
 
-def _coloured_curve(values: Sequence[float], low: float, high: float, threshold: float) -> Text:
-    """The sparkline, green where REE is at or below the threshold."""
+def _coloured_curve(values: Sequence[float], low: float, high: float, threshold: float,
+                    learned: Sequence[bool] = ()) -> Text:
+    """The sparkline, green where REE is at or below the threshold, grey where not learned."""
     curve = Text()
-    for char, value in zip(sparkline(values, low, high), values):
-        curve.append(char, style="green" if value <= threshold else "red")
+    learned = list(learned) if len(learned) == len(values) else [True] * len(values)
+    for char, value, ok in zip(sparkline(values, low, high), values, learned):
+        curve.append(char, style="dim" if not ok else ("green" if value <= threshold else "red"))
     return curve
 
 
@@ -219,12 +232,18 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
     """The compare rows as a rich table, each with its REE curve as a sparkline (log scale)."""
     positive = [r for t in trajs for r in t.ree if r > 0]
     low, high = (min(positive), max(positive)) if positive else (1.0, 1.0)
-    curves = {(t.run, t.head): t.ree for t in trajs}
-    table = Table(title=None if title is None else Text(title), header_style="bold",
-                  caption=f"REE curve per checkpoint, log scale {format_percent(low)} ▁ … █ {format_percent(high)}")
-    for name, justify in (("run", "left"), ("head", "left"), ("≤ threshold at step", "right"), ("final step", "right"),
-                          ("final REE", "right"), ("95 % CI", "right"), ("min REE @ step", "right"), ("REE curve", "left")):
+    curves = {(t.run, t.head): (t.ree, t.learned) for t in trajs}
+    caption = f"REE curve per checkpoint, log scale {format_percent(low)} ▁ … █ {format_percent(high)}"
+    ignored = sum(int(as_float(r.get("n_not_learned")) or 0) for r in rows if r.get("head") == "total"
+                  and not math.isnan(as_float(r.get("n_not_learned"))))
+    if ignored:
+        caption += (f"\n{ignored} not_learned checkpoint(s) (skill below --min-skill; grey in the curve) ignored by "
+                    "'≤ threshold', 'stays ≤' and 'min REE': a model that has learnt nothing reads as equivariant")
+    table = Table(title=None if title is None else Text(title), header_style="bold", caption=caption)
+    for name, justify in (("run", "left"), ("head", "left"), ("≤ threshold at step", "right"), ("stays ≤ from", "right"),
+                          ("final REE @ step", "right"), ("95 % CI", "right"), ("min REE @ step", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
+    table.add_column("REE curve", no_wrap=True, overflow="crop")  # the first to give way on a narrow terminal
     previous = None
     for row in rows:
         if previous is not None and row["run"] != previous:
@@ -233,15 +252,19 @@ def compare_table(rows: Sequence[dict], trajs: Sequence[Trajectory], *, title: s
         previous = row["run"]
         threshold = as_float(row["threshold"])
         reached = row["first_step_below"] not in (None, "")
+        stays = row.get("first_step_stays_below") not in (None, "")
         final = as_float(row["final_rel_equiv_error"])
+        ree, learned = curves.get((row["run"], row["head"]), ([], []))
+        final_learned = not learned or learned[-1]
         table.add_row(
             Text(str(row["run"])) if first else "",  # Text: user names are never markup
             Text(str(row["head"])),
             Text(str(row["first_step_below"]), style="green") if reached else Text(f"never (≤ {format_percent(threshold)})", style="red"),
-            str(row["final_step"]),
-            Text(format_percent(final), style="green" if final <= threshold else "red"),
+            Text(str(row["first_step_stays_below"]), style="green") if stays else Text("never", style="red"),
+            Text(format_percent(final) + ("" if final_learned else " †") + f" @ {row['final_step']}",
+                 style="dim" if not final_learned else ("green" if final <= threshold else "red")),
             format_interval(row.get("final_ci_low"), row.get("final_ci_high")),
             format_percent(row["min_rel_equiv_error"]) + (f" @ {row['dip_step']}" if row.get("dip_step") not in (None, "") else ""),
-            _coloured_curve(curves.get((row["run"], row["head"]), []), low, high, threshold),
+            _coloured_curve(ree, low, high, threshold, learned),
         )
     return table

@@ -42,10 +42,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from equiaudit.floor import AT_FLOOR
+from equiaudit.null import NOT_LEARNED
 from equiaudit.io.atomic import atomic_write_text
 from equiaudit.io.layout import DamagedCSV, OutputFolder, read_csv
 from equiaudit.result import as_float
-from equiaudit.report.table import _ree_style, format_interval, format_number, format_percent
+from equiaudit.report.table import NOT_LEARNED_NOTE, _ree_style, format_interval, format_number, format_percent, format_skill, ree_mark
 from equiaudit.tasks import SampleVariable, sample_variables
 
 __all__ = ["write_report", "render_report", "printable"]
@@ -100,9 +101,12 @@ def _num(value, formatter: Callable = format_number) -> str:
     return _cell(formatter(value), "num")
 
 
-def _ree(value, threshold: float, *, flag: str | None = None) -> str:
+def _ree(value, threshold: float, *, flag: str | None = None, skill=None) -> str:
+    if flag == NOT_LEARNED:  # greyed, with the reason on hover and in the caption
+        reason = f"not learned: skill {format_skill(skill)} below --min-skill; this REE says nothing about learned symmetry"
+        return _cell(format_percent(value) + ree_mark(flag), "num ree ree-dim", title=reason)
     style = _ree_style(value, threshold)  # the terminal table's colours: green, yellow, red, dim
-    return _cell(format_percent(value) + (" *" if flag == AT_FLOOR else ""), f"num ree ree-{style}")
+    return _cell(format_percent(value) + ree_mark(flag), f"num ree ree-{style}")
 
 
 def _table(headers: Sequence[tuple[str, str]], rows: Iterable[tuple[str, Sequence[str]]], *, caption: str = "", table_id: str = "") -> str:
@@ -194,7 +198,8 @@ def _summary_section(rows: Sequence[Mapping], threshold: float) -> str:
 
     latest = _latest(rows, ("run", "checkpoint", "head"))
     latest.sort(key=lambda r: (str(r.get("run", "")), step_key(r), str(r.get("checkpoint", "")), r.get("head") != "total"))
-    extra = [(c, name) for c, name in (("interp_floor", "interp floor"), ("float_floor", "float floor"), ("rel_local_equiv_error", "local (rel)"))
+    extra = [(c, name) for c, name in (("interp_floor", "interp floor"), ("float_floor", "float floor"), ("rel_local_equiv_error", "local (rel)"),
+                                       ("skill", "skill"))
              if any(r.get(c) not in (None, "") for r in latest)]
     parts = []
     for run, run_rows in _by_run(latest).items():
@@ -219,9 +224,9 @@ def _summary_section(rows: Sequence[Mapping], threshold: float) -> str:
                 _num(row.get("loss_aug")),
                 _num(row.get("loss_sym")),
                 _num(row.get("equiv_error")),
-                _ree(row.get("rel_equiv_error"), threshold, flag=row.get("flag")),
+                _ree(row.get("rel_equiv_error"), threshold, flag=row.get("flag"), skill=row.get("skill")),
                 _cell(format_interval(row.get("rel_equiv_error_ci_low"), row.get("rel_equiv_error_ci_high")), "num"),
-                *[_num(row.get(c), format_percent) for c, _ in extra],
+                *[_num(row.get(c), format_skill if c == "skill" else format_percent) for c, _ in extra],
                 _cell(str(row.get("status", "")) if is_total else "", "status-ok" if ok else "status-failed"),
             ]
             if failed_any:
@@ -233,6 +238,8 @@ def _summary_section(rows: Sequence[Mapping], threshold: float) -> str:
         caption = "REE = equivariance error / L_aug; 95 % CI: bootstrap over samples"
         if any(r.get("flag") == AT_FLOOR for r in run_rows):
             caption += "; * within 10× of the float floor: indistinguishable from exact equivariance at the model's precision"
+        if any(r.get("flag") == NOT_LEARNED for r in run_rows):
+            caption += "; " + NOT_LEARNED_NOTE
         parts.append(f'<h3>run <span class="name">{_esc(run)}</span></h3><p class="meta">{counts}</p>'
                      + _table(headers, lines, caption=_esc(caption), table_id=f"summary-{len(parts)}"))
     return "".join(parts)
@@ -446,6 +453,16 @@ def _twirl_section(rows: Sequence[Mapping]) -> str:
     return "".join(parts)
 
 
+def _compare_caption(rows: Sequence[Mapping]) -> str:
+    ignored = sum(int(as_float(r.get("n_not_learned"))) for r in rows
+                  if r.get("head") == "total" and math.isfinite(as_float(r.get("n_not_learned"))))
+    caption = "steps to the REE threshold per run"
+    if ignored:
+        caption += (f"; {ignored} not_learned checkpoint(s) (skill below --min-skill) ignored by the threshold steps and "
+                    "the min REE: a model that has learnt nothing reads as equivariant")
+    return caption
+
+
 def _compare_section(folder: OutputFolder, rows: Sequence[Mapping]) -> str:
     parts = []
     if rows:
@@ -470,7 +487,7 @@ def _compare_section(folder: OutputFolder, rows: Sequence[Mapping]) -> str:
             lines.append(("", cells))
         parts.append(_table([("run", ""), ("head", ""), ("threshold", "num"), ("≤ threshold at step", "num"), ("stays ≤ from step", "num"),
                              ("final step", "num"), ("final REE", "num"), ("95 % CI (%)", "num"), ("min REE", "num"), ("checkpoints", "num"),
-                             *[(n, "num") for _, n in extra]], lines, caption="steps to the REE threshold per run", table_id="compare"))
+                             *[(n, "num") for _, n in extra]], lines, caption=_esc(_compare_caption(rows)), table_id="compare"))
     data = _png_file(folder / folder.COMPARE_PLOT)
     if data is not None:
         parts.append(_image(data, "REE trajectories of the compared runs"))

@@ -79,6 +79,12 @@ def trajectory_figure(
             s["loss_aug"], s["loss_sym"], s["equiv_error"],
         )
         ree_ax.plot(xs, [100 * r for r in ree], "o-", color=color, label=t.run, markersize=4)
+        # Not learned (skill below --min-skill): grey crosses over the points, their REE says nothing.
+        ignored = [(x, 100 * r) for x, r, ok in zip(t.x, s["rel_equiv_error"], t.learned)
+                   if not ok and x >= 0 and math.isfinite(x) and r > 0]
+        if ignored:
+            ree_ax.plot(*zip(*ignored), "x", color="0.55", markersize=9, linestyle="none",
+                        label=f"{t.run}: not learned (skill < min)")
         # A CI bound of 0 has no place on a log axis: the band then stops at the estimate.
         band_low = [100 * lo if lo > 0 else 100 * r for lo, r in zip(low, ree)]
         ree_ax.fill_between(xs, band_low, [100 * hi for hi in high], color=color, alpha=0.2, linewidth=0)

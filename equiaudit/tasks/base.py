@@ -72,6 +72,8 @@ class TaskPreset:
             some fields' orbits itself (see :class:`equiaudit.engine.OrbitSpec`).
         heads_for: ``(resolved options) -> heads``, for a task whose heads follow its options
             (``flow.target``: a ``velocity``, ``x1`` or ``x0`` head); None: ``heads``.
+        denoises: ``{head: noisy input field}`` for a denoising task: the identity map (the
+            noisy input itself) is one of the head's null predictors (:mod:`equiaudit.null`).
         variables: its per-sample variables (:class:`SampleVariable`): breakdowns split by
             them, plots and ``report.html`` draw them, read from here.
         data_defaults: defaults of ``data.*`` reading options (``protein_flow``: ``units: nm``).
@@ -94,6 +96,7 @@ class TaskPreset:
     prepare: Callable[[Dataset, Mapping[str, Any], SampleRandom, torch.Tensor], Dataset] = _unchanged
     orbit_inputs: Callable[[Mapping[str, Any], Dataset], Callable | None] | None = None
     heads_for: Callable[[Mapping[str, Any]], Mapping[str, Mapping[str, Any]]] | None = None
+    denoises: Mapping[str, str] = field(default_factory=dict)
     variables: tuple[SampleVariable, ...] = ()
     data_defaults: Mapping[str, Any] = field(default_factory=dict)
 

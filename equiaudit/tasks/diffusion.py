@@ -118,6 +118,7 @@ DIFFUSION = register_task(
         section="diffusion",
         resolve_options=resolve_diffusion_options,
         prepare=prepare_diffusion,
+        denoises={"x1": "x_sigma"},
         options={"P_mean": -1.2, "P_std": 1.2, "sigma": None, "sigma_data": 1.0, "weighting": "edm"},
         # Not drawn per step yet (report.html and trajectory.png as before); drawn=True adds the panel.
         variables=(SampleVariable("sigma", "noise level σ", "noise level σ", drawn=False),),

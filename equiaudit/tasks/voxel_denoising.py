@@ -125,6 +125,7 @@ VOXEL_DENOISING = register_task(
         resolve_options=resolve_voxel_options,
         prepare=prepare_voxels,
         orbit_inputs=atoms_orbit_inputs,
+        denoises={"denoised": "noisy"},
         options={
             "grid_size": None,
             "resolution": 0.25,
