@@ -94,7 +94,7 @@ def test_e3nn_network_reads_at_floor(group):
                              heads={"out": {"rep": "1x0e+1x1o+1x2e", "target": "y"}}, inputs=["pos"], outputs=["out"],
                              group=group, rotations=8, seed=0, device="cpu", bootstrap=0)
     head = result.heads["out"]
-    assert head.loss_aug > 0.5 and head.flag == "at_float_floor", (head.rel_equiv_error, head.float_floor)
+    assert head.loss_aug > 0.5 and head.rel_equiv_error <= 10 * head.float_floor, (head.rel_equiv_error, head.float_floor)
     # negative control: the same outputs declared with the wrong parity are caught under o3 only
     wrong = equiaudit.audit(SphericalNet(), _clouds(), task="custom", fields={"pos": "vector"},
                             heads={"out": {"rep": "1x0e+1x1e+1x2e", "target": "y"}}, inputs=["pos"], outputs=["out"],

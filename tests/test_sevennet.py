@@ -102,7 +102,9 @@ def test_published_sevennet_reads_at_the_float_floor(tmp_path):
     for head in ("total", "energy", "forces"):
         row = rows[head]
         assert row["status"] == "ok" and row["weights"] == "raw" and row["step"] == "600" and row["n_samples"] == "8"
-        assert row["flag"] == "at_float_floor", row
+        # At the float floor (REE within 10x its floor). The flag column says not_learned first: on
+        # EMT labels a composition fit beats SevenNet's DFT-scale energies (skill below 0.1).
+        assert float(row["rel_equiv_error"]) <= 10 * float(row["float_floor"]), row
         assert float(row["rel_equiv_error"]) < 1e-12 and float(row["loss_aug"]) > 0
 
 
@@ -133,8 +135,8 @@ def test_a_fixed_field_breaks_the_symmetry_and_is_caught(tmp_path):
     # model sees; rotated back it is E Rᵀx̂, a uniformly random direction per rotation. The
     # orbit variance of a unit vector is 1 (the bias-corrected estimator's expectation is exact
     # for any K), so the forces' EE, an MSE averaged over the 3 components, is E²/3.
-    assert energy["flag"] == "at_float_floor", energy
-    assert forces["flag"] == "" and float(forces["rel_equiv_error_ci_low"]) > 1e3 * float(forces["float_floor"])
+    assert float(energy["rel_equiv_error"]) <= 10 * float(energy["float_floor"]), energy
+    assert forces["flag"] != "at_float_floor" and float(forces["rel_equiv_error_ci_low"]) > 1e3 * float(forces["float_floor"])
     # Noise: per sample, K/(K-1)·(1 - |mean of K unit vectors|²) has sd ≈ 0.05 at K = 16; over 8
     # samples ≈ 0.02. 10 % is 5 sd.
     assert float(forces["equiv_error"]) == pytest.approx(0.05**2 / 3, rel=0.10)

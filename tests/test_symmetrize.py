@@ -92,8 +92,8 @@ def test_cube_average_of_a_conv_is_exactly_cube_equivariant():
     assert sym.k == 24
     result = equiaudit.audit(sym, data, group="octahedral", bootstrap=0, **settings).total
     assert raw.rel_equiv_error > 1e-3  # a random kernel is not cube-equivariant
-    assert result.flag == "at_float_floor"
-    assert result.rel_equiv_error < 1e-20 or result.rel_equiv_error <= 10 * result.float_floor
+    # At the float floor (the flag column says not_learned first: a random conv has learnt nothing).
+    assert result.rel_equiv_error <= 10 * result.float_floor
     # And directly: sym(R·x) = R·sym(x) for every cube rotation R.
     from equiaudit.actions.voxels import rotate_grid
 

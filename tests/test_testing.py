@@ -25,7 +25,7 @@ def test_an_egnn_passes_at_either_precision(dtype):
     torch.manual_seed(0)
     model = egnn_force_field(hidden=16, layers=2).to(dtype)
     result = assert_equivariant(model, _force_data(), task="force_field", rotations=8, bootstrap=0)
-    assert result.total.flag == "at_float_floor"
+    assert result.total.rel_equiv_error <= 10 * result.total.float_floor
 
 
 def test_an_e3nn_network_passes():
