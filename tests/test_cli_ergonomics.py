@@ -251,3 +251,17 @@ def test_wandb_missing_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ConfigError, match=r"pip install 'equiaudit\[wandb\]'"):
         wb.require_wandb()
+
+
+def test_cli_reference_is_generated_from_every_command():
+    from equiaudit.cli.reference import cli_reference
+    from typer.main import get_command
+
+    text = cli_reference()
+    group = get_command(app)
+    for name, command in group.commands.items():
+        assert f"## equiaudit {name}" in text
+        for param in command.params:
+            if param.name != "help" and param.param_type_name == "option":
+                assert f"`{param.opts[0]}" in text
+    assert "| `--force` | switch |" in text and "| `--threads` | int range |" in text
