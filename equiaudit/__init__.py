@@ -15,6 +15,9 @@
     auditor = equiaudit.Auditor(data, task="force_field", rotations=16)   # data prepared once
     auditor(model)                     # one AuditResult per call (training steps, checkpoints)
 
+    results = equiaudit.audit_checkpoints("runs/ff", "test.npz", model="models.py:build", task="force_field")
+    results.rows()                     # the CLI's summary.csv rows, through the same runner
+
 Training loops: ``equiaudit.lightning.EquivarianceCallback`` (Lightning) and
 ``equiaudit.hf.EquivarianceTrainerCallback`` (Hugging Face ``Trainer``) log it while training.
 
@@ -30,6 +33,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "audit": "equiaudit.api",
+    "audit_checkpoints": "equiaudit.runs",
     "Auditor": "equiaudit.api",
     "EquivarianceMetric": "equiaudit.api",
     "settings": "equiaudit.api",

@@ -434,7 +434,8 @@ class AuditPlan:
         twirl = self._twirl_rows(weighted("twirl", samples), augs, errors, out)
         total = out.pop("total")
         return AuditResult(total, out, n_rotations=self.group.n_elements, group=self.group.name, group_label=self.group.label,
-                           config_hash=self.config_hash(), breakdown=rows, twirl=twirl, seconds=seconds)
+                           config_hash=self.config_hash(), breakdown=rows, twirl=twirl, seconds=seconds,
+                           head_weights={h.name: h.weight for h in self.spec.heads})
 
     def _twirl_rows(self, twirled: dict[str, torch.Tensor] | None, augs: Mapping[str, torch.Tensor],
                     errors: Mapping[str, torch.Tensor], results: Mapping[str, HeadResult]) -> list[dict]:

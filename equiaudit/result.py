@@ -132,6 +132,8 @@ class AuditResult:
             when it came from a file (empty for an in-memory model), and the weight set used
             (``raw``/``ema``; ``weights_source`` says where it was found, for run.json).
         seconds: wall time of the audit.
+        head_weights: each head's weight in the total (``total = Σ w_h · head``), shown
+            by the repr so a weighting that differs from the training loss's is seen.
     """
 
     total: HeadResult | None
@@ -154,6 +156,7 @@ class AuditResult:
     weights: str | None = None
     weights_source: str | None = None
     seconds: float = 0.0
+    head_weights: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -228,5 +231,8 @@ class AuditResult:
             return out + (" NOT LEARNED" if h.not_learned else "")
 
         heads = ", ".join(f"{h.name}: {100 * h.rel_equiv_error:.3g} %{extras(h)}" for h in self.heads.values())
+        weighted = ""
+        if self.head_weights:
+            weighted = "; total = " + " + ".join(f"{w:g}·{name}" for name, w in self.head_weights.items())
         return (f"AuditResult(REE {100 * t.rel_equiv_error:.3g} %{ci} of L_aug {t.loss_aug:.4g}{extras(t)} "
-                f"({self.group_label}, K={self.n_rotations}, N={t.n_samples}); {heads})")
+                f"({self.group_label}, K={self.n_rotations}, N={t.n_samples}); {heads}{weighted})")

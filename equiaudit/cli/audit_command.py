@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from equiaudit.errors import ConfigError
 from equiaudit.io.config import load_config
@@ -32,8 +32,10 @@ __all__ = ["run_audit_command", "audit_with_progress", "progress_bars", "audit_t
 
 
 def progress_bars(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    """Bars on a terminal; plain periodic lines in a pipe or a log (:mod:`equiaudit.cli.progress`)."""
+    from equiaudit.cli.progress import progress
+
+    return progress(console)
 
 
 def audit_title(audit: OpenAudit) -> str:
@@ -171,7 +173,7 @@ def _banner(audit: OpenAudit) -> str:
         family = (f"; model: family [bold]{escape(config.model.family)}[/] built from {escape(source)} "
                   f"(heads {escape(heads)}; {'no config: detected from the files' if config.source is None else 'from the config'})")
     return (f"task [bold]{escape(config.task)}[/] on {audit.prepared.n_samples} samples × {plan.group.n_elements} rotations "
-            f"({escape(plan.group.label)}) on {plan.device}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}{family}; "
+            f"({escape(plan.group.label)}) on {plan.device}{_threads(plan.device)}; weights: {config.weights} ({_WEIGHTS[config.weights]}){prefix}{family}; "
             f"{_chunks(audit)}")
 
 
@@ -196,6 +198,12 @@ def announce_chunking(audit: OpenAudit, console: Console, debug: bool) -> None:
             console.print(escape(json.dumps(search.report())), highlight=False, soft_wrap=True)
 
     chunks.listeners.append(decided)
+
+
+def _threads(device) -> str:
+    from equiaudit.cli.threads import threads_label
+
+    return f" with {threads_label()}" if str(device) == "cpu" else ""
 
 
 def say_discovered(refs, skipped, console: Console) -> None:
@@ -235,6 +243,7 @@ def run_audit_command(
     data: str | None = None,
     sets: Sequence[str] = (),
     allow_torchscript: bool = False,
+    wandb: str | None = None,
 ) -> int:
     """Body of ``equiaudit audit``; returns the exit code. ``options``: ``distribute``,
     ``dist_timeout``, ``shard``, ``compile`` (see :mod:`equiaudit.cli.scale_command`).
@@ -268,6 +277,10 @@ def run_audit_command(
             raise ConfigError(f"--threshold={threshold} must be a fraction between 0 and 1 (0.02 = 2 %)")
         if tensorboard is not None:
             require_tensorboard()  # before the audit, not after it
+        if wandb is not None:
+            from equiaudit.report.wandb import require_wandb
+
+            require_wandb()
         return config, paths
 
     from equiaudit.cli.scale_command import scaled
@@ -279,11 +292,11 @@ def run_audit_command(
             return scale.run_shard(config, paths, out, device=device, debug=debug)
         return _audit(config, paths, out, scale=scale, device=device, output_format=output_format, stdout=stdout,
                       stderr=stderr, force=force, watch=watch, interval=interval, plot=plot, threshold=threshold, debug=debug,
-                      tensorboard=tensorboard, allow_torchscript=allow_torchscript)
+                      tensorboard=tensorboard, allow_torchscript=allow_torchscript, wandb=wandb)
 
 
 def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, force, watch, interval, plot, threshold,
-           debug, tensorboard=None, allow_torchscript=False) -> int:
+           debug, tensorboard=None, allow_torchscript=False, wandb=None) -> int:
     skipped: list = []
     refs = [] if watch else scale.discover(paths, skipped=skipped)  # in watch mode the run may still be empty
     if config.model.family is not None and refs:
@@ -316,8 +329,9 @@ def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, 
                 stop.ended()
             failed = sum(not r.ok for r in latest.values())
             stderr.print(f"stopped watching: {len(latest)} checkpoint(s) audited; results in {escape(str(folder.summary))}", highlight=False)
-            return _written(folder, failed, output_format=output_format, stdout=stdout, stderr=stderr, plot=plot,
+            code = _written(folder, failed, output_format=output_format, stdout=stdout, stderr=stderr, plot=plot,
                             tensorboard=tensorboard)
+            return _log_wandb(wandb, folder, config, stderr) or code
     else:
         if scale.main:
             stderr.print(f"auditing {len(refs)} checkpoint(s) of {_banner(audit)}", highlight=False)
@@ -325,8 +339,26 @@ def _audit(config, paths, out, *, scale, device, output_format, stdout, stderr, 
         results, rows = scale.audit(audit, refs, folder, force=force, console=stderr, debug=debug)
         if not scale.main:
             return 0  # rank 0 reports (and exits 1 when a checkpoint failed)
-        return report_rows(audit, folder, results, rows, output_format=output_format, stdout=stdout, stderr=stderr,
+        code = report_rows(audit, folder, results, rows, output_format=output_format, stdout=stdout, stderr=stderr,
                            plot=plot, threshold=threshold, tensorboard=tensorboard)
+        return _log_wandb(wandb, folder, config, stderr) or code
+
+
+def _log_wandb(project: str | None, folder: OutputFolder, config, stderr: Console) -> int:
+    """``--wandb PROJECT``: the rows of these settings in OUT as one W&B run (0, or 1 when W&B failed)."""
+    if project is None:
+        return 0
+    from equiaudit.report.wandb import write_wandb
+
+    try:
+        where = write_wandb(read_rows(folder.summary), project, out=folder.path, config=config.raw,
+                            config_hash=config.settings_hash())
+    except Exception as exc:  # the audit is written; a logging failure must not hide it
+        stderr.print(f"[bold red]error:[/] --wandb {escape(project)}: {escape(type(exc).__name__)}: {escape(str(exc))}",
+                     highlight=False, soft_wrap=True)
+        return 1
+    stderr.print(f"logged to W&B project {escape(project)} ({escape(where)})", highlight=False)
+    return 0
 
 
 def report_rows(audit: OpenAudit, folder: OutputFolder, results: Sequence[AuditResult], rows: list[dict], *,

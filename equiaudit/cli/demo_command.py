@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from equiaudit.errors import ConfigError
@@ -44,8 +44,10 @@ __all__ = ["write_data", "train_task", "run_train_command", "run_demo_command"]
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    """Bars on a terminal; plain periodic lines in a pipe or a log (:mod:`equiaudit.cli.progress`)."""
+    from equiaudit.cli.progress import progress
+
+    return progress(console)
 
 
 def write_data(recipe: Recipe, data_dir: Path, seed: int) -> tuple[Path, Path]:
@@ -207,6 +209,9 @@ def run_demo_command(
     ema_decay: float | None = None,
 ) -> int:
     """Body of ``equiaudit demo``: for each task, data → training → audit → trajectory and verdict."""
+    from equiaudit.cli.threads import threads_label
+
+    console.print(f"equiaudit demo: device {device}, {threads_label()}", highlight=False)
     results = []
     failed = 0
     for task in tasks:

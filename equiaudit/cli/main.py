@@ -28,9 +28,13 @@ app = typer.Typer(
     name="equiaudit",
     help="Audit how much of a model's loss comes from imperfect learned 3D-rotation equivariance.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+# Switches (--force, --watch, --plot/--no-plot) take no value: show none in --help, not `<bool>`.
+_typed_display = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: "" if self.is_flag else _typed_display(self, ctx)
 # Piped output (CI logs, `| tee`) gets a wide table rather than rich's 80-column default.
 stdout = Console(width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -126,10 +130,23 @@ def main(
     _state["debug"] = debug or _debug_from_env()
 
 
-@app.command()
+_AUDIT_EPILOG = """\b
+Examples:
+  equiaudit init runs/ff data/test.npz -o audit.yaml    # write a starter config from what is found
+  equiaudit audit audit.yaml                            # checkpoints from checkpoints.path
+  equiaudit audit audit.yaml runs/ff/ -o audit_ff -k 24 # a run's folder, a file or a glob
+  equiaudit audit sample_configs/force_field.yaml --threads 1 --wandb my-project
+\b
+The config (YAML; sample_configs/ has one per task, with comments) names: task,
+model.factory (+ kwargs, inputs, outputs, grad), checkpoints.path (+ weights, prefix),
+data.path (+ keys, samples), heads (rep, target, loss, weight), group (name, rotations), seed.
+Docs: docs/quickstart.md, docs/your-model.md, docs/cli.md."""
+
+
+@app.command(epilog=_AUDIT_EPILOG)
 @friendly_errors
 def audit(
-    config: Annotated[Path, typer.Argument(help="YAML audit config (.yaml/.yml), or, with no config, a checkpoint, run directory or glob of a known model family (sevennet, metatrain, orb): the family is detected from the files' contents.")],
+    config: Annotated[Path, typer.Argument(help="YAML audit config (.yaml/.yml: task, model.factory, data.path, heads, ...; see sample_configs/ or write one with `equiaudit init`), or, with no config, a checkpoint, run directory or glob of a known model family (sevennet, metatrain, orb): the family is detected from the files' contents.")],
     checkpoints: Annotated[Optional[list[str]], typer.Argument(help="Checkpoint files, run directories or globs (override checkpoints.path).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for summary.csv and run.json.")] = Path("equiaudit_out"),
     rotations: Annotated[Optional[int], typer.Option("--rotations", "-k", help="Rotations per sample (K).")] = None,
@@ -164,13 +181,17 @@ def audit(
     data: Annotated[Optional[str], typer.Option("--data", help="Structures to audit on (data.path): required without a config, overrides the config's.")] = None,
     set_values: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE: set any config key (dotted, value read as YAML), e.g. --set group.rotations=8; applied last. Repeatable.")] = None,
     allow_torchscript: Annotated[bool, typer.Option("--allow-torchscript", help="Also audit TorchScript archives (mtt export's model.pt). A TorchScript archive is a program: loading it runs its code; only for files you trust. Off by default: archives are skipped and listed.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice, one per core; the banner says which). 1 is often fastest on a busy machine.")] = None,
+    wandb: Annotated[Optional[str], typer.Option("--wandb", metavar="PROJECT", help="Also log the audit to Weights & Biases project PROJECT: one run, REE per step as a line plot and the summary table (pip install 'equiaudit[wandb]'; WANDB_MODE=offline works).")] = None,
 ):
     """Audit every checkpoint of a run: REE per checkpoint and head, written to OUT/summary.csv.
 
     Checkpoints already audited into OUT with the same settings are reused, not recomputed.
     """
     from equiaudit.cli.audit_command import run_audit_command
+    from equiaudit.cli.threads import set_threads
 
+    set_threads(threads)
     code = run_audit_command(
         config_path=config,
         checkpoint_args=checkpoints or [],
@@ -195,6 +216,7 @@ def audit(
         data=data,
         sets=set_values or [],
         allow_torchscript=allow_torchscript,
+        wandb=wandb,
     )
     raise typer.Exit(code)
 
@@ -242,9 +264,16 @@ def compare(
     force: Annotated[bool, typer.Option("--force", help="Recompute checkpoints of run directories already audited.")] = False,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write OUT/compare.png.")] = True,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Terminal output.")] = OutputFormat.table,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice).")] = None,
 ):
-    """Compare REE trajectories of runs: first step at or below the threshold, final and minimum REE."""
+    """Compare REE trajectories of runs: first step at or below the threshold, final and minimum REE.
+
+    Example: equiaudit compare audit_ff audit_ff_small --threshold 0.02 -o cmp
+    """
     from equiaudit.cli.compare_command import run_compare_command
+    from equiaudit.cli.threads import set_threads
+
+    set_threads(threads)
 
     code = run_compare_command(
         sources=sources,
@@ -304,6 +333,26 @@ def inspect(
     raise typer.Exit(code)
 
 
+@app.command()
+@friendly_errors
+def init(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or a training run's folder: its layout, and the model when it is one of equiaudit.zoo's.")] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="A held-out data file (.npz, .xyz, .db, .h5, ...): its fields, the task and the heads.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the config here (default: print it).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+):
+    """Write a commented starter audit config from what is found in CHECKPOINT and DATA.
+
+    Example: equiaudit init runs/ff data/test.npz -o audit.yaml && equiaudit audit audit.yaml
+
+    Every inferred value is commented with where it came from; what cannot be inferred
+    (model.factory of your own network, head weights of your training loss) is marked TODO.
+    """
+    from equiaudit.cli.init_command import run_init_command
+
+    raise typer.Exit(run_init_command(checkpoint=checkpoint, data=data, out=out, force=force, console=stdout))
+
+
 # The demo's tasks (equiaudit.zoo.recipes.TASKS, not imported here to keep --help fast).
 _DEMO_TASKS = ("force_field", "flow_matching", "voxel_denoising")
 Task = Enum("Task", {name: name for name in _DEMO_TASKS}, type=str)
@@ -319,9 +368,16 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and augmentation.")] = 0,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random-rotation augmentation.")] = True,
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Weight averaging of the checkpoints (default: the recipe's, 0.999; 0 turns it off).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice).")] = None,
 ):
-    """Train a reference non-equivariant model on locally made Lennard-Jones data, saving log-spaced checkpoints."""
+    """Train a reference non-equivariant model on locally made Lennard-Jones data, saving log-spaced checkpoints.
+
+    Example: equiaudit train force_field --steps 300 -o demo_out  (then: equiaudit audit demo_out/force_field/config.yaml)
+    """
     from equiaudit.cli.demo_command import run_train_command
+    from equiaudit.cli.threads import set_threads
+
+    set_threads(threads)
 
     raise typer.Exit(run_train_command(task=task.value, out=out, steps=steps, seed=seed, augment=augment,
                                        ema_decay=ema_decay, console=stdout))
@@ -337,10 +393,17 @@ def demo(
     device: Annotated[Device, typer.Option(help="Where to train and audit.")] = Device.auto,
     threshold: Annotated[float, typer.Option(help="REE threshold for 'first step below' (fraction).")] = 0.02,
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Weight averaging of the checkpoints (default: the recipe's, 0.999; 0 turns it off).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice; the banner says which).")] = None,
 ):
-    """Make data, train the three reference models with rotation augmentation, and audit every checkpoint."""
+    """Make data, train the three reference models with rotation augmentation, and audit every checkpoint.
+
+    Example: equiaudit demo --task flow_matching --steps 300 --threads 1
+    """
     from equiaudit.cli.demo_command import run_demo_command
+    from equiaudit.cli.threads import set_threads
     from equiaudit.zoo.recipes import TASKS
+
+    set_threads(threads)
 
     tasks = list(TASKS) if task.value == "all" else [task.value]
     raise typer.Exit(run_demo_command(tasks=tasks, out=out, steps=steps, seed=seed, device=device.value,

@@ -554,18 +554,39 @@ def parse_config(raw: Any, source: Path | None = None, *, model_given: bool = Fa
     )
 
 
+_BINARY_SUFFIXES = {".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".tar", ".npz", ".npy", ".h5", ".hdf5", ".db", ".aselmdb"}
+_CONFIG_HINT = ("the first argument is a YAML audit config (see sample_configs/); write one with "
+                "`equiaudit init CHECKPOINT DATA`, then `equiaudit audit CONFIG.yaml CHECKPOINT`")
+
+
+def _not_a_config(path: Path) -> str:
+    """Why ``path`` cannot be the YAML config: missing, a directory, or a checkpoint/data file."""
+    if path.is_dir():
+        return f"config: {path} is a directory (a training run's folder?), not a YAML config: {_CONFIG_HINT}"
+    if not path.exists():
+        return f"config file not found: {path} ({_CONFIG_HINT})"
+    kind = "a data file" if path.suffix in {".npz", ".npy", ".h5", ".hdf5", ".db", ".aselmdb"} else "a checkpoint or other binary file"
+    return f"config: {path} is {kind}, not a YAML config: {_CONFIG_HINT}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping at the top of a YAML file (safe loader: tags such as ``!!python`` are refused)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(_not_a_config(path))
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80" or head[:8] == b"\x89HDF\r\n\x1a\n" or path.suffix in _BINARY_SUFFIXES:
+            raise ConfigError(_not_a_config(path))
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"config: {path} is not valid YAML{where}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_not_a_config(path)) from exc
+    except OSError as exc:
         raise ConfigError(f"config: cannot read {path} ({type(exc).__name__})") from exc
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: {path} must hold a mapping at the top level")

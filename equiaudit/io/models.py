@@ -6,6 +6,7 @@ checkpoints, by contrast, are never executed (see :mod:`equiaudit.io.checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -35,22 +36,53 @@ def load_factory(spec: str, base: Path | None = None):
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
+            # The file's own folder is importable while it runs, as pytest does for a test
+            # file (rootdir-less "prepend" import mode): `from mymodels import Net` in
+            # models2.py finds its neighbour mymodels.py.
+            folder = str(path.resolve().parent)
             try:
-                module_spec.loader.exec_module(module)
+                with _on_sys_path(folder):
+                    module_spec.loader.exec_module(module)
             except BaseException as exc:
                 del sys.modules[name]
+                if isinstance(exc, ModuleNotFoundError):
+                    raise ConfigError(f"config: model.factory: importing {path} raised ModuleNotFoundError: {first_line(exc)} "
+                                      f"(searched {path.parent or '.'} and sys.path; install the package or put the module beside the file)") from exc
                 raise _factory_error(f"importing {path}", exc) from exc
     else:
+        # A dotted module is looked up on sys.path, plus the working directory (as `python -m`
+        # and pytest do) and the config's folder, so `mymodels:build` beside the config works.
+        searched = [str(Path.cwd())] + ([str(base.resolve())] if base is not None else [])
         try:
-            module = importlib.import_module(target)
+            with _on_sys_path(*searched):
+                module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
-            raise ConfigError(f"config: model.factory module {target!r} cannot be imported ({exc})") from exc
+            where = ", ".join(dict.fromkeys(searched))
+            raise ConfigError(f"config: model.factory module {target!r} cannot be imported ({exc}); searched {where} and "
+                              f"sys.path (install it, or give a file: 'path/to/{target.replace('.', '/')}.py:{attribute}')") from exc
         except BaseException as exc:
             raise _factory_error(f"importing {target}", exc) from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ConfigError(f"config: model.factory: {target!r} has no callable {attribute!r}")
     return factory
+
+
+@contextlib.contextmanager
+def _on_sys_path(*folders: str):
+    """``folders`` at the front of ``sys.path`` for the import (those not there already);
+    removed afterwards, so one config's folder does not shadow another's modules. Modules
+    imported from them stay in ``sys.modules`` (the model's classes must stay importable)."""
+    added = [folder for folder in dict.fromkeys(folders) if folder not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for folder in added:
+            try:
+                sys.path.remove(folder)
+            except ValueError:
+                pass
 
 
 def _factory_error(doing: str, exc: BaseException) -> ConfigError:
