@@ -26,7 +26,9 @@ default the size is measured, on the audit's own work:
   starts (free CUDA memory; on a CPU, available RAM: :mod:`equiaudit.io.resources`). Each chunk
   run during the search records how much it raised the process's memory in use (its peak
   minus the use before it); a size is tried only when twice the largest such figure per
-  sample times the size fits the budget.
+  sample times the size fits the budget. On a CPU a doubling must also keep the chunk's extra
+  memory under max(256 MiB, ¼ of the process's memory in use): batching gains saturate at
+  cache-sized chunks there, while memory keeps growing with the chunk.
 * **Out of memory** (``torch.OutOfMemoryError``, ``MemoryError``, a ``RuntimeError`` "out of
   memory" / "DefaultCPUAllocator: can't allocate"): the chunk is halved and retried, and no
   later chunk of that search is larger. An explicit ``chunk_size: N`` is used as given (no
@@ -66,6 +68,7 @@ MIN_GAIN = 0.05  # a doubling must cut the time per sample by this much to try t
 TIE = 0.03  # sizes this close to the fastest count as fast: the smallest of them is chosen
 REPEATS = 2  # timed runs per candidate (the minimum counts)
 BUDGET_SHARE = 0.5  # of the memory available when a search starts
+SOFT_FLOOR = 256 * 2**20  # CPU: a chunk may always add this much memory (see AutoChunks.search)
 
 _OOM_TEXT = ("out of memory", "can't allocate memory", "defaultcpuallocator: can't allocate")
 
@@ -122,7 +125,7 @@ class ChunkSearch:
 
     def __init__(self, *, kind: str = "forward", smallest: int = SMALLEST, min_gain: float = MIN_GAIN, tie: float = TIE,
                  repeats: int = REPEATS, budget: int | None = None, available: int | None = None,
-                 clock_name: str = "", memory_method: str = "", on_decided: Callable[[ChunkSearch], None] | None = None):
+                 clock_name: str = "", memory_method: str = "", soft_limit: int | None = None, on_decided: Callable[[ChunkSearch], None] | None = None):
         self.kind = kind
         self.smallest = max(1, int(smallest))
         self.min_gain, self.tie, self.repeats = min_gain, tie, max(1, int(repeats))
@@ -139,6 +142,7 @@ class ChunkSearch:
         self.out_of_memory_at: list[int] = []
         self.stop_reason = ""
         self.rows_searched = 0
+        self.soft_limit = soft_limit  # CPU: a chunk's extra memory beyond this buys no speed worth it
         self.descending = False  # after a clearly slower first doubling: halving from the smallest
 
     # ------------------------------------------------------------------ driving
@@ -234,6 +238,8 @@ class ChunkSearch:
             self._finish("out of memory above")
         elif self.budget is not None and self.bytes_per_sample * following * 2 > self.budget:
             self._finish("memory budget")
+        elif self.soft_limit is not None and self.bytes_per_sample * following > self.soft_limit:
+            self._finish("memory past the point of speed")
         else:
             self.candidate = following
 
@@ -280,6 +286,7 @@ class ChunkSearch:
                        for _, t in sorted(self.trials.items())],
             "bytes_per_sample": round(self.bytes_per_sample),
             "budget_bytes": self.budget,
+            "soft_limit_bytes": self.soft_limit,
             "available_bytes": self.available,
             "out_of_memory_at": list(self.out_of_memory_at),
             "clock": self.clock_name,
@@ -355,8 +362,13 @@ class AutoChunks:
             probe = self.probe(device)
             available = probe.available() if probe is not None else None
             budget = None if available is None else int(available * self.budget_share)
+            in_use = probe.in_use() if probe is not None else None
+            # On a CPU, batching gains saturate at cache-sized chunks while memory grows with them
+            # (RAM is shared with everything else): a chunk may add at most max(256 MiB, ¼ of the
+            # process's memory in use). A GPU's memory is the audit's: only the budget bounds it.
+            soft = None if device.type == "cuda" or in_use is None else max(SOFT_FLOOR, in_use // 4)
             found = ChunkSearch(kind=kind, budget=budget, available=available, clock_name=self.clock_for(device)[1],
-                                memory_method=getattr(probe, "method", ""), on_decided=self._decided, **self.options)
+                                memory_method=getattr(probe, "method", ""), soft_limit=soft, on_decided=self._decided, **self.options)
             self.searches[key] = found
         return found
 
