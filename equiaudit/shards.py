@@ -289,7 +289,7 @@ def merge_shards(out, *, events=None, device: str = "cpu"):
     from equiaudit.io.checkpoints import CheckpointRef
     from equiaudit.io.config import parse_config
     from equiaudit.io.layout import OutputFolder
-    from equiaudit.report.summary import merge_rows
+    from equiaudit.io.tables import merge_rows
     from equiaudit.runner import CheckpointShare, Runner, RunEvents, finish_checkpoint, open_audit
 
     events = events or RunEvents()
