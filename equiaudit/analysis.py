@@ -32,14 +32,13 @@ from typing import Any
 import torch
 
 from equiaudit import dynamics as dyn
+from equiaudit.model_state import evaluation_mode
 from equiaudit.result import as_float
+from equiaudit.schema import DYNAMICS_COLUMNS  # (re-exported: the column list lives in the schema)
 
 __all__ = ["DynamicsOptions", "CheckpointDynamics", "select_params", "checkpoint_dynamics", "trajectory_correlations",
            "DYNAMICS_COLUMNS"]
 
-DYNAMICS_COLUMNS = ("run", "checkpoint", "step", "head", "grad_norm_sym", "grad_norm_equiv", "grad_norm_ratio", "grad_cosine",
-                    "grad_norm_aug", "loss_sym", "equiv_error", "rel_equiv_error", "hessian_top_sym", "hessian_top_equiv",
-                    "config_hash")
 
 
 @dataclass(frozen=True)
@@ -123,8 +122,6 @@ def checkpoint_dynamics(plan, model: torch.nn.Module, prepared, options: Dynamic
     The model runs in eval mode with gradients enabled; its parameters are left exactly as
     they were (the landscape restores them bitwise) and no ``.grad`` is written.
     """
-    from equiaudit.plan import evaluation_mode
-
     out = CheckpointDynamics()
     weights = {h.name: h.weight for h in plan.spec.heads}
     with evaluation_mode(model):

@@ -136,9 +136,7 @@ class StepAudit:
                                for s, r in self.results]
         folder = OutputFolder(self.out)
         landscapes = [(result.identity(), result.landscape)] if result.landscape is not None else []
-        folder.record({folder.SUMMARY: result.rows(), folder.BREAKDOWN: result.breakdown_rows(),
-                       folder.DYNAMICS: result.dynamics_rows(), folder.TWIRL: result.twirl_rows()},
-                      metadata=meta, landscapes=landscapes)
+        folder.record(result.tables(), metadata=meta, landscapes=landscapes)
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:

@@ -366,7 +366,7 @@ class DistributedRun:
     def run(self, refs: Sequence) -> tuple[list, list[dict]]:
         """Audit ``refs`` (rank 0's list counts); returns, on rank 0, the results evaluated now
         and the summary rows of all ``refs`` (as :meth:`Runner.run`); elsewhere ``([], [])``."""
-        from equiaudit.report.summary import merge_rows
+        from equiaudit.io.tables import merge_rows
 
         ses, runner = self.session, self.runner
         # Rank 0 alone reads the cache; the others learn which checkpoints are left to do.

@@ -23,7 +23,6 @@ anywhere (batches of a loader, ranks, shards) and summarized together.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -48,6 +47,7 @@ from equiaudit.local import local_batch
 from equiaudit.metrics import ratio_standard_error
 from equiaudit.null import MIN_SKILL, NOT_LEARNED, loss_null, null_columns, skill, skill_flag
 from equiaudit.metrics import summarize as summarize_ratio
+from equiaudit.model_state import evaluation_mode
 from equiaudit.random import SampleRandom, sample_ids
 from equiaudit.representations import get_representation, position_fields
 from equiaudit.result import AuditResult, HeadResult
@@ -524,20 +524,6 @@ def _cluster_means(aug: torch.Tensor, error: torch.Tensor, clusters: torch.Tenso
     scale = len(distinct) / len(clusters)
     sums = torch.zeros(2, len(distinct), dtype=torch.float64).index_add_(1, inverse, torch.stack([aug, error]).double())
     return sums[0] * scale, sums[1] * scale
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module):
-    """``model.eval()`` for the audit, restoring every submodule's training flag afterwards
-    (a model audited from a training loop goes back to training as it was)."""
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 # ---------------------------------------------------------------------- resolving

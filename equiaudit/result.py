@@ -2,7 +2,9 @@
 
 The same object comes out of :func:`equiaudit.audit`, :meth:`equiaudit.EquivarianceMetric.compute`,
 the CLI's runner (one per checkpoint) and the training-loop callbacks, and
-:meth:`AuditResult.rows` gives exactly the ``summary.csv`` rows the CLI writes for it:
+:meth:`AuditResult.tables` gives the rows of every output table it fills (the one mapping
+every writer uses; columns in :mod:`equiaudit.schema`). :meth:`AuditResult.rows` gives
+exactly the ``summary.csv`` rows the CLI writes for it:
 ``total`` first (``Σ_h w_h · head``), then each head; a failed checkpoint gets a single
 ``total`` row with empty numbers and its status.
 """
@@ -14,23 +16,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from equiaudit import schema
+# The tables' columns live in equiaudit.schema; re-exported here for existing callers.
+from equiaudit.schema import MEASURE_COLUMNS, SUMMARY_COLUMNS, TWIRL_COLUMNS
+from equiaudit.schema import SUMMARY_EXTRA_COLUMNS as EXTRA_COLUMNS
+
 __all__ = ["HeadResult", "AuditResult", "SUMMARY_COLUMNS", "EXTRA_COLUMNS", "MEASURE_COLUMNS", "TWIRL_COLUMNS",
            "SCALAR_COLUMNS", "scalars"]
 
-SUMMARY_COLUMNS = (
-    "run", "checkpoint", "step", "head", "loss_aug", "loss_sym", "equiv_error", "rel_equiv_error",
-    "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "n_samples", "n_rotations", "group", "status",
-)
-# Always written after the contract's columns, in this order (empty where not measured).
-# `epoch` and `checkpoint_time` (the checkpoint's mtime, Unix seconds) let plots use other x
-# axes; `weights` says which weight set of the checkpoint was audited (raw, ema).
-EXTRA_COLUMNS = ("median_rel_equiv_error", "message", "config_hash", "seconds", "epoch", "checkpoint_time", "weights")
-# twirl.csv: the held-out loss of the k-rotation average, per checkpoint, head and k; smallest_k:
-# the smallest k whose average removes at least twirl_target of the equivariance error.
-TWIRL_COLUMNS = ("run", "checkpoint", "step", "head", "k", "loss_twirled", "share_of_equiv_error_removed",
-                 "loss_aug", "loss_sym", "equiv_error", "smallest_k", "twirl_target", "config_hash")
-# Optional per-head figures, in the order they follow the columns above when measured.
-MEASURE_COLUMNS = ("interp_floor", "float_floor", "flag", "local_equiv_error", "rel_local_equiv_error", "skill", "loss_null")
 # The figures a training logger gets (Lightning, Hugging Face, TensorBoard), see :func:`scalars`.
 SCALAR_COLUMNS = ("rel_equiv_error", "loss_aug", "loss_sym", "skill")
 
@@ -215,6 +208,16 @@ class AuditResult:
     def dynamics_rows(self) -> list[dict]:
         """``dynamics.csv`` rows with the checkpoint's identity."""
         return [{**self.identity(), **row} for row in self.dynamics]
+
+    def tables(self) -> dict[str, list[dict]]:
+        """The rows of every per-checkpoint output table, by file name (:data:`equiaudit.schema.TABLES`):
+        ``summary.csv``, ``breakdown.csv``, ``dynamics.csv``, ``twirl.csv``."""
+        return {
+            schema.SUMMARY: self.rows(),
+            schema.BREAKDOWN: self.breakdown_rows(),
+            schema.DYNAMICS: self.dynamics_rows(),
+            schema.TWIRL: self.twirl_rows(),
+        }
 
     def __repr__(self) -> str:
         if not self.ok or self.total is None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from equiaudit import __version__
+from equiaudit import __version__, schema
 from equiaudit.errors import CheckpointError, EquiauditError, first_line
 from equiaudit.io.cache import CachedResult, ResultCache, SettleTracker, Stamp, settings_identity, stamp
 from equiaudit.io.checkpoints import CheckpointRef, discover_checkpoints, load_into_model, read_checkpoint
@@ -39,8 +39,8 @@ from equiaudit.io.config import AuditConfig
 from equiaudit.io.data import load_dataset
 from equiaudit.io.layout import OutputFolder
 from equiaudit.io.models import build_configured
+from equiaudit.io.tables import merge_rows
 from equiaudit.plan import AuditPlan, Prepared, resolve
-from equiaudit.report.summary import merge_rows
 from equiaudit.result import AuditResult
 from equiaudit.stats import SampleStats
 
@@ -315,9 +315,10 @@ class Runner:
         epoch = result.epoch if result.epoch is not None else ref.epoch
         result = result.with_identity(epoch=epoch, checkpoint_time=found.mtime if found is not None else None)
         if result.ok and key is not None:
-            extra = {"dynamics": result.dynamics_rows(), "twirl": result.twirl_rows(),
+            tables = result.tables()
+            extra = {"dynamics": tables[schema.DYNAMICS], "twirl": tables[schema.TWIRL],
                      "landscape": [result.identity(), result.landscape] if result.landscape is not None else None}
-            self.cache.put(key, ref, result.rows(), result.breakdown_rows(), self.breakdown_identity, extra)
+            self.cache.put(key, ref, tables[schema.SUMMARY], tables[schema.BREAKDOWN], self.breakdown_identity, extra)
         return result
 
     def record(self, results: Sequence[AuditResult], refs: Sequence[CheckpointRef] = (), cached: Sequence[CachedResult] = ()) -> None:
@@ -325,12 +326,10 @@ class Runner:
         for ref, result in zip(refs, results):
             self.results[str(ref.path)] = result
         out = self.out
-        tables = {
-            out.SUMMARY: [row for r in results for row in r.rows()] + [row for hit in cached for row in hit.rows],
-            out.BREAKDOWN: [row for r in results for row in r.breakdown_rows()] + [row for hit in cached for row in hit.breakdown],
-            out.DYNAMICS: [row for r in results for row in r.dynamics_rows()] + [row for hit in cached for row in hit.extra.get("dynamics", [])],
-            out.TWIRL: [row for r in results for row in r.twirl_rows()] + [row for hit in cached for row in hit.extra.get("twirl", [])],
-        }
+        tables: dict[str, list[dict]] = {name: [] for name in schema.TABLES}
+        for source in (*results, *cached):  # evaluated now, then cached
+            for name, rows in source.tables().items():
+                tables[name].extend(rows)
         landscapes = [(r.identity(), r.landscape) for r in results if r.landscape is not None]
         landscapes += [_as_landscape(hit.extra["landscape"]) for hit in cached if hit.extra.get("landscape")]
         out.record(tables, metadata=self._metadata(), landscapes=landscapes, rebuild=self._from_cache, warn=self.events.on_warning)

@@ -393,7 +393,7 @@ def merge_shards(out, *, config=None, events=None, device: str = "cpu"):
     from equiaudit.io.config import parse_config
     from equiaudit.io.layout import OutputFolder
     from equiaudit.io.models import build_model
-    from equiaudit.report.summary import merge_rows
+    from equiaudit.io.tables import merge_rows
     from equiaudit.runner import CheckpointShare, Runner, RunEvents, finish_checkpoint, open_audit
 
     events = events or RunEvents()

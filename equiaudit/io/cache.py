@@ -30,6 +30,7 @@ from typing import Any
 from equiaudit import __version__
 from equiaudit.io.checkpoints import CheckpointRef
 from equiaudit.io.config import AuditConfig, resolve_path
+from equiaudit.schema import BREAKDOWN, DYNAMICS, SUMMARY, TWIRL
 
 __all__ = ["CACHE_FILE", "Stamp", "stamp", "settings_identity", "result_key", "CachedResult", "ResultCache", "SettleTracker"]
 
@@ -149,6 +150,12 @@ class CachedResult:
     breakdown: list[dict]
     breakdown_options: str
     extra: dict = field(default_factory=dict)
+
+    def tables(self) -> dict[str, list[dict]]:
+        """The stored rows of every per-checkpoint output table, by file name, as
+        :meth:`equiaudit.result.AuditResult.tables` gives them."""
+        return {SUMMARY: self.rows, BREAKDOWN: self.breakdown,
+                DYNAMICS: self.extra.get("dynamics", []), TWIRL: self.extra.get("twirl", [])}
 
 
 class ResultCache:

@@ -25,7 +25,6 @@ reported and rebuilt from ``cache.sqlite`` rather than blocking every later run.
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
 import json
 import math
@@ -34,79 +33,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from equiaudit import schema
 from equiaudit.io.atomic import atomic_write_text
-from equiaudit.result import SUMMARY_COLUMNS
+from equiaudit.io.tables import FORMULA_STARTS, DamagedCSV, csv_cell, csv_text, merge_rows, read_csv, write_rows
 
-__all__ = ["OutputFolder", "DamagedCSV", "csv_cell", "csv_text", "FORMULA_STARTS"]
-
-# Spreadsheet formula injection (OWASP "CSV injection"): a cell starting with one of these is
-# evaluated by Excel, LibreOffice and Google Sheets (`=HYPERLINK(…)`, `@SUM(…)`, `+cmd|…`).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_QUOTE = "'"
-
-
-def csv_cell(text: str) -> str:
-    """``text`` as equiaudit writes it in a CSV cell: a text cell that a spreadsheet would
-    evaluate (it starts with ``= + - @``, a tab or a carriage return) gets a leading ``'``
-    (the OWASP convention; spreadsheets show the text, unevaluated). A number, ``-0.5``,
-    ``-inf``, is written as is. A text starting with ``'`` gets one more, so that
-    :func:`csv_text` gives back every text exactly."""
-    if not text or not (text.startswith(FORMULA_STARTS) or text.startswith(_QUOTE)):
-        return text
-    if text[0] != _QUOTE:
-        try:
-            float(text)
-            return text  # a number: nothing to evaluate beyond its value
-        except ValueError:
-            pass
-    return _QUOTE + text
-
-
-def csv_text(cell: str) -> str:
-    """The text :func:`csv_cell` wrote in ``cell`` (the leading ``'`` removed)."""
-    return cell[1:] if cell.startswith(_QUOTE) else cell
-
-
-class DamagedCSV(Exception):
-    """An output CSV that cannot be read back; ``reason`` says where."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-def read_csv(path: Path, required: Sequence[str] = ()) -> list[dict]:
-    """Rows of a CSV written by equiaudit as dicts of strings (empty when absent).
-
-    Raises :class:`DamagedCSV` when the header lacks a ``required`` column or a row has
-    more or fewer fields than the header (a torn write by another program, hand edits).
-    """
-    if not path.is_file():
-        return []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = [csv_text(name) for name in next(reader, [])]
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise DamagedCSV(path, f"its header lacks {', '.join(missing)}")
-            rows = []
-            for number, cells in enumerate(reader, start=2):
-                if not cells:
-                    continue  # a blank line (csv.DictReader skips them too)
-                if len(cells) != len(header):
-                    raise DamagedCSV(path, f"line {number} has {'more' if len(cells) > len(header) else 'fewer'} fields than the header")
-                rows.append(dict(zip(header, map(csv_text, cells))))
-            return rows
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DamagedCSV(path, f"not a readable CSV ({type(exc).__name__})") from None
+__all__ = ["OutputFolder", "DamagedCSV", "read_csv", "csv_cell", "csv_text", "FORMULA_STARTS"]
 
 
 class OutputFolder:
     """``OUT`` of an audit, compare or merge (see the module docstring)."""
 
-    SUMMARY = "summary.csv"
-    BREAKDOWN = "breakdown.csv"
+    SUMMARY = schema.SUMMARY
+    BREAKDOWN = schema.BREAKDOWN
     RUN = "run.json"
     PLOT = "trajectory.png"
     CACHE = "cache.sqlite"
@@ -117,8 +55,8 @@ class OutputFolder:
     EFFICIENCY = "efficiency.csv"
     EFFICIENCY_PLOT = "efficiency.png"
     AUDITS = "audits"
-    DYNAMICS = "dynamics.csv"
-    TWIRL = "twirl.csv"
+    DYNAMICS = schema.DYNAMICS
+    TWIRL = schema.TWIRL
     LANDSCAPE = "landscape"
     REPORT = "report.html"
     CORRELATIONS = "correlations.csv"
@@ -184,18 +122,10 @@ class OutputFolder:
             return rebuild() if rebuild is not None else []
 
     def table_spec(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-        """``(column order, required columns, total first)`` of one of the folder's row files."""
-        from equiaudit.analysis import DYNAMICS_COLUMNS
-        from equiaudit.report.breakdown import BREAKDOWN_COLUMNS, EXTRA_COLUMNS as BREAKDOWN_EXTRA
-        from equiaudit.result import EXTRA_COLUMNS, TWIRL_COLUMNS
-
-        specs = {
-            self.SUMMARY: (SUMMARY_COLUMNS + EXTRA_COLUMNS, SUMMARY_COLUMNS, True),
-            self.BREAKDOWN: (BREAKDOWN_COLUMNS + BREAKDOWN_EXTRA, BREAKDOWN_COLUMNS, False),
-            self.DYNAMICS: (DYNAMICS_COLUMNS, DYNAMICS_COLUMNS[:4], True),
-            self.TWIRL: (TWIRL_COLUMNS, TWIRL_COLUMNS[:6], False),
-        }
-        return specs[name]
+        """``(column order, required columns, total first)`` of one of the folder's row files
+        (:data:`equiaudit.schema.TABLES`)."""
+        spec = schema.TABLES[name]
+        return spec.columns, spec.required, spec.total_first
 
     def rows(self, name: str, rebuild: Callable[[], list[dict]] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
         """Rows of one of the folder's CSVs (:meth:`table_spec`); a damaged one is reported
@@ -212,8 +142,6 @@ class OutputFolder:
         (``(identity row, grid)``) under :attr:`LANDSCAPE`, and ``metadata`` as ``run.json``,
         all under the folder's lock. ``rebuild(name)`` gives the rows to start from when a
         CSV is damaged (the cache's). Files whose table is empty and absent are not created."""
-        from equiaudit.report.summary import merge_rows, write_rows
-
         with self.locked():
             for name, new in tables.items():
                 path = self.path / name
@@ -235,14 +163,12 @@ class OutputFolder:
     def write_landscape(self, identity: dict, grid: dict[str, Any]) -> Path:
         """``<stem>.csv`` (``alpha, beta, loss_sym, equiv_error``, the N×N grid in long format)
         and ``<stem>.json`` (checkpoint, step, directions, eigenvalues, span, R² of each surface)."""
-        from equiaudit.report.summary import write_rows
-
         stem = self.landscape_stem(identity["run"], identity["checkpoint"])
         alpha, beta = grid["alpha"].tolist(), grid["beta"].tolist()
         sym, equiv = grid["loss_sym"].tolist(), grid["equiv_error"].tolist()
         rows = [{"alpha": a, "beta": b, "loss_sym": sym[i][j], "equiv_error": equiv[i][j]}
                 for i, a in enumerate(alpha) for j, b in enumerate(beta)]
-        write_rows(stem.parent / f"{stem.name}.csv", rows, ("alpha", "beta", "loss_sym", "equiv_error"))
+        write_rows(stem.parent / f"{stem.name}.csv", rows, schema.LANDSCAPE_COLUMNS)
         meta = {"run": identity["run"], "checkpoint": identity["checkpoint"], "step": identity.get("step"),
                 "config_hash": identity.get("config_hash"),
                 **{k: v for k, v in grid.items() if k not in ("alpha", "beta", "loss_sym", "equiv_error")}}

@@ -45,6 +45,27 @@ OPAQUE_EXACT = ("torch.ScriptObject",)
 OpaqueReadError = (RefusedPickle, DamagedFile, TooLarge, OSError)
 
 
+
+class Opaque:
+    """An inert stand-in for an object a checkpoint's pickle would construct by running code
+    (a TorchScript object, a class of the training package): it records the global's name,
+    the call arguments and the state it was given, all of them plain data (tensors,
+    containers, numbers, strings, other :class:`Opaque`), and does nothing else."""
+
+    global_name: str = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.global_name}>"
+
+
 def _standable(name: str) -> bool:
     return name in OPAQUE_EXACT or name.startswith(OPAQUE_PREFIXES)
 
@@ -61,7 +82,6 @@ def opaque_globals(path: str | Path) -> list[str]:
 
 
 def _placeholder(name: str) -> type:
-    from equiaudit.zoo.families.base import Opaque
 
     class Placeholder(Opaque):
         global_name = name
@@ -90,6 +110,5 @@ def read_opaque(path: str | Path, map_location: Any = "cpu", *, mmap: bool = Fal
 
 def is_opaque(value: Any, name: str | None = None) -> bool:
     """Whether ``value`` is a placeholder (for the global ``name``, when given)."""
-    from equiaudit.zoo.families.base import Opaque
 
     return isinstance(value, Opaque) and (name is None or value.global_name == name)

@@ -14,22 +14,11 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from equiaudit.report.summary import read_rows, step_key, write_rows
+from equiaudit.io.tables import read_rows, step_key
+from equiaudit.schema import BREAKDOWN_COLUMNS  # (re-exported: the column list lives in the schema)
 from equiaudit.report.table import format_number, format_percent
 
-__all__ = ["BREAKDOWN_COLUMNS", "write_breakdown", "breakdown_table", "print_breakdowns"]
-
-BREAKDOWN_COLUMNS = (
-    "run", "checkpoint", "step", "head", "by", "bin", "loss_aug", "loss_sym", "equiv_error", "rel_equiv_error", "n",
-)
-# After the contract's columns: the bin's weight in the total (Σ weight·equiv_error = the
-# total over a split's bins), its share of the total error, and the settings hash.
-EXTRA_COLUMNS = ("weight", "share", "config_hash")
-
-
-def write_breakdown(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write breakdown rows (already merged: :func:`~equiaudit.report.summary.merge_rows`) atomically."""
-    write_rows(path, rows, BREAKDOWN_COLUMNS + EXTRA_COLUMNS)
+__all__ = ["BREAKDOWN_COLUMNS", "breakdown_table", "print_breakdowns"]
 
 
 def breakdown_table(rows: Sequence[dict], by: str, *, title: str | None = None) -> Table:

@@ -28,6 +28,7 @@ from rich.text import Text
 from equiaudit.null import NOT_LEARNED
 from equiaudit.report.table import format_interval, format_percent
 from equiaudit.result import as_float
+from equiaudit.schema import COMPARE_COLUMNS, EFFICIENCY_COLUMNS  # (re-exported: the column lists live in the schema)
 
 __all__ = [
     "X_AXES", "X_LABELS", "COMPARE_COLUMNS", "EFFICIENCY_COLUMNS", "Trajectory", "epochs_only", "trajectories",
@@ -39,11 +40,6 @@ X_AXES = ("step", "epoch", "time")
 X_LABELS = {"step": "training step", "epoch": "epoch", "time": "time since first checkpoint (h)"}
 # Extra column naming the first point below the threshold on a non-step axis.
 _FIRST_X_COLUMN = {"epoch": "first_epoch_below", "time": "first_hours_below"}
-COMPARE_COLUMNS = (
-    "run", "head", "threshold", "first_step_below", "final_step", "final_rel_equiv_error", "min_rel_equiv_error",
-    "first_step_stays_below", "final_ci_low", "final_ci_high", "n_checkpoints", "dip_step", "n_not_learned",
-)
-EFFICIENCY_COLUMNS = ("run", "head", "loss_target", "hours_to_target", "speedup_needed", "final_loss_aug", "final_hours")
 _SERIES = ("rel_equiv_error", "rel_equiv_error_ci_low", "rel_equiv_error_ci_high", "loss_aug", "loss_sym", "equiv_error")
 
 

@@ -44,8 +44,11 @@ from pathlib import Path
 from equiaudit.floor import AT_FLOOR
 from equiaudit.null import NOT_LEARNED
 from equiaudit.io.atomic import atomic_write_text
-from equiaudit.io.layout import DamagedCSV, OutputFolder, read_csv
+from equiaudit.io.layout import OutputFolder
+from equiaudit.io.tables import DamagedCSV, read_csv, step_key
 from equiaudit.result import as_float
+from equiaudit.schema import CORRELATION_COLUMNS, LANDSCAPE_COLUMNS
+from equiaudit.report.figures import latest_rows, printable
 from equiaudit.report.table import NOT_LEARNED_NOTE, _ree_style, format_interval, format_number, format_percent, format_skill, ree_mark
 from equiaudit.tasks import SampleVariable, sample_variables
 
@@ -55,34 +58,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Header columns each new file must have for its section to be drawn.
 _REQUIRED = {
     "dynamics": ("run", "checkpoint", "step", "head", "grad_norm_ratio", "grad_cosine"),
-    "correlations": ("run", "head", "x", "y", "pearson", "spearman", "n"),
+    "correlations": CORRELATION_COLUMNS,
     "twirl": ("run", "checkpoint", "step", "head", "k", "loss_twirled"),
-    "landscape": ("alpha", "beta", "loss_sym", "equiv_error"),
+    "landscape": LANDSCAPE_COLUMNS,
     "compare": ("run", "head", "threshold", "first_step_below", "final_step", "final_rel_equiv_error"),
 }
-
-
-def printable(text) -> str:
-    """``str(text)`` that encodes as UTF-8: bytes a file name could not decode (surrogate
-    escapes, ``'\\udcff'``) become the visible text ``\\xff``, other lone surrogates
-    ``\\udxxx``. Valid text, non-ASCII included, is unchanged."""
-    text = "" if text is None else str(text)
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    out = []
-    for char in text:
-        try:
-            char.encode("utf-8")
-            out.append(char)
-        except UnicodeEncodeError:
-            try:
-                out.append(char.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
-            except UnicodeEncodeError:
-                out.append(char.encode("utf-8", "backslashreplace").decode("ascii"))
-    return "".join(out)
 
 
 def _esc(text) -> str:
@@ -147,14 +127,8 @@ def _step_text(row: Mapping) -> str:
 
 
 def _latest(rows: Sequence[Mapping], key: Sequence[str]) -> list[Mapping]:
-    """The last row per ``key`` (later rows were written later), in the order of the first
-    row per key, then sorted by run and step (unknown steps last) as the CSVs are."""
-    from equiaudit.report.summary import step_key
-
-    found: dict[tuple, Mapping] = {}
-    for row in rows:
-        found[tuple(str(row.get(k, "")) for k in key)] = row
-    return sorted(found.values(), key=lambda r: (str(r.get("run", "")), step_key(r)))
+    """The last row per ``key``, sorted by run and step, unknown steps last (:func:`~equiaudit.report.figures.latest_rows`)."""
+    return latest_rows(rows, key)
 
 
 def _by_run(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
@@ -194,8 +168,6 @@ class _Page:
 
 def _summary_section(rows: Sequence[Mapping], threshold: float) -> str:
     """Per run: the latest row per checkpoint × head, ``total`` first within a checkpoint."""
-    from equiaudit.report.summary import step_key
-
     latest = _latest(rows, ("run", "checkpoint", "head"))
     latest.sort(key=lambda r: (str(r.get("run", "")), step_key(r), str(r.get("checkpoint", "")), r.get("head") != "total"))
     extra = [(c, name) for c, name in (("interp_floor", "interp floor"), ("float_floor", "float floor"), ("rel_local_equiv_error", "local (rel)"),
@@ -269,8 +241,6 @@ def _share_cell(value) -> str:
 
 def _breakdown_section(rows: Sequence[Mapping], threshold: float) -> str:
     """Each split of each run's latest checkpoint (highest step), as ``audit --by`` prints them."""
-    from equiaudit.report.summary import step_key
-
     latest = _latest(rows, ("run", "checkpoint", "head", "by", "bin"))
     parts = []
     for run, run_rows in _by_run(latest).items():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from equiaudit.io.atomic import atomic_write
 from equiaudit.report.compare import X_LABELS, Trajectory
+from equiaudit.report.figures import draw_per_t, plain_log_formatter
 from equiaudit.tasks import sample_variables
 
 __all__ = ["trajectory_figure", "efficiency_figure", "save_figure"]
@@ -30,17 +31,6 @@ def _finite(xs: Sequence[float], *columns: Sequence[float]) -> tuple[list, ...]:
     """Keep the points with a finite, non-negative x."""
     keep = [i for i, v in enumerate(xs) if v >= 0 and math.isfinite(v)]
     return tuple([col[i] for i in keep] for col in (xs, *columns))
-
-
-def _plain_log_formatter():
-    """A log-axis formatter writing plain numbers, labelling minor ticks only on short axes."""
-    from matplotlib.ticker import LogFormatter
-
-    class PlainLog(LogFormatter):
-        def _num_to_string(self, x, vmin, vmax):
-            return f"{x:g}"
-
-    return PlainLog
 
 
 def trajectory_figure(
@@ -56,7 +46,7 @@ def trajectory_figure(
     ``per_t``: the ``breakdown.csv`` rows of a flow audited at fixed times (``by = t``; any
     task's drawn per-sample variable, :func:`equiaudit.tasks.sample_variables`), whose
     ``head`` rows become a third panel, REE against step at each t
-    (:func:`equiaudit.report.plot_dynamics.draw_per_t`).
+    (:func:`equiaudit.report.figures.draw_per_t`).
 
     Lines carry the run name as label (REE panel: y = REE in %), so tests and callers can
     read the plotted data back from ``fig.axes``.
@@ -92,7 +82,7 @@ def trajectory_figure(
         loss_ax.plot(xs, sym, "--", color=color, label=f"{t.run}: L_sym")
         loss_ax.plot(xs, ee, ":", color=color, label=f"{t.run}: EE = L_aug − L_sym")
     ree_ax.axhline(100 * threshold, color="0.3", linestyle="--", linewidth=1, label=f"threshold {100 * threshold:g} %")
-    plain = _plain_log_formatter()
+    plain = plain_log_formatter()
     for ax in (ree_ax, loss_ax):
         if has_zero:  # linear up to the first checkpoint after step 0, log beyond
             ax.set_xscale("symlog", linthresh=min(positive_x, default=1.0), linscale=0.4)
@@ -113,8 +103,6 @@ def trajectory_figure(
     if shown:
         loss_ax.legend(fontsize="x-small", ncol=1 + len(shown) // 4)
     if t_rows:
-        from equiaudit.report.plot_dynamics import draw_per_t
-
         draw_per_t(t_ax[0], t_rows, threshold=threshold, by=by)
     if title:
         fig.suptitle(title)

@@ -14,7 +14,7 @@ What each figure answers at a glance (Shen et al., TMLR 2025: symmetry is learnt
   rotations, from ``L_aug`` (k = 1) towards ``L_sym`` (k → ∞), and the smallest k that
   removes 90 % of the equivariance error;
 * :func:`per_t_figure` (``breakdown.csv``, ``by = t``): flow matching's REE over training at
-  each fixed time t.
+  each fixed time t (re-exported from :mod:`equiaudit.report.figures`, the shared helpers).
 
 Rows are CSV rows as read back (strings; empty = missing) or dicts of numbers; for the same
 checkpoint seen twice (audited under two settings) the last row wins, as in
@@ -35,93 +35,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from equiaudit.report.compare import X_LABELS
-from equiaudit.report.plot import _plain_log_formatter
+# The shared helpers live in figures; plot_text, series_label, per_t_figure and draw_per_t are re-exported.
+from equiaudit.report.figures import (
+    draw_per_t, group_rows, latest_rows, per_t_figure, plain_log_formatter, plain_log_x, plain_log_y, plot_text,
+    series_label, step_axis, step_norm, step_value,
+)
 from equiaudit.result import as_float
 
 __all__ = [
     "dynamics_figure", "landscape_figure", "twirl_figure", "per_t_figure", "draw_per_t", "plot_text", "series_label",
     "select_checkpoints", "landscape_grid",
 ]
-
-SYMLOG_NOTE = " (symlog: 0, then log)"
-
-
-def plot_text(text) -> str:
-    """User text as matplotlib draws it literally: ``$`` escaped (it would start mathtext),
-    undecodable bytes shown as ``\\xff`` (see :func:`equiaudit.report.html.printable`)."""
-    from equiaudit.report.html import printable
-
-    return printable(text).replace("$", r"\$")
-
-
-def series_label(run, head, *, runs: int = 1, heads: int = 1, suffix: str = "") -> str:
-    """The label of a line: ``run · head · suffix``, the run left out when one run is shown
-    and the head when one head is; the run's name when nothing else is left."""
-    parts = ([plot_text(run)] if runs > 1 else []) + ([plot_text(head)] if heads > 1 else []) + ([suffix] if suffix else [])
-    return " · ".join(parts) or plot_text(run)
-
-
-def _step(row) -> float:
-    return as_float(row.get("step"))
-
-
-def _latest(rows: Sequence[Mapping], key: Sequence[str]) -> list[Mapping]:
-    """The last row per ``key`` with a known step, ordered by (run, step) then first appearance."""
-    found: dict[tuple, Mapping] = {}
-    for row in rows:
-        if math.isfinite(_step(row)):
-            found[tuple(str(row.get(k, "")) for k in key)] = row
-    return sorted(found.values(), key=lambda r: (str(r.get("run", "")), _step(r)))
-
-
-def _groups(rows: Sequence[Mapping], by: Sequence[str]) -> dict[tuple, list[Mapping]]:
-    out: dict[tuple, list[Mapping]] = {}
-    for row in rows:
-        out.setdefault(tuple(str(row.get(k, "")) for k in by), []).append(row)
-    return out
-
-
-def _step_axis(ax, steps: Sequence[float]) -> None:
-    """Log x, or symlog (linear to the first positive step) when step 0 is there; labelled."""
-    positive = [s for s in steps if s > 0 and math.isfinite(s)]
-    zero = any(s == 0 for s in steps)
-    if zero:
-        ax.set_xscale("symlog", linthresh=min(positive, default=1.0), linscale=0.4)
-        ax.set_xlim(left=0)
-    else:
-        ax.set_xscale("log")
-    ax.set_xlabel(X_LABELS["step"] + (SYMLOG_NOTE if zero else ""))
-
-
-def _plain_log_y(ax) -> None:
-    """Plain numbers on a log y axis ("2", not "2×10⁰"), minor labels only on short axes."""
-    plain = _plain_log_formatter()
-    ax.yaxis.set_major_formatter(plain(labelOnlyBase=False))
-    ax.yaxis.set_minor_formatter(plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
-
-
-def _plain_log_x(ax) -> None:
-    plain = _plain_log_formatter()
-    ax.xaxis.set_major_formatter(plain(labelOnlyBase=False))
-    ax.xaxis.set_minor_formatter(plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
-
-
-def _step_norm(steps: Sequence[float]):
-    """A colour normalisation of training steps: log when they span decades (symlog with 0)."""
-    from matplotlib.colors import LogNorm, Normalize, SymLogNorm
-
-    finite = [s for s in steps if math.isfinite(s) and s >= 0]
-    if not finite:
-        return Normalize(0, 1)
-    low, high = min(finite), max(finite)
-    positive = [s for s in finite if s > 0]
-    if high <= low:
-        return Normalize(low - 0.5, high + 0.5)
-    if low == 0:
-        return SymLogNorm(linthresh=min(positive), linscale=0.4, vmin=0, vmax=high)
-    return LogNorm(low, high) if high / low >= 10 else Normalize(low, high)
-
 
 # ----------------------------------------------------------------------------- dynamics
 
@@ -141,18 +65,18 @@ def dynamics_figure(rows: Sequence[Mapping], *, title: str | None = None):
 
     from equiaudit.dynamics import pearson, spearman
 
-    shown = _latest(rows, ("run", "checkpoint", "head"))
-    groups = _groups(shown, ("run", "head"))
+    shown = latest_rows(rows, ("run", "checkpoint", "head"), plotted=True)
+    groups = group_rows(shown, ("run", "head"))
     groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "total")))
     runs, heads = len({r for r, _ in groups}), len({h for _, h in groups})
     fig = Figure(figsize=(15, 5.2), layout="constrained")
     ratio_ax, cos_ax, scatter_ax = fig.subplots(1, 3)
-    norm = _step_norm([_step(r) for r in shown])
+    norm = step_norm([step_value(r) for r in shown])
     markers = "osD^vP*Xh<>"
     mappable, handles, labels = None, [], []
     for i, ((run, head), group) in enumerate(groups.items()):
         color, label = f"C{i % 10}", series_label(run, head, runs=runs, heads=heads)
-        steps = [_step(r) for r in group]
+        steps = [step_value(r) for r in group]
         ratio = [as_float(r.get("grad_norm_ratio")) for r in group]
         cosine = [as_float(r.get("grad_cosine")) for r in group]
         ree = [as_float(r.get("rel_equiv_error")) for r in group]
@@ -172,9 +96,9 @@ def dynamics_figure(rows: Sequence[Mapping], *, title: str | None = None):
             marker=markers[i % len(markers)], edgecolors=color, linewidths=1.2, s=42, zorder=3, label=labels[-1],
         )
         handles[-1] = (line, mappable)
-    all_steps = [_step(r) for r in shown]
+    all_steps = [step_value(r) for r in shown]
     for ax in (ratio_ax, cos_ax):
-        _step_axis(ax, all_steps)
+        step_axis(ax, all_steps)
         ax.grid(True, which="major", alpha=0.3)
     ratio_ax.set_yscale("log")
     ratio_ax.set_ylabel("‖∇EE‖ / ‖∇L_sym‖ (ratio of gradient norms)")
@@ -185,9 +109,9 @@ def dynamics_figure(rows: Sequence[Mapping], *, title: str | None = None):
     cos_ax.set_title("alignment of the two gradients")
     scatter_ax.set_xscale("log")
     scatter_ax.set_yscale("log")
-    _plain_log_y(ratio_ax)
-    _plain_log_y(scatter_ax)
-    _plain_log_x(scatter_ax)
+    plain_log_y(ratio_ax)
+    plain_log_y(scatter_ax)
+    plain_log_x(scatter_ax)
     scatter_ax.set_xlabel("REE = equivariance error / L_aug (%)")
     scatter_ax.set_ylabel("‖∇EE‖ / ‖∇L_sym‖")
     scatter_ax.set_title("REE vs gradient ratio (log–log), colour = step")
@@ -317,12 +241,12 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
     latest = {}
     for row in picked:  # last row per checkpoint and k
         latest[(str(row.get("run", "")), str(row.get("checkpoint", "")), as_float(row.get("k")))] = row
-    curves = _groups(list(latest.values()), ("run", "checkpoint"))
-    ordered = sorted(curves.items(), key=lambda kv: (kv[0][0], _step(kv[1][0])))
-    keep = select_checkpoints([_step(g[0]) for _, g in ordered], most)
+    curves = group_rows(list(latest.values()), ("run", "checkpoint"))
+    ordered = sorted(curves.items(), key=lambda kv: (kv[0][0], step_value(kv[1][0])))
+    keep = select_checkpoints([step_value(g[0]) for _, g in ordered], most)
     ordered = [ordered[i] for i in keep]
     runs = len({run for (run, _), _ in ordered})
-    norm = _step_norm([_step(g[0]) for _, g in ordered])
+    norm = step_norm([step_value(g[0]) for _, g in ordered])
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     loss_ax, share_ax = fig.subplots(1, 2)
     from matplotlib import colormaps
@@ -331,7 +255,7 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
     all_k: list[float] = []
     for (run, checkpoint), group in ordered:
         group = sorted(group, key=lambda r: as_float(r.get("k")))
-        step = _step(group[0])
+        step = step_value(group[0])
         color = cmap(norm(step)) if math.isfinite(step) else "0.4"
         label = series_label(run, head, runs=runs, suffix=f"step {int(step)}" if math.isfinite(step) else plot_text(checkpoint))
         ks = [as_float(r.get("k")) for r in group]
@@ -351,7 +275,7 @@ def twirl_figure(rows: Sequence[Mapping], *, head: str | None = None, most: int 
             loss_ax.plot([k90], [at], "*", color=color, markersize=15, markeredgecolor="black", zorder=4, label=f"{label}: smallest k")
     for ax in (loss_ax, share_ax):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(_plain_log_formatter()(base=2, labelOnlyBase=False))
+        ax.xaxis.set_major_formatter(plain_log_formatter()(base=2, labelOnlyBase=False))
         ax.set_xlabel("k (rotations averaged at test time, log scale)")
         ax.grid(True, which="major", alpha=0.3)
     if all_k:
@@ -385,56 +309,3 @@ def twirl_target(rows: Sequence[Mapping]) -> float:
     """The share of EE the rows' ``smallest_k`` removes (``twirl_target``; 0.9 in older files)."""
     values = [as_float(r.get("twirl_target")) for r in rows]
     return next((v for v in values if math.isfinite(v)), 0.9)
-
-
-# ----------------------------------------------------------------------------- per t
-
-
-def per_t_figure(breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02, by: str = "t"):
-    """REE (%) against step, one line per fixed t, from the ``by = t`` rows of ``breakdown.csv``
-    (the figure of :func:`draw_per_t`)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.8), layout="constrained")
-    n_lines = draw_per_t(fig.subplots(), breakdown_rows, threshold=threshold, by=by, legend=False)
-    fig.legend(loc="outside right upper", fontsize="small", ncol=1 + n_lines // 16)
-    return fig
-
-
-def draw_per_t(ax, breakdown_rows: Sequence[Mapping], *, threshold: float = 0.02, by: str = "t", legend: bool = True) -> int:
-    """Draw REE (%) against step, one line per fixed t, from the ``by = t`` rows of
-    ``breakdown.csv`` into ``ax``; returns the number of lines. (The trajectory plot's third
-    panel and the report's figure.)
-
-    For flow matching audited at fixed times the bins are exact t values ("0", "0.2", …);
-    lines are coloured by t (viridis, legend ``t = <bin>``, prefixed by run and head when
-    there are several, each run × head with its own line style), on a log y axis and a log (symlog with step 0) step axis, the
-    threshold marked. Bins are ordered by their numeric value when they have one.
-    """
-    from matplotlib import colormaps
-
-    rows = [r for r in breakdown_rows if r.get("by") == by]
-    shown = _latest(rows, ("run", "checkpoint", "head", "bin"))
-    groups = _groups(shown, ("run", "head", "bin"))
-    runs, heads = len({k[0] for k in groups}), len({k[1] for k in groups})
-    bins = sorted({k[2] for k in groups}, key=lambda b: (not math.isfinite(as_float(b)), as_float(b), b))
-    order = {b: i for i, b in enumerate(bins)}
-    cmap = colormaps["viridis"]
-    series = list(dict.fromkeys((run, head) for run, head, _ in sorted(groups, key=lambda k: (k[0], k[1] != "total", k[1]))))
-    styles = ("-", "--", ":", "-.")
-    for (run, head, bin_), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "total", kv[0][1], order[kv[0][2]])):
-        color = cmap(order[bin_] / max(1, len(bins) - 1) * 0.9)
-        style = styles[series.index((run, head)) % len(styles)]
-        points = [(s, e) for s, e in ((_step(r), as_float(r.get("rel_equiv_error"))) for r in group) if s >= 0 and math.isfinite(e) and e > 0]
-        label = series_label(run, head, runs=runs, heads=heads, suffix=f"{plot_text(by)} = {plot_text(bin_)}")
-        ax.plot([s for s, _ in points], [100 * e for _, e in points], marker="o", linestyle=style, color=color, label=label, markersize=4)
-    _step_axis(ax, [_step(r) for r in shown])
-    ax.set_yscale("log")
-    _plain_log_y(ax)
-    ax.axhline(100 * threshold, color="0.3", linestyle="--", linewidth=1, label=f"threshold {100 * threshold:g} %")
-    ax.set_ylabel("REE = equivariance error / L_aug (%)")
-    ax.set_title(f"REE over training at each fixed {plot_text(by)}")
-    ax.grid(True, which="major", alpha=0.3)
-    if legend:
-        ax.legend(fontsize="x-small", ncol=1 + len(groups) // 8, loc="lower left")  # REE falls: that corner is free
-    return len(groups)

@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from equiaudit.io.layout import OutputFolder
-from equiaudit.report.summary import read_rows, write_rows
+from equiaudit.io.tables import read_rows, write_rows
+from equiaudit.schema import CORRELATION_COLUMNS
 from equiaudit.tasks import sample_variables
 
 __all__ = ["write_products", "save_trajectory_plot"]
@@ -51,7 +52,7 @@ def write_products(out: OutputFolder | Path, *, title: str | None = None, thresh
     dynamics = read_rows(out / out.DYNAMICS)
     if dynamics:
         correlations = trajectory_correlations(dynamics, read_rows(out.summary))
-        write_rows(out / out.CORRELATIONS, correlations, ("run", "head", "x", "y", "pearson", "spearman", "n"))
+        write_rows(out / out.CORRELATIONS, correlations, CORRELATION_COLUMNS)
         written.append(out / out.CORRELATIONS)
     if plot:
         from equiaudit.report.plot import save_figure

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from equiaudit.errors import ConfigError
-from equiaudit.report.summary import step_key
+from equiaudit.io.tables import step_key
 from equiaudit.result import scalars
 
 __all__ = ["SUFFIX", "require_tensorboard", "trajectory_points", "write_tensorboard"]

@@ -84,6 +84,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from equiaudit.io.safe_opaque import Opaque  # (the placeholder lives with the reader that makes it)
+
 __all__ = [
     "FAMILY_MODULES", "Recognition", "FamilyDefaults", "Peek", "Opaque", "family", "family_names", "recognise",
     "build", "defaults", "RECOGNITION_KINDS",
@@ -135,26 +137,6 @@ class FamilyDefaults:
     group: str = "so3"
     grad: bool = True
     dtype: str | None = "float32"
-
-
-class Opaque:
-    """An inert stand-in for an object a checkpoint's pickle would construct by running code
-    (a TorchScript object, a class of the training package): it records the global's name,
-    the call arguments and the state it was given, all of them plain data (tensors,
-    containers, numbers, strings, other :class:`Opaque`), and does nothing else."""
-
-    global_name: str = "?"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-        self.kwargs = kwargs
-        self.state: Any = None
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<opaque {self.global_name}>"
 
 
 class Peek:
