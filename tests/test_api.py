@@ -42,7 +42,7 @@ def test_linear_map_known_answer_and_the_float_floor_in_process():
     assert haar.total.rel_equiv_error == pytest.approx(truth, rel=0.03)
     exact = equiaudit.audit(RadialScaling().double(), vectors(), **{**SETTINGS, "fields": {"pos": "point"},
                                                                    "heads": {"out": {"rep": "point", "target": "y"}}})
-    assert exact.total.float_floor > 0 and exact.total.flag == "at_float_floor"
+    assert exact.total.float_floor > 0 and exact.total.rel_equiv_error <= 10 * exact.total.float_floor
     assert exact.total.rel_equiv_error < 1e-25
 
 

@@ -40,9 +40,17 @@ def test_short_help_and_switches_without_a_type():
 
 
 def test_shell_completion_is_offered():
-    result = runner.invoke(app, ["--show-completion", "bash"], env={"SHELL": "/bin/bash"})
-    assert result.exit_code == 0, result.output
-    assert "_equiaudit_completion" in result.output.replace("-", "_").lower() or "complete" in result.output
+    # In a process of its own: click's completion state is per process, and other tests' invocations
+    # in this one changed what --show-completion parsed (seen once in the full suite).
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SHELL": "/bin/bash"}
+    result = subprocess.run([sys.executable, "-m", "equiaudit", "--show-completion", "bash"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "_equiaudit_completion" in result.stdout.replace("-", "_").lower() or "complete" in result.stdout
     assert "--install-completion" in runner.invoke(app, ["-h"], env={"COLUMNS": "200"}).output
 
 

@@ -94,7 +94,11 @@ def _ree(result, head="total"):
 
 
 def _flag(result, head="total"):
-    return result[head].flag
+    """The float-floor rule on the head's numbers (the flag column says not_learned first, and
+    these random models have learnt nothing)."""
+    from equiaudit.floor import flag
+
+    return flag(result[head].rel_equiv_error, result[head].float_floor)
 
 
 # ------------------------------------------------------------------------------ permutation

@@ -113,9 +113,15 @@ def family_config(detected: Detected, *, data: str | None, sets: Mapping[str, An
         raise ConfigError(f"{display_name(path.name)}: {found.reason}")
     if detected.family is None:
         names = ", ".join(display_name(p.name) for p in list(detected.kinds)[:4]) or "none"
+        first = Path(paths[0]) if paths else None
+        what = ("is a directory (a training run's folder?)" if first is not None and first.is_dir()
+                else "is a checkpoint or other binary file, not a YAML config," if first is not None and first.is_file()
+                else "matches no YAML config")
         raise ConfigError(
-            f"no config given and no known model family recognised these files ({names}); give a YAML config "
-            "(equiaudit audit CONFIG.yaml ...) or model.family / model.factory with --set"
+            f"{display_name(str(first))} {what} and no known model family recognised its files ({names}): give a "
+            f"YAML audit config first (equiaudit audit CONFIG.yaml {display_name(str(first))}; sample_configs/ has one "
+            f"per task, or write one with `equiaudit init {display_name(str(first))} DATA`), or name the model with "
+            "--set model.family=... / --set model.factory=..."
         )
     if data is None:
         raise ConfigError("no config given: --data FILE names the structures to audit on (extxyz, .traj, .h5, ...)")
