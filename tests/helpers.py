@@ -145,3 +145,28 @@ def audit_config(config, checkpoint_dir, *, state_dict=None, name: str = "model.
     checkpoint = Path(checkpoint_dir) / name
     torch.save(audit.model.state_dict() if state_dict is None else state_dict, checkpoint)
     return audit, audit_checkpoint(audit, CheckpointRef(checkpoint, checkpoint.name, "run", 0))
+
+
+def emt_cu_clusters(n: int, seed: int) -> list:
+    """Random Cu clusters of 3-6 atoms (no pair closer than 2.2 Å), labelled by ASE's EMT:
+    ``ase.Atoms`` with ``info["energy"]`` and ``arrays["forces"]`` (the family tests' data)."""
+    import numpy as np
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    while len(frames) < n:
+        size = int(rng.integers(3, 7))
+        positions = rng.normal(size=(size, 3)) * 1.7
+        distances = np.linalg.norm(positions[:, None] - positions[None], axis=-1) + 10 * np.eye(size)
+        if distances.min() < 2.2 or distances.min() > 3.2:
+            continue
+        atoms = Atoms("Cu" * size, positions=positions)
+        atoms.calc = EMT()
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = None
+        atoms.info["energy"] = energy
+        atoms.arrays["forces"] = forces
+        frames.append(atoms)
+    return frames

@@ -41,6 +41,7 @@ from typer.testing import CliRunner  # noqa: E402
 from equiaudit.cli.main import app  # noqa: E402
 from equiaudit.io.checkpoints import load_into_model, read_checkpoint  # noqa: E402
 from equiaudit.zoo.families import Peek, build, recognise  # noqa: E402
+from helpers import emt_cu_clusters  # noqa: E402
 
 OPTIONS = """
 seed: 0
@@ -61,26 +62,7 @@ test_set: 0.0
 """
 
 
-def cu_clusters(n: int, seed: int) -> list[Atoms]:
-    """Random Cu clusters of 3-6 atoms (no pair closer than 2.2 Å), labelled by EMT."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    while len(frames) < n:
-        size = int(rng.integers(3, 7))
-        positions = rng.normal(size=(size, 3)) * 1.7
-        distances = np.linalg.norm(positions[:, None] - positions[None], axis=-1) + 10 * np.eye(size)
-        if distances.min() < 2.2 or distances.min() > 3.2:
-            continue
-        atoms = Atoms("Cu" * size, positions=positions)
-        atoms.calc = EMT()
-        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-        atoms.calc = None
-        atoms.info["energy"] = energy
-        atoms.arrays["forces"] = forces
-        frames.append(atoms)
-    return frames
+cu_clusters = emt_cu_clusters  # (tests/helpers.py)
 
 
 @pytest.fixture(scope="session")

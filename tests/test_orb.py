@@ -25,29 +25,12 @@ from typer.testing import CliRunner  # noqa: E402
 
 from equiaudit.batching import to_ase_atoms  # noqa: E402
 from equiaudit.cli.main import app  # noqa: E402
+from helpers import emt_cu_clusters  # noqa: E402
 
 NAME = "orb_v3_direct_20_omat"
 
 
-def cu_clusters(n: int, seed: int) -> list[Atoms]:
-    """Random Cu clusters of 3-6 atoms (no pair closer than 2.2 Å), labelled by EMT."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    while len(frames) < n:
-        size = int(rng.integers(3, 7))
-        positions = rng.normal(size=(size, 3)) * 1.7
-        distances = np.linalg.norm(positions[:, None] - positions[None], axis=-1) + 10 * np.eye(size)
-        if distances.min() < 2.2 or distances.min() > 3.2:
-            continue
-        atoms = Atoms("Cu" * size, positions=positions)
-        atoms.calc = EMT()
-        atoms.info["energy"] = atoms.get_potential_energy()
-        atoms.arrays["forces"] = atoms.get_forces()
-        atoms.calc = None
-        frames.append(atoms)
-    return frames
+cu_clusters = emt_cu_clusters  # (tests/helpers.py)
 
 
 def orb_architecture():

@@ -26,8 +26,10 @@ residue heads), ``position`` (by the residue's index along its chain, in bins), 
 
 from __future__ import annotations
 
-from equiaudit.tasks.base import SampleVariable, TaskPreset, register_task
-from equiaudit.tasks.flow_matching import _HEADS, FLOW_MATCHING, flow_heads, prepare_flow, resolve_flow_options
+import dataclasses
+
+from equiaudit.tasks.base import SampleVariable, register_task
+from equiaudit.tasks.flow_matching import FLOW_MATCHING
 
 __all__ = ["PROTEINA_TIMES", "PROTEIN_FLOW"]
 
@@ -35,17 +37,14 @@ __all__ = ["PROTEINA_TIMES", "PROTEIN_FLOW"]
 PROTEINA_TIMES = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
 
 PROTEIN_FLOW = register_task(
-    TaskPreset(
+    # Flow matching's preparation, heads and flow: options (one section, shared), on Cα with
+    # residue tokens as the model's input and Proteina's fixed times by default.
+    dataclasses.replace(
+        FLOW_MATCHING,
         name="protein_flow",
         fields={"x_t": "point", "t": "scalar", "residue": "scalar"},
-        heads={"velocity": dict(_HEADS["velocity"])},
         inputs=("x_t", "t", "residue", "mask"),
-        group="so3",
-        section="flow",
-        resolve_options=resolve_flow_options,
-        prepare=prepare_flow,
-        heads_for=flow_heads,
-        options={"noise_scale": 1.0, "time": "noise_at_0", "target": "velocity", "t": list(PROTEINA_TIMES)},
+        options={**FLOW_MATCHING.options, "t": list(PROTEINA_TIMES)},
         # t as flow matching's (its panel and rows); the structure's residue count (from the
         # reader's ``length``) as a per-sample split, not a panel of its own.
         variables=(*FLOW_MATCHING.variables, SampleVariable("length", "chain length", "number of residues", drawn=False)),
