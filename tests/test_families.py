@@ -122,7 +122,7 @@ def test_no_config_and_no_known_family_is_one_clear_error(tmp_path):
     (tmp_path / "d.xyz").write_text("")
     result = CliRunner().invoke(app, ["audit", str(tmp_path), "--data", str(tmp_path / "d.xyz"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "no known model family recognised these files (model_1.pt)" in " ".join(result.output.split())
+    assert "no known model family recognised its files (model_1.pt)" in " ".join(result.output.split())
     assert not (tmp_path / "o").exists()
 
 
